@@ -1,0 +1,1 @@
+"""Commands and their handlers: one module per aggregate, one handler per mutation."""

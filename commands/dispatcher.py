@@ -1,0 +1,218 @@
+"""Runs a command: idempotency, load, decide, append with expected versions, retry.
+
+A handler is ``async def handler(command, uow) -> Aggregate``: it loads what it needs
+through the unit of work, calls one domain method and returns the aggregate the command
+is about. The dispatcher appends every new event of every aggregate the handler touched
+in one transaction.
+"""
+
+import asyncio
+import copy
+import hashlib
+import json
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import events
+from domain.aggregate import Aggregate
+from domain.errors import ConcurrencyConflict, DomainError, NotFoundError, ValidationError
+from domain.values import text
+from infrastructure.auth import Actor
+from infrastructure.errors import PublicError
+from infrastructure.event_store import (
+    EventStore,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    Metadata,
+    NewEvent,
+    StreamWrite,
+    WrongExpectedVersion,
+)
+
+A = TypeVar("A", bound=Aggregate)
+Handler = Callable[[Any, "UnitOfWork"], Awaitable[Aggregate]]
+
+# Without a client expectedVersion a conflict means "someone else got there first":
+# decide again on fresh state, a bounded number of times.
+MAX_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A command's events are on disk; `position` is the last of them."""
+
+    stream_id: str
+    version: int
+    position: int
+
+
+class TooMuchContention(PublicError):
+    code = "CONFLICT"
+
+
+class AggregateCache:
+    """Recently used aggregates, as of their last committed version.
+
+    Loading reads only the events after the cached version, so the cost of a load does
+    not grow with a stream's history; the store's expected-version check keeps the cache
+    honest when another process wrote in between.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[type, str], Aggregate] = OrderedDict()
+
+    def get(self, cls: type[A], id: str) -> A | None:
+        entry = self._entries.get((cls, id))
+        if entry is None:
+            return None
+        self._entries.move_to_end((cls, id))
+        return copy.deepcopy(entry)
+
+    def put(self, aggregate: Aggregate) -> None:
+        key = (type(aggregate), aggregate.id)
+        self._entries[key] = aggregate
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+class UnitOfWork:
+    def __init__(self, store: EventStore, cache: AggregateCache, actor: Actor) -> None:
+        self.store, self.cache, self.actor = store, cache, actor
+        self.seen: dict[str, Aggregate] = {}
+        self.loaded_versions: dict[str, int] = {}
+        self.client_versions: dict[str, int] = {}
+
+    async def load(self, cls: type[A], id: str) -> A:
+        """The aggregate as of its latest event; a new, empty one if the stream is empty."""
+        if id in self.seen:
+            return self.seen[id]
+        aggregate = self.cache.get(cls, id) or cls(id)
+        for recorded in await self.store.load(id, after_version=aggregate.version):
+            if recorded.stream_type != cls.STREAM_TYPE:
+                raise NotFoundError(cls.STREAM_TYPE, id)
+            aggregate.replay(events.from_data(recorded.type, recorded.schema_version, recorded.data))
+        self.seen[id] = aggregate
+        self.loaded_versions[id] = aggregate.version
+        return aggregate
+
+    async def get(self, cls: type[A], id: str) -> A:
+        """An existing aggregate, or NotFoundError."""
+        aggregate = await self.load(cls, id)
+        if not aggregate.exists:
+            raise NotFoundError(cls.STREAM_TYPE, id)
+        return aggregate
+
+    def expect(self, aggregate: Aggregate, version: int | None) -> None:
+        """Hold the aggregate to the version the client last saw, if it sent one."""
+        if version is None:
+            return
+        self.client_versions[aggregate.id] = version
+        if aggregate.version != version:
+            raise ConcurrencyConflict(aggregate.id, version, aggregate.version)
+
+    def writes(self) -> list[StreamWrite]:
+        return [
+            StreamWrite(
+                stream_id=aggregate.id,
+                stream_type=aggregate.STREAM_TYPE,
+                expected_version=self.loaded_versions[aggregate.id],
+                events=[new_event(event) for event in aggregate.pending],
+            )
+            for aggregate in self.seen.values()
+            if aggregate.pending
+        ]
+
+    def committed(self) -> None:
+        for aggregate in self.seen.values():
+            aggregate.pending = []
+            self.cache.put(aggregate)
+
+
+def new_event(event: events.Event) -> NewEvent:
+    data = events.to_data(event)
+    return NewEvent(
+        type=events.event_type(event),
+        data=data,
+        schema_version=event.SCHEMA_VERSION,
+        personal=event.PERSONAL,
+        subject=data[event.SUBJECT] if event.SUBJECT else None,
+    )
+
+
+class Dispatcher:
+    def __init__(self, store: EventStore, handlers: dict[type, Handler],
+                 cache: AggregateCache | None = None) -> None:
+        self.store = store
+        self.handlers = handlers
+        self.cache = cache or AggregateCache()
+
+    async def execute(self, command: Any, actor: Actor,
+                      correlation_id: str | None = None) -> Accepted | DomainError:
+        """Run `command` for `actor`; domain failures come back as values, not raised."""
+        handler = self.handlers[type(command)]
+        key = getattr(command, "idempotency_key", None)
+        idempotent = None
+        if key is not None:
+            try:
+                key = text(key, "idempotencyKey", max_length=200)
+            except ValidationError as error:
+                return error
+            idempotent = IdempotencyRecord(
+                scope=actor.subject or "anonymous", key=key, request_hash=request_hash(command),
+                result={},
+            )
+            if previous := await self.store.find_idempotent(idempotent.scope, key):
+                return replayed(previous, idempotent.request_hash)
+        meta = Metadata(correlation_id=correlation_id or str(uuid.uuid4()),
+                        causation_id=str(uuid.uuid4()), actor=actor.subject, idempotency_key=key)
+
+        for attempt in range(MAX_ATTEMPTS):
+            uow = UnitOfWork(self.store, self.cache, actor)
+            try:
+                aggregate = await handler(command, uow)
+            except DomainError as error:
+                return error
+            if idempotent:
+                idempotent = IdempotencyRecord(
+                    idempotent.scope, key, idempotent.request_hash,
+                    {"stream_id": aggregate.id, "version": aggregate.version},
+                )
+            try:
+                recorded = await self.store.append(uow.writes(), meta, idempotent)
+            except WrongExpectedVersion as conflict:
+                if conflict.stream_id in uow.client_versions:
+                    return ConcurrencyConflict(
+                        conflict.stream_id, uow.client_versions[conflict.stream_id], conflict.actual
+                    )
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+                continue
+            except IdempotencyKeyTaken:
+                return replayed(await self.store.find_idempotent(idempotent.scope, key),
+                                idempotent.request_hash)
+            uow.committed()
+            return Accepted(aggregate.id, aggregate.version, recorded[-1].position)
+        raise TooMuchContention(
+            f"the command lost {MAX_ATTEMPTS} races for the same data in a row; try again"
+        )
+
+
+def request_hash(command: Any) -> str:
+    fields = {k: v for k, v in asdict(command).items() if k != "idempotency_key"}
+    canonical = json.dumps([type(command).__name__, fields], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def replayed(record: IdempotencyRecord, request_hash: str) -> Accepted | ValidationError:
+    if record.request_hash != request_hash:
+        return ValidationError(
+            "IDEMPOTENCY_KEY_REUSED",
+            "this idempotencyKey was used with a different input: use a new key per command",
+            "idempotencyKey",
+        )
+    return Accepted(record.result["stream_id"], record.result["version"], record.position)

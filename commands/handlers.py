@@ -1,0 +1,35 @@
+"""The one map from command to handler."""
+
+from commands.customer import RegisterCustomer, register_customer
+from commands.order import (
+    CancelOrder,
+    DeliverOrder,
+    PayOrder,
+    PlaceOrder,
+    ShipOrder,
+    cancel_order,
+    deliver_order,
+    pay_order,
+    place_order,
+    ship_order,
+)
+from commands.product import (
+    AddProduct,
+    ChangeProductPrice,
+    RestockProduct,
+    add_product,
+    change_product_price,
+    restock_product,
+)
+
+COMMAND_HANDLERS = {
+    RegisterCustomer: register_customer,
+    AddProduct: add_product,
+    ChangeProductPrice: change_product_price,
+    RestockProduct: restock_product,
+    PlaceOrder: place_order,
+    PayOrder: pay_order,
+    ShipOrder: ship_order,
+    DeliverOrder: deliver_order,
+    CancelOrder: cancel_order,
+}

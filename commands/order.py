@@ -1,0 +1,121 @@
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from commands.dispatcher import UnitOfWork
+from domain.customer import Customer
+from domain.errors import ValidationError
+from domain.order import Order
+from domain.product import Product, sku_syntax
+from domain.values import Address, Money
+
+
+@dataclass(frozen=True)
+class ShippingAddress:
+    name: str
+    line1: str
+    line2: str | None
+    city: str
+    postal_code: str
+    country: str
+
+
+@dataclass(frozen=True)
+class PlaceOrder:
+    customer_id: str
+    items: tuple[tuple[str, int], ...]
+    shipping_address: ShippingAddress
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class PayOrder:
+    order_id: str
+    amount: Decimal
+    currency: str
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ShipOrder:
+    order_id: str
+    tracking_number: str
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliverOrder:
+    order_id: str
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelOrder:
+    order_id: str
+    reason: str
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+
+
+def uuid_syntax(value: str, field: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValidationError("INVALID_ID", f"{field} must be a UUID", field) from None
+
+
+async def place_order(command: PlaceOrder, uow: UnitOfWork) -> Order:
+    customer_id = uuid_syntax(command.customer_id, "customerId")
+    uow.actor.require_owner_or_staff(customer_id)
+    a = command.shipping_address
+    address = Address.parse(a.name, a.line1, a.line2, a.city, a.postal_code, a.country)
+    for index, (sku, _) in enumerate(command.items):
+        sku_syntax(sku, f"items.{index}.sku")
+    customer = await uow.get(Customer, customer_id)
+    products = {sku: await uow.get(Product, sku) for sku, _ in command.items}
+    order = await uow.load(Order, str(uuid.uuid4()))
+    order.place(customer, products, list(command.items), address)
+    return order
+
+
+async def _owned_order(uow: UnitOfWork, order_id: str, expected_version: int | None) -> Order:
+    order = await uow.get(Order, uuid_syntax(order_id, "orderId"))
+    uow.actor.require_owner_or_staff(order.customer_id)
+    uow.expect(order, expected_version)
+    return order
+
+
+async def _fulfilment_order(uow: UnitOfWork, order_id: str, expected_version: int | None) -> Order:
+    uow.actor.require_staff()
+    order = await uow.get(Order, uuid_syntax(order_id, "orderId"))
+    uow.expect(order, expected_version)
+    return order
+
+
+async def pay_order(command: PayOrder, uow: UnitOfWork) -> Order:
+    amount = Money.parse(command.amount, command.currency, "amount")
+    order = await _owned_order(uow, command.order_id, command.expected_version)
+    order.pay(amount)
+    return order
+
+
+async def ship_order(command: ShipOrder, uow: UnitOfWork) -> Order:
+    order = await _fulfilment_order(uow, command.order_id, command.expected_version)
+    order.ship(command.tracking_number)
+    return order
+
+
+async def deliver_order(command: DeliverOrder, uow: UnitOfWork) -> Order:
+    order = await _fulfilment_order(uow, command.order_id, command.expected_version)
+    order.deliver()
+    return order
+
+
+async def cancel_order(command: CancelOrder, uow: UnitOfWork) -> Order:
+    order = await _owned_order(uow, command.order_id, command.expected_version)
+    products = {sku: await uow.get(Product, sku) for sku in order.skus}
+    order.cancel(command.reason, products)
+    return order

@@ -1,0 +1,1 @@
+"""The write model: aggregates and their rules. Pure code: no I/O, no framework."""

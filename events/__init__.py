@@ -1,0 +1,157 @@
+"""The domain events: one frozen dataclass per event type, past tense, flat fields.
+
+Money travels as a decimal string plus an ISO-4217 code, never as a float. Fields named
+in an event's ``PERSONAL`` are sealed with the key of the customer named by ``SUBJECT``
+before they reach the log (see ``infrastructure.personal_data``); once that key is
+destroyed they read back as ``None``.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    SCHEMA_VERSION: ClassVar[int] = 1
+    PERSONAL: ClassVar[tuple[str, ...]] = ()
+    SUBJECT: ClassVar[str | None] = None
+
+
+# ---------------------------------------------------------------- Customer stream
+
+
+@dataclass(frozen=True)
+class CustomerRegistered(Event):
+    PERSONAL: ClassVar[tuple[str, ...]] = ("name", "email")
+    SUBJECT: ClassVar[str | None] = "customer_id"
+    customer_id: str
+    name: str | None  # None once the customer's key is destroyed
+    email: str | None
+    country: str
+    locale: str | None
+
+
+@dataclass(frozen=True)
+class CustomerForgotten(Event):
+    customer_id: str
+
+
+# ---------------------------------------------------------------- Product stream
+
+
+@dataclass(frozen=True)
+class ProductAdded(Event):
+    sku: str
+    name: str
+    price: str
+    currency: str
+    initial_stock: int
+
+
+@dataclass(frozen=True)
+class ProductPriceChanged(Event):
+    sku: str
+    price: str
+    currency: str
+
+
+@dataclass(frozen=True)
+class ProductRestocked(Event):
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class StockReserved(Event):
+    sku: str
+    order_id: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class StockReleased(Event):
+    sku: str
+    order_id: str
+    quantity: int
+
+
+# ---------------------------------------------------------------- Order stream
+
+
+@dataclass(frozen=True)
+class OrderPlaced(Event):
+    PERSONAL: ClassVar[tuple[str, ...]] = ("shipping_address",)
+    SUBJECT: ClassVar[str | None] = "customer_id"
+    order_id: str
+    customer_id: str
+    # Each line: {"sku", "name", "quantity", "unit_price"}; prices as at placing.
+    lines: list[dict[str, Any]]
+    total: str
+    currency: str
+    # {"name", "line1", "line2", "city", "postal_code", "country"}, or None once forgotten.
+    shipping_address: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class OrderPaid(Event):
+    order_id: str
+    amount: str
+    currency: str
+
+
+@dataclass(frozen=True)
+class OrderShipped(Event):
+    order_id: str
+    tracking_number: str
+
+
+@dataclass(frozen=True)
+class OrderDelivered(Event):
+    order_id: str
+
+
+@dataclass(frozen=True)
+class OrderCancelled(Event):
+    order_id: str
+    reason: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        CustomerRegistered,
+        CustomerForgotten,
+        ProductAdded,
+        ProductPriceChanged,
+        ProductRestocked,
+        StockReserved,
+        StockReleased,
+        OrderPlaced,
+        OrderPaid,
+        OrderShipped,
+        OrderDelivered,
+        OrderCancelled,
+    )
+}
+
+
+def event_type(event: Event) -> str:
+    return type(event).__name__
+
+
+def to_data(event: Event) -> dict[str, Any]:
+    return asdict(event)
+
+
+def from_data(type_name: str, schema_version: int, data: dict[str, Any]) -> Event:
+    """Rebuild an event from its stored form.
+
+    ``schema_version`` is where upcasters hook in once an event's shape changes; every
+    event type is still at version 1, so stored payloads map onto the classes as they are.
+    """
+    cls = EVENT_TYPES[type_name]
+    if schema_version != cls.SCHEMA_VERSION:
+        raise ValueError(
+            f"{type_name} v{schema_version} has no upcaster to v{cls.SCHEMA_VERSION}"
+        )
+    return cls(**data)

@@ -1,0 +1,1 @@
+"""Generic plumbing: the event store, settings, security, HTTP. It knows no order."""

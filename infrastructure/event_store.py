@@ -1,0 +1,377 @@
+"""The event log: one append-only table, optimistic concurrency per stream.
+
+Everything database-specific about the log lives in this module: the table, the way a
+write transaction starts, and the pragmas that make SQLite commits durable. Callers speak
+in streams, versions and positions.
+"""
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    UniqueConstraint,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from infrastructure import personal_data
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in and out, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+events = Table(
+    "events",
+    metadata,
+    # INTEGER PRIMARY KEY AUTOINCREMENT on SQLite: positions are never reused.
+    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("stream_id", String(200), nullable=False),
+    Column("stream_type", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("type", String(100), nullable=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("correlation_id", String(36)),
+    Column("causation_id", String(36)),
+    Column("actor", String(200)),
+    Column("idempotency_key", String(200)),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    UniqueConstraint("stream_id", "version", name="uq_events_stream_version"),
+    sqlite_autoincrement=True,
+)
+
+# One key per data subject; deleting a row shreds every sealed field of that subject.
+personal_keys = Table(
+    "personal_keys",
+    metadata,
+    Column("subject_id", String(200), primary_key=True),
+    Column("key", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("scope", String(200), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("result", JSON, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    type: str
+    data: dict[str, Any]
+    schema_version: int = 1
+    # Fields sealed with the key of `subject` (see infrastructure.personal_data).
+    personal: tuple[str, ...] = ()
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamWrite:
+    """New events for one stream, accepted only if the stream is at `expected_version`."""
+
+    stream_id: str
+    stream_type: str
+    expected_version: int
+    events: Sequence[NewEvent]
+
+
+@dataclass(frozen=True)
+class Metadata:
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    actor: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The outcome of a command, kept under the caller's key in the same transaction."""
+
+    scope: str
+    key: str
+    request_hash: str
+    result: dict[str, Any]
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    position: int
+    event_id: str
+    stream_id: str
+    stream_type: str
+    version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any] = field(repr=False)
+    correlation_id: str | None
+    causation_id: str | None
+    actor: str | None
+    idempotency_key: str | None
+    recorded_at: datetime
+
+
+class WrongExpectedVersion(Exception):
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id!r} is at version {actual}, expected {expected}")
+        self.stream_id, self.expected, self.actual = stream_id, expected, actual
+
+
+class IdempotencyKeyTaken(Exception):
+    """Another command committed under the same key first."""
+
+
+def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
+    engine = create_async_engine(url, **options)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def configure(dbapi_connection, _record) -> None:
+        # Let SQLAlchemy's begin event below decide how a transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before it returns, even in WAL mode.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def start(connection) -> None:
+        connection.exec_driver_sql(begin)
+
+    return engine
+
+
+class EventStore:
+    """Append-only log of events in streams, with a global, gap-free position."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite"):
+            # One writing connection per process: SQLite has one writer anyway, and
+            # queueing in the pool is cheaper than spinning on the file lock. BEGIN
+            # IMMEDIATE takes the write lock up front, so the version check and the
+            # insert see the same state.
+            self._writer = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0,
+                                          pool_timeout=60)
+            self._reader = _sqlite_engine(url, "BEGIN")
+        else:
+            self._writer = self._reader = create_async_engine(url)
+        self._listeners: list[Callable[[int], None]] = []
+
+    async def open(self) -> None:
+        async with self._writer.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def close(self) -> None:
+        await self._writer.dispose()
+        if self._reader is not self._writer:
+            await self._reader.dispose()
+
+    def on_append(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(last_position)` after every commit of this process."""
+        self._listeners.append(listener)
+
+    async def append(
+        self,
+        writes: Sequence[StreamWrite],
+        meta: Metadata = Metadata(),
+        idempotent: IdempotencyRecord | None = None,
+    ) -> list[RecordedEvent]:
+        """Append to several streams in one transaction, all or nothing.
+
+        Raises WrongExpectedVersion if any stream moved, IdempotencyKeyTaken if the key
+        was used first by another command.
+        """
+        now = datetime.now(UTC)
+        try:
+            async with self._writer.begin() as conn:
+                for write in writes:
+                    actual = await self._version(conn, write.stream_id)
+                    if actual != write.expected_version:
+                        raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
+                if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
+                    raise IdempotencyKeyTaken(idempotent.key)
+                rows = await self._rows(conn, writes, meta, now)
+                positions = (
+                    await conn.execute(
+                        insert(events).returning(events.c.position, sort_by_parameter_order=True),
+                        rows,
+                    )
+                ).scalars().all()
+                if idempotent:
+                    await conn.execute(
+                        insert(idempotency).values(
+                            scope=idempotent.scope, key=idempotent.key,
+                            request_hash=idempotent.request_hash, result=idempotent.result,
+                            position=positions[-1], recorded_at=now,
+                        )
+                    )
+        except IntegrityError:
+            # Only reachable where appends run concurrently (not SQLite): someone else
+            # won the race. Report it the way the checks above would have.
+            await self._raise_lost_race(writes, idempotent)
+            raise
+        for listener in self._listeners:
+            listener(positions[-1])
+        unsealed = [{**row, "data": plain} for row, plain in zip(rows, self._plain(writes), strict=True)]
+        return [RecordedEvent(position=p, **row) for p, row in zip(positions, unsealed, strict=True)]
+
+    async def load(self, stream_id: str, after_version: int = 0,
+                   until: datetime | None = None) -> list[RecordedEvent]:
+        """The stream's events after `after_version`, oldest first (up to `until`)."""
+        query = (
+            select(events)
+            .where(events.c.stream_id == stream_id, events.c.version > after_version)
+            .order_by(events.c.version)
+        )
+        if until is not None:
+            query = query.where(events.c.recorded_at <= until)
+        return await self._fetch(query)
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to `limit` events of the whole log after position `after`."""
+        query = select(events).where(events.c.position > after).order_by(events.c.position)
+        return await self._fetch(query.limit(limit))
+
+    async def head(self) -> int:
+        """The position of the newest event (0 for an empty log)."""
+        async with self._reader.connect() as conn:
+            return (await conn.execute(select(func.max(events.c.position)))).scalar() or 0
+
+    async def stream_version(self, stream_id: str) -> int:
+        async with self._reader.connect() as conn:
+            return await self._version(conn, stream_id)
+
+    async def find_idempotent(self, scope: str, key: str) -> IdempotencyRecord | None:
+        async with self._reader.connect() as conn:
+            row = await self._idempotency_row(conn, scope, key)
+        if row is None:
+            return None
+        return IdempotencyRecord(scope, key, row.request_hash, row.result, row.position)
+
+    async def destroy_personal_key(self, subject: str) -> None:
+        async with self._writer.begin() as conn:
+            await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
+
+    # ------------------------------------------------------------------ internals
+
+    async def _version(self, conn: AsyncConnection, stream_id: str) -> int:
+        query = select(func.max(events.c.version)).where(events.c.stream_id == stream_id)
+        return (await conn.execute(query)).scalar() or 0
+
+    async def _idempotency_row(self, conn: AsyncConnection, scope: str, key: str):
+        query = select(idempotency).where(idempotency.c.scope == scope, idempotency.c.key == key)
+        return (await conn.execute(query)).first()
+
+    async def _rows(self, conn: AsyncConnection, writes: Sequence[StreamWrite], meta: Metadata,
+                    now: datetime) -> list[dict[str, Any]]:
+        subjects = {e.subject for w in writes for e in w.events if e.personal}
+        keys = await self._keys(conn, subjects, create=True)
+        rows = []
+        for write in writes:
+            for offset, new in enumerate(write.events, start=1):
+                event_id = str(uuid.uuid4())
+                data = new.data
+                if new.personal:
+                    data = personal_data.seal(data, new.personal, new.subject, keys[new.subject],
+                                              event_id)
+                rows.append({
+                    "event_id": event_id, "stream_id": write.stream_id,
+                    "stream_type": write.stream_type,
+                    "version": write.expected_version + offset, "type": new.type,
+                    "schema_version": new.schema_version, "data": data,
+                    "correlation_id": meta.correlation_id, "causation_id": meta.causation_id,
+                    "actor": meta.actor, "idempotency_key": meta.idempotency_key,
+                    "recorded_at": now,
+                })
+        return rows
+
+    @staticmethod
+    def _plain(writes: Sequence[StreamWrite]) -> list[dict[str, Any]]:
+        return [new.data for write in writes for new in write.events]
+
+    async def _keys(self, conn: AsyncConnection, subjects: set[str],
+                    create: bool = False) -> dict[str, bytes]:
+        if not subjects:
+            return {}
+        query = select(personal_keys.c.subject_id, personal_keys.c.key).where(
+            personal_keys.c.subject_id.in_(subjects)
+        )
+        keys = dict((await conn.execute(query)).tuples().all())
+        missing = subjects - keys.keys() if create else set()
+        if missing:
+            now = datetime.now(UTC)
+            fresh = {subject: personal_data.new_key() for subject in missing}
+            await conn.execute(
+                insert(personal_keys),
+                [{"subject_id": s, "key": k, "created_at": now} for s, k in fresh.items()],
+            )
+            keys.update(fresh)
+        return keys
+
+    async def _fetch(self, query) -> list[RecordedEvent]:
+        async with self._reader.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+            subjects = {personal_data.sealed_subject(row["data"]) for row in rows} - {None}
+            keys = await self._keys(conn, subjects)
+        recorded = []
+        for row in rows:
+            row = dict(row)
+            subject = personal_data.sealed_subject(row["data"])
+            if subject is not None:
+                row["data"] = personal_data.unseal(row["data"], keys.get(subject), row["event_id"])
+            recorded.append(RecordedEvent(**row))
+        return recorded
+
+    async def _raise_lost_race(self, writes: Sequence[StreamWrite],
+                               idempotent: IdempotencyRecord | None) -> None:
+        async with self._reader.connect() as conn:
+            for write in writes:
+                actual = await self._version(conn, write.stream_id)
+                if actual != write.expected_version:
+                    raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
+            if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
+                raise IdempotencyKeyTaken(idempotent.key)

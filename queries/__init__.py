@@ -1,0 +1,1 @@
+"""Read side: query handlers. Each module is one view: its tables, projection and queries."""

@@ -1,0 +1,41 @@
+import uuid
+
+import strawberry
+from starlette.requests import HTTPConnection
+from strawberry.asgi import GraphQL
+
+from commands.dispatcher import Dispatcher
+from infrastructure.auth import Unauthenticated, authenticate
+from infrastructure.event_store import EventStore
+from infrastructure.graphql_errors import ErrorCodes
+from schema.context import Context
+from schema.mutations import Mutation
+from schema.query import Query
+from schema.scalars import SCALARS
+
+
+def build_schema() -> strawberry.Schema:
+    return strawberry.Schema(
+        query=Query, mutation=Mutation, extensions=[ErrorCodes],
+        config=strawberry.schema.config.StrawberryConfig(scalar_map=SCALARS),
+    )
+
+
+class GraphQLApp(GraphQL):
+    """The /graphql endpoint: HTTP, GraphiQL on GET, and (later) WebSockets."""
+
+    def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
+                 jwt_secret: str) -> None:
+        super().__init__(schema, graphql_ide="graphiql")
+        self.dispatcher, self.store, self.jwt_secret = dispatcher, store, jwt_secret
+
+    async def get_context(self, request: HTTPConnection, response) -> Context:
+        correlation_id = request.headers.get("x-correlation-id", "")
+        if not (0 < len(correlation_id) <= 64 and correlation_id.isprintable()):
+            correlation_id = str(uuid.uuid4())
+        try:
+            actor, error = authenticate(request.headers.get("authorization"), self.jwt_secret), None
+        except Unauthenticated as failure:
+            actor, error = None, failure
+        return Context(dispatcher=self.dispatcher, store=self.store, correlation_id=correlation_id,
+                       verified_actor=actor, auth_error=error)
