@@ -340,7 +340,7 @@ class EventStore:
         query = select(personal_keys.c.subject_id, personal_keys.c.key).where(
             personal_keys.c.subject_id.in_(subjects)
         )
-        keys = dict((await conn.execute(query)).tuples().all())
+        keys = {subject: key for subject, key in await conn.execute(query)}
         missing = subjects - keys.keys() if create else set()
         if missing:
             now = datetime.now(UTC)
