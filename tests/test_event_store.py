@@ -1,0 +1,396 @@
+"""The event log on a real SQLite file: atomicity, ordering, paging, idempotency,
+crypto-shredding, durability across a killed process, metadata."""
+
+import asyncio
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from cryptography.exceptions import InvalidTag
+from sqlalchemy.exc import StatementError
+
+from commands.dispatcher import new_event
+from events import CustomerRegistered, OrderPlaced, from_data
+from infrastructure.event_store import (
+    EventStore,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    Metadata,
+    NewEvent,
+    StreamWrite,
+    WrongExpectedVersion,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(stream_id: str, expected_version: int, *numbers: int) -> StreamWrite:
+    """New `Counted` events for one stream; each carries its number so reads can be checked."""
+    return StreamWrite(stream_id, "Counter", expected_version, [NewEvent("Counted", {"n": n}) for n in numbers])
+
+
+def events_db(store: EventStore) -> str:
+    return store.url.removeprefix("sqlite+aiosqlite:///")
+
+
+# ---------------------------------------------------------------- atomic appends
+
+
+@pytest.mark.parametrize(
+    ("versions", "stream", "expected"),
+    [((0, 1, 1), "a", 0), ((1, 1, 0), "c", 0), ((1, 1, 2), "c", 2), ((1, 5, 1), "b", 5)],
+    ids=["first-behind", "last-behind", "last-ahead", "middle-ahead"],
+)
+async def test_a_wrong_expected_version_writes_nothing_to_any_stream(store, versions, stream, expected):
+    await store.append([write("a", 0, 1), write("b", 0, 2), write("c", 0, 3)])
+
+    with pytest.raises(WrongExpectedVersion) as caught:
+        await store.append([write("a", versions[0], 4, 5), write("b", versions[1], 6),
+                            write("c", versions[2], 7)])
+
+    assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == (stream, expected, 1)
+    assert await store.head() == 3
+    assert [e.data["n"] for e in await store.read()] == [1, 2, 3]
+    assert [await store.stream_version(s) for s in "abc"] == [1, 1, 1]
+
+
+async def test_a_new_stream_must_be_expected_at_version_zero(store):
+    with pytest.raises(WrongExpectedVersion) as caught:
+        await store.append([write("fresh", 2, 1)])
+
+    assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == ("fresh", 2, 0)
+    assert await store.head() == 0
+
+
+async def test_events_of_several_streams_commit_together(store):
+    recorded = await store.append([write("a", 0, 1, 2), write("b", 0, 3)])
+
+    assert [(e.stream_id, e.version, e.position) for e in recorded] == [("a", 1, 1), ("a", 2, 2), ("b", 1, 3)]
+    assert await store.read() == recorded
+
+
+# ---------------------------------------------------------------- positions and versions
+
+
+async def test_positions_are_gap_free_and_versions_count_per_stream(store):
+    appended = []
+    appended += await store.append([write("a", 0, 1, 2)])
+    appended += await store.append([write("b", 0, 3), write("a", 2, 4)])
+    appended += await store.append([write("c", 0, 5)])
+    appended += await store.append([write("b", 1, 6, 7, 8)])
+
+    log = await store.read()
+
+    assert log == appended
+    assert [e.position for e in log] == list(range(1, 9))
+    assert [e.data["n"] for e in log] == list(range(1, 9))
+    for stream, count in {"a": 3, "b": 4, "c": 1}.items():
+        assert [e.version for e in await store.load(stream)] == list(range(1, count + 1))
+        assert await store.stream_version(stream) == count
+    assert await store.head() == 8
+
+
+async def test_stream_and_version_are_unique_in_the_table(store):
+    await store.append([write("a", 0, 1, 2)])
+
+    with pytest.raises(WrongExpectedVersion):
+        await store.append([write("a", 1, 3)])
+    with sqlite3.connect(events_db(store)) as db:
+        duplicates = db.execute(
+            "SELECT stream_id, version FROM events GROUP BY stream_id, version HAVING count(*) > 1"
+        ).fetchall()
+        assert duplicates == []
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(
+                "INSERT INTO events (event_id, stream_id, stream_type, version, type, schema_version, data,"
+                " recorded_at) VALUES (?, 'a', 'Counter', 2, 'Counted', 1, '{}', '2024-01-01 00:00:00.000000')",
+                (str(uuid.uuid4()),),
+            )
+
+
+# ---------------------------------------------------------------- reading
+
+
+async def test_read_pages_through_the_whole_log_once_in_order(store):
+    for version in range(25):
+        await store.append([write(f"s{version % 3}", version // 3, version + 1)])
+
+    pages, after = [], 0
+    while page := await store.read(after=after, limit=7):
+        pages.append([e.position for e in page])
+        after = page[-1].position
+
+    assert [len(page) for page in pages] == [7, 7, 7, 4]
+    assert [p for page in pages for p in page] == list(range(1, 26))
+    assert await store.read(after=25) == []
+    assert [e.data["n"] for e in await store.read(after=10, limit=3)] == [11, 12, 13]
+
+
+async def test_load_after_a_version(store):
+    await store.append([write("a", 0, 1, 2)])
+    await store.append([write("other", 0, 99)])
+    await store.append([write("a", 2, 3, 4)])
+
+    assert [(e.version, e.data["n"]) for e in await store.load("a", after_version=2)] == [(3, 3), (4, 4)]
+    assert [e.version for e in await store.load("a", after_version=0)] == [1, 2, 3, 4]
+    assert await store.load("a", after_version=4) == []
+    assert await store.load("missing") == []
+
+
+async def test_load_until_a_point_in_time(store):
+    recorded = []
+    for version in range(3):
+        recorded += await store.append([write("a", version, version + 1)])
+        await asyncio.sleep(0.002)
+    first, second, third = (e.recorded_at for e in recorded)
+    assert first < second < third
+
+    assert [e.version for e in await store.load("a", until=second)] == [1, 2]
+    assert [e.version for e in await store.load("a", until=second - timedelta(microseconds=1))] == [1]
+    assert await store.load("a", until=first - timedelta(seconds=1)) == []
+    # The same instant in another zone selects the same events.
+    berlin = second.astimezone(ZoneInfo("Europe/Berlin"))
+    assert [e.version for e in await store.load("a", until=berlin)] == [1, 2]
+    assert [e.version for e in await store.load("a", after_version=1, until=third)] == [2, 3]
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def record(key: str = "key-1", scope: str = "customer-1", **result) -> IdempotencyRecord:
+    return IdempotencyRecord(scope=scope, key=key, request_hash="hash-1", result=result or {"stream_id": "a"})
+
+
+async def test_idempotency_record_is_kept_with_the_last_position(store):
+    await store.append([write("other", 0, 1)])
+
+    await store.append([write("a", 0, 2, 3)], idempotent=record(stream_id="a", version=2))
+
+    found = await store.find_idempotent("customer-1", "key-1")
+    assert found == IdempotencyRecord("customer-1", "key-1", "hash-1", {"stream_id": "a", "version": 2}, 3)
+    assert await store.find_idempotent("customer-2", "key-1") is None
+
+
+async def test_the_same_key_in_the_same_scope_is_taken(store):
+    await store.append([write("a", 0, 1)], idempotent=record())
+
+    with pytest.raises(IdempotencyKeyTaken):
+        await store.append([write("b", 0, 2)], idempotent=record())
+
+    assert await store.head() == 1
+    assert await store.load("b") == []
+    # Another caller may use the same key.
+    await store.append([write("b", 0, 2)], idempotent=record(scope="customer-2"))
+    assert (await store.find_idempotent("customer-2", "key-1")).position == 2
+
+
+async def test_a_failed_append_leaves_no_idempotency_record(store):
+    await store.append([write("a", 0, 1)])
+
+    with pytest.raises(WrongExpectedVersion):
+        await store.append([write("b", 0, 2), write("a", 0, 3)], idempotent=record())
+
+    assert await store.find_idempotent("customer-1", "key-1") is None
+    # The key is still free for the retry.
+    await store.append([write("b", 0, 2), write("a", 1, 3)], idempotent=record())
+    assert (await store.find_idempotent("customer-1", "key-1")).position == 3
+
+
+async def test_events_roll_back_when_the_idempotency_record_cannot_be_written(store):
+    # The events are inserted before the record: if they were not in its transaction,
+    # they would stay behind when writing the record fails.
+    unstorable = record(stream_id=object())
+
+    with pytest.raises(StatementError):
+        await store.append([write("a", 0, 1, 2)], idempotent=unstorable)
+
+    assert await store.head() == 0
+    assert await store.find_idempotent("customer-1", "key-1") is None
+    assert [e.position for e in await store.append([write("a", 0, 1)])] == [1]
+
+
+# ---------------------------------------------------------------- personal data
+
+ANN, BOB = "3f0c2a52-8d1e-4b7a-9a57-1c1b2f3e4d5a", "7d2e4f60-1a3b-4c5d-8e9f-0a1b2c3d4e5f"
+ANN_REGISTERED = CustomerRegistered(ANN, "Annabelle Quixote", "annabelle.q@example.com", "DE", "de-DE")
+BOB_REGISTERED = CustomerRegistered(BOB, "Bobby Tables", "bobby.tables@example.org", "FR", None)
+ANN_ORDERED = OrderPlaced(
+    order_id="9a1d6c0e-5b3f-4e2a-8c7d-0f1e2d3c4b5a", customer_id=ANN,
+    lines=[{"sku": "MUG-1", "name": "Mug", "quantity": 1, "unit_price": "4.50"}], total="4.50",
+    currency="EUR",
+    shipping_address={"name": "Annabelle Quixote", "line1": "Zwetschgenweg 17", "line2": None,
+                      "city": "Berlin", "postal_code": "10115", "country": "DE"},
+)
+PLAINTEXT = ["Annabelle Quixote", "annabelle.q@example.com", "Zwetschgenweg 17", "Bobby Tables"]
+
+
+async def append_personal_events(store: EventStore) -> None:
+    await store.append([StreamWrite(ANN, "Customer", 0, [new_event(ANN_REGISTERED)])])
+    await store.append([StreamWrite(BOB, "Customer", 0, [new_event(BOB_REGISTERED)])])
+    await store.append([StreamWrite(ANN_ORDERED.order_id, "Order", 0, [new_event(ANN_ORDERED)])])
+
+
+def decoded(recorded) -> object:
+    return from_data(recorded.type, recorded.schema_version, recorded.data)
+
+
+async def test_personal_fields_are_not_stored_in_plaintext(store):
+    await append_personal_events(store)
+
+    with sqlite3.connect(events_db(store)) as db:
+        stored = [data for (data,) in db.execute("SELECT data FROM events ORDER BY position")]
+    assert len(stored) == 3
+    assert not [text for text in PLAINTEXT if any(text in data for data in stored)]
+    assert '"DE"' in stored[0] and "Mug" in stored[2]  # what is not personal stays readable
+    for path in Path(events_db(store)).parent.glob("events.db*"):
+        contents = path.read_bytes()
+        assert not [text for text in PLAINTEXT if text.encode() in contents], path
+
+
+async def test_load_and_read_return_personal_fields_decrypted(store):
+    await append_personal_events(store)
+
+    [ann] = await store.load(ANN)
+    [order] = await store.load(ANN_ORDERED.order_id)
+
+    assert decoded(ann) == ANN_REGISTERED
+    assert decoded(order) == ANN_ORDERED
+    assert [decoded(e) for e in await store.read()] == [ANN_REGISTERED, BOB_REGISTERED, ANN_ORDERED]
+
+
+async def test_destroying_a_key_shreds_that_subjects_fields_only(store):
+    await append_personal_events(store)
+
+    await store.destroy_personal_key(ANN)
+
+    [ann] = await store.load(ANN)
+    assert decoded(ann) == CustomerRegistered(ANN, None, None, "DE", "de-DE")
+    [order] = await store.load(ANN_ORDERED.order_id)
+    assert order.data["shipping_address"] is None
+    assert (order.data["lines"], order.data["total"]) == (ANN_ORDERED.lines, "4.50")
+    assert [decoded(e) for e in await store.read()][1] == BOB_REGISTERED
+    with sqlite3.connect(events_db(store)) as db:
+        assert db.execute("SELECT subject_id FROM personal_keys").fetchall() == [(BOB,)]
+
+
+async def test_a_sealed_box_cannot_be_moved_to_another_event(store):
+    await store.append([StreamWrite(ANN, "Customer", 0, [new_event(ANN_REGISTERED), new_event(ANN_REGISTERED)])])
+
+    with sqlite3.connect(events_db(store)) as db:
+        db.execute("UPDATE events SET data = (SELECT data FROM events WHERE position = 1) WHERE position = 2")
+
+    with pytest.raises(InvalidTag):
+        await store.load(ANN)
+
+
+# ---------------------------------------------------------------- durability
+
+APPEND_FOREVER = """
+import asyncio, sys
+from infrastructure.event_store import EventStore, NewEvent, StreamWrite
+
+async def main(path):
+    store = EventStore(f"sqlite+aiosqlite:///{path}")
+    await store.open()
+    version = 0
+    while True:
+        write = StreamWrite("ticks", "Counter", version, [NewEvent("Counted", {"n": version + 1})])
+        [recorded] = await store.append([write])
+        version = recorded.version
+        sys.stdout.write(f"{recorded.position}\\n")
+        sys.stdout.flush()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def acknowledged_until_killed(path: Path, at_least: int, timeout: float = 15.0) -> list[int]:
+    """Positions a writer process acknowledged before it got SIGKILL."""
+    writer = subprocess.Popen([sys.executable, "-c", APPEND_FOREVER, str(path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while output.count(b"\n") < at_least:
+            assert time.monotonic() < deadline, "the writer acknowledged too little in time"
+            ready, _, _ = select.select([writer.stdout], [], [], 0.1)
+            if ready:
+                chunk = os.read(writer.stdout.fileno(), 65536)
+                assert chunk, writer.stderr.read().decode()
+                output += chunk
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    output += writer.stdout.read()
+    writer.stdout.close()
+    writer.stderr.close()
+    # A line cut short by the kill was never acknowledged.
+    return [int(line) for line in output.decode().split("\n")[:-1]]
+
+
+async def test_a_killed_writer_loses_nothing_it_acknowledged(tmp_path):
+    path = tmp_path / "events.db"
+
+    acknowledged = acknowledged_until_killed(path, at_least=40)
+
+    assert len(acknowledged) >= 40
+    store = EventStore(f"sqlite+aiosqlite:///{path}")
+    await store.open()
+    try:
+        log = await store.read(limit=1_000_000)
+        positions = [e.position for e in log]
+        assert set(acknowledged) <= set(positions)
+        assert positions == list(range(1, len(log) + 1))
+        assert [e.version for e in log] == positions
+        assert [e.data["n"] for e in log] == positions
+        # At most the one in flight committed without being acknowledged.
+        assert len(log) - len(acknowledged) in (0, 1)
+        [after] = await store.append([write("ticks", len(log), len(log) + 1)])
+        assert after.position == len(log) + 1
+    finally:
+        await store.close()
+
+
+# ---------------------------------------------------------------- metadata
+
+
+async def test_metadata_and_recorded_at_round_trip(store):
+    meta = Metadata(correlation_id=str(uuid.uuid4()), causation_id=str(uuid.uuid4()), actor="staff:42",
+                    idempotency_key="key-7")
+    before = datetime.now(UTC)
+
+    appended = await store.append([write("a", 0, 1), write("b", 0, 2)], meta)
+
+    after = datetime.now(UTC)
+    assert await store.load("a") + await store.load("b") == appended
+    assert await store.read() == appended
+    for event in appended:
+        assert (event.correlation_id, event.causation_id, event.actor, event.idempotency_key) == (
+            meta.correlation_id, meta.causation_id, meta.actor, meta.idempotency_key,
+        )
+    for event in await store.read():
+        assert event.recorded_at.tzinfo is not None
+        assert event.recorded_at.utcoffset() == timedelta(0)
+        assert before <= event.recorded_at <= after
+    with sqlite3.connect(events_db(store)) as db:
+        [(stored,)] = db.execute("SELECT DISTINCT recorded_at FROM events").fetchall()
+    assert stored == appended[0].recorded_at.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+async def test_metadata_defaults_to_none_and_schema_version_is_kept(store):
+    await store.append([StreamWrite("a", "Counter", 0, [NewEvent("Counted", {"n": 1}, schema_version=3)])])
+
+    [event] = await store.load("a")
+
+    assert (event.correlation_id, event.causation_id, event.actor, event.idempotency_key) == (None,) * 4
+    assert (event.type, event.schema_version, event.stream_type, event.data) == ("Counted", 3, "Counter", {"n": 1})
+    uuid.UUID(event.event_id)
