@@ -1,12 +1,15 @@
 """The composition root: the only module that wires every side together.
 
-`build_app` assembles the service for a Settings; `main` is the `orderstream` command.
+`Service` holds the stores and the projector for a Settings; `build_app` serves it over
+HTTP; `main` is the `orderstream` command.
 """
 
 import argparse
+import asyncio
 import logging
 import sys
-from contextlib import asynccontextmanager
+import time
+from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
 
 from starlette.applications import Starlette
@@ -18,29 +21,65 @@ from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
 from infrastructure.auth import ROLES, issue_token, load_or_create_secret
 from infrastructure.event_store import EventStore
+from infrastructure.projector import Projection, Projector
+from infrastructure.read_store import ReadStore
 from infrastructure.settings import Settings
+from queries import customers, orders, products, sales
+from queries.projection_status import projection_status
 from schema.app import GraphQLApp, build_schema
 
 log = logging.getLogger("orderstream")
 
 
-def build_app(settings: Settings) -> Starlette:
-    store = EventStore(settings.event_store_url)
-    dispatcher = Dispatcher(store, COMMAND_HANDLERS)
+def projections() -> list[Projection]:
+    return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION]
+
+
+class Service:
+    """The stores, the dispatcher and the projector, opened and closed together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = EventStore(settings.event_store_url)
+        self.read = ReadStore(settings.read_store_url, settings.consistency_timeout)
+        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS)
+        self.projector = Projector(self.store, self.read, projections())
+        # Project right after each commit of this process; other writers are seen by the poll.
+        self.store.on_append(self.projector.wake)
+
+    async def open(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        tables = [table for projection in self.projector.projections for table in projection.tables]
+        await self.read.open(tables, [p.name for p in self.projector.projections])
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.read.close()
+
+
+def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
+    service = Service(settings)
     secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
-    graphql = GraphQLApp(build_schema(), dispatcher, store, secret)
+    graphql = GraphQLApp(build_schema(), service.dispatcher, service.store, service.read, secret)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await store.open()
-        log.info("event store ready at position %d", await store.head())
-        yield
-        await store.close()
+        await service.open()
+        log.info("event log at position %d", await service.store.head())
+        projecting = asyncio.create_task(service.projector.run()) if run_projector else None
+        try:
+            yield
+        finally:
+            if projecting:
+                projecting.cancel()
+                with suppress(asyncio.CancelledError):
+                    await projecting
+            await service.close()
 
     async def healthz(request: Request) -> JSONResponse:
         try:
-            head = await store.head()
+            head = await service.store.head()
         except Exception:
             log.exception("health check: the event store is unreachable")
             return JSONResponse({"status": "unavailable"}, status_code=503)
@@ -60,20 +99,72 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = Settings.load(args.data_dir)
-    log.info("serving on http://%s:%d/graphql (data in %s)", args.host, args.port,
-             settings.data_dir)
-    uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level="info")
+    log.info("serving on http://%s:%d/graphql (data in %s)", args.host, args.port, settings.data_dir)
+    uvicorn.run(build_app(settings, run_projector=not args.no_projector), host=args.host, port=args.port,
+                log_level="info")
 
 
 def _token(args: argparse.Namespace) -> None:
     settings = Settings.load(args.data_dir)
     secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
     try:
-        token = issue_token(secret, args.role, args.customer_id,
-                            ttl=timedelta(hours=args.ttl_hours))
+        token = issue_token(secret, args.role, args.customer_id, ttl=timedelta(hours=args.ttl_hours))
     except ValueError as error:
         sys.exit(f"orderstream token: {error}")
     sys.stdout.write(token + "\n")
+
+
+async def _with_service(args: argparse.Namespace, work) -> None:
+    service = Service(Settings.load(args.data_dir))
+    await service.open()
+    try:
+        await work(service)
+    finally:
+        await service.close()
+
+
+async def _projections_run(service: Service) -> None:
+    log.info("projecting into %s; stop with Ctrl-C", service.settings.read_store_url)
+    await service.projector.run()
+
+
+async def _projections_status(service: Service) -> None:
+    rows = await projection_status(service.store, service.read, None)
+    sys.stdout.write(f"{'projection':<12} {'position':>10} {'head':>10} {'lag':>8}  state\n")
+    for s in rows:
+        state = "rebuilding" if s.rebuilding else f"stopped: {s.error}" if s.error else "running"
+        sys.stdout.write(f"{s.name:<12} {s.position:>10} {s.head:>10} {s.lag:>8}  {state}\n")
+
+
+def _progress_bar() -> callable:
+    started = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        elapsed = max(time.monotonic() - started, 1e-9)
+        rate = done / elapsed
+        left = (total - done) / rate if rate else 0
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} events "
+                         f"{rate:,.0f}/s, {left:,.0f} s left ")
+        sys.stderr.flush()
+
+    return show
+
+
+def _projections_rebuild(names: list[str]):
+    async def rebuild(service: Service) -> None:
+        known = [p.name for p in service.projector.projections]
+        unknown = set(names) - set(known)
+        if unknown:
+            sys.exit(f"orderstream projections rebuild: no projection {', '.join(sorted(unknown))}; "
+                     f"choose from {', '.join(known)}")
+        chosen = names or known
+        position = await service.projector.rebuild(chosen, _progress_bar())
+        sys.stderr.write("\n")
+        log.info("rebuilt %s up to position %d and swapped them in", ", ".join(chosen), position)
+
+    return rebuild
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="run the GraphQL service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-projector", action="store_true",
+                       help="do not project in this process (run `orderstream projections run` elsewhere)")
     serve.set_defaults(run=_serve)
 
     token = commands.add_parser("token", help="print a bearer token signed with the server's secret")
@@ -95,11 +188,24 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--ttl-hours", type=float, default=12.0)
     token.set_defaults(run=_token)
 
-    for sub in (serve, token):
-        sub.add_argument("--data-dir", help="folder for events.db and the signing secret "
+    projections_cli = commands.add_parser("projections", help="run, inspect or rebuild the read models")
+    actions = projections_cli.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="project the log into the read models until stopped")
+    run.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_run)))
+    status = actions.add_parser("status", help="print each projection's position and lag")
+    status.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_status)))
+    rebuild = actions.add_parser("rebuild", help="replay the log into fresh tables and swap them in")
+    rebuild.add_argument("names", nargs="*", metavar="NAME", help="projections to rebuild (default: all)")
+    rebuild.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_rebuild(a.names))))
+
+    for sub in (serve, token, run, status, rebuild):
+        sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "
                                             "(default: $ORDERSTREAM_DATA_DIR or ./var)")
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

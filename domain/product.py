@@ -18,7 +18,7 @@ MAX_STOCK = 1_000_000_000
 
 
 def sku_syntax(sku: str, field: str = "sku") -> str:
-    if not SKU.match(sku):
+    if not SKU.fullmatch(sku):
         raise ValidationError(
             "INVALID_SKU",
             "a SKU is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",

@@ -58,7 +58,7 @@ def country(code: str, field: str = "country") -> str:
 
 def email(address: str, field: str = "email") -> str:
     address = address.strip()
-    if len(address) > 254 or not EMAIL.match(address):
+    if len(address) > 254 or not EMAIL.fullmatch(address):
         raise ValidationError("INVALID_EMAIL", f"{address!r} is not a valid e-mail address", field)
     return address
 

@@ -9,12 +9,26 @@ class Settings:
 
     data_dir: Path
     event_store_url: str
+    read_store_url: str
     jwt_secret: str | None = None
+    # How long a query with consistentWith waits for the projections, in seconds.
+    consistency_timeout: float = 5.0
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ=os.environ) -> "Settings":
         """Command-line values win over the environment, which wins over defaults."""
         folder = Path(data_dir or environ.get("ORDERSTREAM_DATA_DIR") or "./var").resolve()
-        url = environ.get("ORDERSTREAM_EVENT_STORE_URL") or f"sqlite+aiosqlite:///{folder / 'events.db'}"
-        return cls(data_dir=folder, event_store_url=url,
-                   jwt_secret=environ.get("ORDERSTREAM_JWT_SECRET") or None)
+        timeout = environ.get("ORDERSTREAM_CONSISTENCY_TIMEOUT") or "5"
+        try:
+            consistency_timeout = float(timeout)
+        except ValueError:
+            raise ValueError(f"ORDERSTREAM_CONSISTENCY_TIMEOUT must be seconds, e.g. 5; got {timeout!r}") from None
+        return cls(
+            data_dir=folder,
+            event_store_url=environ.get("ORDERSTREAM_EVENT_STORE_URL")
+            or f"sqlite+aiosqlite:///{folder / 'events.db'}",
+            read_store_url=environ.get("ORDERSTREAM_READ_STORE_URL")
+            or f"sqlite+aiosqlite:///{folder / 'read.db'}",
+            jwt_secret=environ.get("ORDERSTREAM_JWT_SECRET") or None,
+            consistency_timeout=consistency_timeout,
+        )

@@ -3,11 +3,14 @@ import uuid
 import strawberry
 from starlette.requests import HTTPConnection
 from strawberry.asgi import GraphQL
+from strawberry.dataloader import DataLoader
 
 from commands.dispatcher import Dispatcher
 from infrastructure.auth import Unauthenticated, authenticate
 from infrastructure.event_store import EventStore
 from infrastructure.graphql_errors import ErrorCodes
+from infrastructure.read_store import ReadStore
+from queries.orders import lines_of
 from schema.context import Context
 from schema.mutations import Mutation
 from schema.query import Query
@@ -25,9 +28,9 @@ class GraphQLApp(GraphQL):
     """The /graphql endpoint: HTTP, GraphiQL on GET, and (later) WebSockets."""
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
-                 jwt_secret: str) -> None:
+                 read: ReadStore, jwt_secret: str) -> None:
         super().__init__(schema, graphql_ide="graphiql")
-        self.dispatcher, self.store, self.jwt_secret = dispatcher, store, jwt_secret
+        self.dispatcher, self.store, self.read, self.jwt_secret = dispatcher, store, read, jwt_secret
 
     async def get_context(self, request: HTTPConnection, response) -> Context:
         correlation_id = request.headers.get("x-correlation-id", "")
@@ -37,5 +40,7 @@ class GraphQLApp(GraphQL):
             actor, error = authenticate(request.headers.get("authorization"), self.jwt_secret), None
         except Unauthenticated as failure:
             actor, error = None, failure
-        return Context(dispatcher=self.dispatcher, store=self.store, correlation_id=correlation_id,
-                       verified_actor=actor, auth_error=error)
+        read = self.read
+        return Context(dispatcher=self.dispatcher, store=self.store, read=read,
+                       order_lines=DataLoader(lambda ids: lines_of(read, ids)),
+                       correlation_id=correlation_id, verified_actor=actor, auth_error=error)

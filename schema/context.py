@@ -1,8 +1,11 @@
 from dataclasses import dataclass
 
+from strawberry.dataloader import DataLoader
+
 from commands.dispatcher import Dispatcher
 from infrastructure.auth import Actor, Unauthenticated
 from infrastructure.event_store import EventStore
+from infrastructure.read_store import ReadStore
 
 
 @dataclass
@@ -11,6 +14,9 @@ class Context:
 
     dispatcher: Dispatcher
     store: EventStore
+    read: ReadStore
+    # Per request: the lines of every order a response lists, in one query.
+    order_lines: DataLoader
     correlation_id: str
     verified_actor: Actor | None
     auth_error: Unauthenticated | None = None

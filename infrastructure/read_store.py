@@ -1,0 +1,175 @@
+"""The read database: read-model tables, projection checkpoints, read-your-writes.
+
+Each projection's checkpoint is the position of the last event applied to its tables,
+moved in the same transaction as its rows. `wait_for` lets a query wait until the
+projections it reads have reached a position.
+"""
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import conv
+
+from infrastructure.database import UTCDateTime, engine_pair
+from infrastructure.errors import PublicError
+
+# Indexes of read-model tables carry their table's name, so a shadow copy built during a
+# rebuild gets indexes of its own.
+NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s"}
+
+
+def read_model_metadata() -> MetaData:
+    return MetaData(naming_convention=NAMING)
+
+
+_checkpoint_metadata = MetaData()
+checkpoints = Table(
+    "projection_checkpoints",
+    _checkpoint_metadata,
+    Column("name", String(100), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("rebuilding", Boolean, nullable=False, default=False),
+    # Set when an event could not be applied: the projection stops there until rebuilt
+    # or restarted.
+    Column("failed_position", BigInteger),
+    Column("error", Text),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    position: int
+    rebuilding: bool
+    failed_position: int | None
+    error: str | None
+
+
+class ConsistencyTimeout(PublicError):
+    code = "CONSISTENCY_TIMEOUT"
+
+
+class ReadStore:
+    def __init__(self, url: str, consistency_timeout: float = 5.0) -> None:
+        self.url = url
+        self.consistency_timeout = consistency_timeout
+        self.writer, self.reader = engine_pair(url)
+        self._positions: dict[str, int] = {}
+        self._advanced = asyncio.Condition()
+
+    async def open(self, tables: Iterable[Table], projection_names: Iterable[str]) -> None:
+        async with self.writer.begin() as conn:
+            await conn.run_sync(_checkpoint_metadata.create_all)
+            for table in tables:
+                await conn.run_sync(table.create, checkfirst=True)
+            known = set((await conn.execute(select(checkpoints.c.name))).scalars())
+            for name in projection_names:
+                if name not in known:
+                    await conn.execute(insert(checkpoints).values(
+                        name=name, position=0, rebuilding=False, updated_at=datetime.now(UTC)))
+        await self.refresh()
+
+    async def close(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+    async def checkpoints(self, conn: AsyncConnection | None = None) -> dict[str, Checkpoint]:
+        query = select(checkpoints.c.name, checkpoints.c.position, checkpoints.c.rebuilding,
+                       checkpoints.c.failed_position, checkpoints.c.error)
+        if conn is not None:
+            rows = (await conn.execute(query)).all()
+        else:
+            async with self.reader.connect() as reader:
+                rows = (await reader.execute(query)).all()
+        return {row.name: Checkpoint(*row) for row in rows}
+
+    @staticmethod
+    async def move(conn: AsyncConnection, name: str, position: int, **fields) -> None:
+        await conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
+            position=position, updated_at=datetime.now(UTC), **fields))
+
+    @staticmethod
+    async def mark(conn: AsyncConnection, name: str, **fields) -> None:
+        await conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
+            updated_at=datetime.now(UTC), **fields))
+
+    async def refresh(self) -> None:
+        """Take the checkpoints from the database, e.g. when another process projects."""
+        await self.advanced(await self._positions_in_database())
+
+    async def _positions_in_database(self) -> dict[str, int]:
+        return {name: c.position for name, c in (await self.checkpoints()).items()}
+
+    async def advanced(self, positions: Mapping[str, int]) -> None:
+        """Record committed checkpoints and wake the queries waiting for them."""
+        async with self._advanced:
+            self._positions.update(positions)
+            self._advanced.notify_all()
+
+    async def wait_for(self, position: int | None, names: Iterable[str],
+                       timeout: float | None = None) -> None:
+        """Return once every projection in `names` has applied `position`.
+
+        Woken by the projector of this process as soon as it commits; where another
+        process projects, the checkpoints are re-read every 100 ms. Raises
+        ConsistencyTimeout after `timeout` seconds (the store's default if None). A
+        `position` of None asks for no wait at all.
+        """
+        if position is None:
+            return
+        names = tuple(names)
+        timeout = self.consistency_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        async with self._advanced:
+            while not all(self._positions.get(name, 0) >= position for name in names):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConsistencyTimeout(
+                        f"the read models did not reach position {position} within {timeout:g} s; "
+                        "retry, or check projectionStatus"
+                    )
+                try:
+                    await asyncio.wait_for(self._advanced.wait(), min(remaining, 0.1))
+                except TimeoutError:
+                    self._positions.update(await self._positions_in_database())
+
+    async def swap(self, conn: AsyncConnection, shadow: Mapping[str, Table]) -> None:
+        """Replace live tables by their rebuilt shadows, inside the caller's transaction."""
+        for live_name, table in shadow.items():
+            await conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{live_name}"')
+            await conn.exec_driver_sql(f'ALTER TABLE "{table.name}" RENAME TO "{live_name}"')
+
+    async def drop_leftovers_of(self, live_names: Iterable[str], marker: str) -> None:
+        """Drop the shadow copies of these tables that a crashed rebuild left behind."""
+        prefixes = tuple(f"{name}{marker}" for name in live_names)
+        async with self.writer.begin() as conn:
+            names = await conn.run_sync(lambda sync: sync.dialect.get_table_names(sync))
+            for name in names:
+                if name.startswith(prefixes):
+                    await conn.exec_driver_sql(f'DROP TABLE "{name}"')
+
+
+def shadow_copy(table: Table, suffix: str, metadata: MetaData) -> Table:
+    """`table` under another name, with indexes named apart from the live ones."""
+    shadow = table.to_metadata(metadata, name=table.name + suffix)
+    for index in shadow.indexes:
+        index.name = conv(f"{index.name}{suffix}")
+    return shadow

@@ -1,0 +1,50 @@
+"""Customers: one row per registered customer."""
+
+from sqlalchemy import Boolean, Column, String, Table, insert, select, update
+from sqlalchemy.engine import Row
+
+import events
+from infrastructure.auth import Actor
+from infrastructure.database import UTCDateTime
+from infrastructure.event_store import RecordedEvent
+from infrastructure.projector import Projection, Tables
+from infrastructure.read_store import ReadStore, read_model_metadata
+
+metadata = read_model_metadata()
+
+customers = Table(
+    "customers",
+    metadata,
+    Column("customer_id", String(36), primary_key=True),
+    Column("name", String(200)),
+    Column("email", String(254)),
+    Column("country", String(2), nullable=False),
+    Column("locale", String(35)),
+    Column("registered_at", UTCDateTime, nullable=False),
+    Column("forgotten", Boolean, nullable=False),
+)
+
+
+async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+    table = t["customers"]
+    match events.from_data(recorded.type, recorded.schema_version, recorded.data):
+        case events.CustomerRegistered() as e:
+            await conn.execute(insert(table).values(
+                customer_id=e.customer_id, name=e.name, email=e.email, country=e.country,
+                locale=e.locale, registered_at=recorded.recorded_at, forgotten=False))
+        case events.CustomerForgotten() as e:
+            await conn.execute(update(table).where(table.c.customer_id == e.customer_id)
+                               .values(name=None, email=None, forgotten=True))
+
+
+PROJECTION = Projection("customers", (customers,), project)
+
+
+async def customer(read: ReadStore, actor: Actor, customer_id: str,
+                   consistent_with: int | None = None) -> Row | None:
+    """Staff, or the customer themself."""
+    actor.require_owner_or_staff(customer_id)
+    await read.wait_for(consistent_with, ("customers",))
+    async with read.reader.connect() as conn:
+        query = select(customers).where(customers.c.customer_id == customer_id)
+        return (await conn.execute(query)).first()

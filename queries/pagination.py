@@ -1,0 +1,31 @@
+"""Opaque cursors: base64 of a small JSON value, refused with a clear error if tampered."""
+
+import base64
+import binascii
+import json
+
+from infrastructure.errors import BadUserInput
+
+MAX_PAGE = 100
+
+
+def page_size(first: int) -> int:
+    if not 0 <= first <= MAX_PAGE:
+        raise BadUserInput(f"first must be between 0 and {MAX_PAGE}")
+    return first
+
+
+def encode_cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+def decode_cursor(cursor: str | None, kind: type) -> object | None:
+    if cursor is None:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, binascii.Error):
+        value = None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadUserInput("after is not a cursor this API gave out: pass an edge's cursor")
+    return value

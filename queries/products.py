@@ -1,0 +1,97 @@
+"""The product catalogue: price, stock available and reserved, searchable by name."""
+
+from dataclasses import dataclass
+
+from sqlalchemy import Column, Integer, String, Table, func, insert, select, update
+from sqlalchemy.engine import Row
+
+import events
+from infrastructure.database import UTCDateTime
+from infrastructure.errors import BadUserInput
+from infrastructure.event_store import RecordedEvent
+from infrastructure.projector import Projection, Tables
+from infrastructure.read_store import ReadStore, read_model_metadata
+from queries.pagination import decode_cursor, encode_cursor, page_size
+
+metadata = read_model_metadata()
+
+products = Table(
+    "products",
+    metadata,
+    Column("sku", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    # casefold()ed name: search matches case-insensitively, beyond ASCII too.
+    Column("name_folded", String(200), nullable=False),
+    Column("price", String(32), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("stock_available", Integer, nullable=False),
+    Column("stock_reserved", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+MAX_SEARCH_WORDS = 10
+
+
+async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+    table = t["products"]
+    event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
+    if isinstance(event, events.ProductAdded):
+        await conn.execute(insert(table).values(
+            sku=event.sku, name=event.name, name_folded=event.name.casefold(), price=event.price,
+            currency=event.currency, stock_available=event.initial_stock, stock_reserved=0,
+            version=recorded.version, updated_at=recorded.recorded_at))
+        return
+    match event:
+        case events.ProductPriceChanged():
+            changes = {"price": event.price, "currency": event.currency}
+        case events.ProductRestocked():
+            changes = {"stock_available": table.c.stock_available + event.quantity}
+        case events.StockReserved():
+            changes = {"stock_available": table.c.stock_available - event.quantity,
+                       "stock_reserved": table.c.stock_reserved + event.quantity}
+        case events.StockReleased():
+            changes = {"stock_available": table.c.stock_available + event.quantity,
+                       "stock_reserved": table.c.stock_reserved - event.quantity}
+        case _:
+            return
+    await conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
+        version=recorded.version, updated_at=recorded.recorded_at, **changes))
+
+
+PROJECTION = Projection("products", (products,), project)
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[Row]
+    cursors: list[str]
+    total: int
+    has_next: bool
+
+
+async def product(read: ReadStore, sku: str, consistent_with: int | None = None) -> Row | None:
+    await read.wait_for(consistent_with, ("products",))
+    async with read.reader.connect() as conn:
+        return (await conn.execute(select(products).where(products.c.sku == sku))).first()
+
+
+async def search_products(read: ReadStore, first: int, after: str | None, search: str | None,
+                          consistent_with: int | None = None) -> Page:
+    """Products by SKU; with `search`, only those whose name holds every word of it."""
+    first = page_size(first)
+    after_sku = decode_cursor(after, str)
+    words = (search or "").casefold().split()
+    if len(words) > MAX_SEARCH_WORDS or any(len(word) > 100 for word in words):
+        raise BadUserInput(f"search takes at most {MAX_SEARCH_WORDS} words of up to 100 characters")
+    matching = [products.c.name_folded.contains(word, autoescape=True) for word in words]
+    await read.wait_for(consistent_with, ("products",))
+    async with read.reader.begin() as conn:
+        total = (await conn.execute(
+            select(func.count()).select_from(products).where(*matching))).scalar_one()
+        query = select(products).where(*matching).order_by(products.c.sku).limit(first + 1)
+        if after_sku is not None:
+            query = query.where(products.c.sku > after_sku)
+        rows = (await conn.execute(query)).all()
+    return Page(rows[:first], [encode_cursor(row.sku) for row in rows[:first]], total,
+                len(rows) > first)
