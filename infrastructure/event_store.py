@@ -187,8 +187,10 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
 class EventStore:
     """Append-only log of events in streams, with a global, gap-free position."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.url = url
+        # Where recorded_at comes from; tests that need events on given days pass their own.
+        self.clock = clock
         if url.startswith("sqlite"):
             # One writing connection per process: SQLite has one writer anyway, and
             # queueing in the pool is cheaper than spinning on the file lock. BEGIN
@@ -225,7 +227,7 @@ class EventStore:
         Raises WrongExpectedVersion if any stream moved, IdempotencyKeyTaken if the key
         was used first by another command.
         """
-        now = datetime.now(UTC)
+        now = self.clock()
         try:
             async with self._writer.begin() as conn:
                 for write in writes:
