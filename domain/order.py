@@ -52,6 +52,8 @@ class Order(Aggregate):
                 "MIXED_CURRENCIES",
                 f"an order is paid in one currency; these products are priced in {sorted(currencies)}",
             )
+        for sku, amount in items:
+            products[sku].ensure_available(amount)
         lines = []
         for sku, amount in items:
             product = products[sku]

@@ -64,9 +64,12 @@ class Product(Aggregate):
             raise BusinessRuleViolation("STOCK_LIMIT", f"stock cannot exceed {MAX_STOCK}")
         self._record(ProductRestocked(sku=self.id, quantity=amount))
 
-    def reserve(self, order_id: str, amount: int) -> None:
+    def ensure_available(self, amount: int) -> None:
         if amount > self.available:
             raise InsufficientStockError(self.id, amount, self.available)
+
+    def reserve(self, order_id: str, amount: int) -> None:
+        self.ensure_available(amount)
         self._record(StockReserved(sku=self.id, order_id=order_id, quantity=amount))
 
     def release(self, order_id: str, amount: int) -> None:

@@ -227,6 +227,8 @@ class EventStore:
         Raises WrongExpectedVersion if any stream moved, IdempotencyKeyTaken if the key
         was used first by another command.
         """
+        if not any(write.events for write in writes):
+            raise ValueError("append needs at least one event")
         now = self.clock()
         try:
             async with self._writer.begin() as conn:
