@@ -1,0 +1,43 @@
+"""`python -m bench [--quick]`: run every benchmark, print its table, save its figures."""
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from bench import hot_aggregate
+
+# Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
+BENCHMARKS = {
+    "hot_aggregate": hot_aggregate.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run every benchmark, print its table and save its figures to bench/results/.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller data sets, for a check in a minute rather than a measurement")
+    args = parser.parse_args(argv)
+    results_dir = Path(__file__).resolve().parent / "results"
+    results_dir.mkdir(exist_ok=True)
+
+    failed = []
+    for name, run in BENCHMARKS.items():
+        try:
+            print(run(quick=args.quick, results_dir=results_dir), flush=True)
+        except Exception as error:
+            traceback.print_exc()
+            sys.stderr.write(f"bench: {name} failed: {type(error).__name__}: {error}\n")
+            failed.append(name)
+    if failed:
+        sys.stderr.write(f"bench: {len(failed)} of {len(BENCHMARKS)} benchmarks failed: "
+                         f"{', '.join(failed)}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
