@@ -1,8 +1,7 @@
 """The event log: one append-only table, optimistic concurrency per stream.
 
-Everything database-specific about the log lives in this module: the table, the way a
-write transaction starts, and the pragmas that make SQLite commits durable. Callers speak
-in streams, versions and positions.
+The table and its queries live here, the engines (durable SQLite commits, one writer) in
+`infrastructure.database`. Callers speak in streams, versions and positions.
 """
 
 import uuid
@@ -15,42 +14,21 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
-    DateTime,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
-    TypeDecorator,
     UniqueConstraint,
-    event,
     func,
     insert,
     select,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infrastructure import personal_data
-
-
-class UTCDateTime(TypeDecorator):
-    """Aware UTC datetimes in and out, whatever the database keeps."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
+from infrastructure.database import UTCDateTime, engine_pair
 
 metadata = MetaData()
 
@@ -163,27 +141,6 @@ class IdempotencyKeyTaken(Exception):
     """Another command committed under the same key first."""
 
 
-def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
-    engine = create_async_engine(url, **options)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def configure(dbapi_connection, _record) -> None:
-        # Let SQLAlchemy's begin event below decide how a transaction starts.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before it returns, even in WAL mode.
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def start(connection) -> None:
-        connection.exec_driver_sql(begin)
-
-    return engine
-
-
 class EventStore:
     """Append-only log of events in streams, with a global, gap-free position."""
 
@@ -191,16 +148,7 @@ class EventStore:
         self.url = url
         # Where recorded_at comes from; tests that need events on given days pass their own.
         self.clock = clock
-        if url.startswith("sqlite"):
-            # One writing connection per process: SQLite has one writer anyway, and
-            # queueing in the pool is cheaper than spinning on the file lock. BEGIN
-            # IMMEDIATE takes the write lock up front, so the version check and the
-            # insert see the same state.
-            self._writer = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0,
-                                          pool_timeout=60)
-            self._reader = _sqlite_engine(url, "BEGIN")
-        else:
-            self._writer = self._reader = create_async_engine(url)
+        self._writer, self._reader = engine_pair(url)
         self._listeners: list[Callable[[int], None]] = []
 
     async def open(self) -> None:
