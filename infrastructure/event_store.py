@@ -187,12 +187,11 @@ class EventStore:
                 if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
                     raise IdempotencyKeyTaken(idempotent.key)
                 rows = await self._rows(conn, writes, meta, now)
-                positions = (
-                    await conn.execute(
-                        insert(events).returning(events.c.position, sort_by_parameter_order=True),
-                        rows,
-                    )
-                ).scalars().all()
+                # RETURNING without a guaranteed row order lets SQLAlchemy send the rows in
+                # a few multi-row INSERTs; the event ids put the positions back in order.
+                returned = await conn.execute(insert(events).returning(events.c.event_id, events.c.position), rows)
+                by_id = {event_id: position for event_id, position in returned}
+                positions = [by_id[row["event_id"]] for row in rows]
                 if idempotent:
                     await conn.execute(
                         insert(idempotency).values(
