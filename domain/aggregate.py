@@ -11,6 +11,12 @@ class Aggregate:
     """
 
     STREAM_TYPE: ClassVar[str]
+    # Streams that grow without bound keep a snapshot every SNAPSHOT_EVERY events, so a
+    # load that misses the cache replays at most that many. None: no snapshots (short
+    # streams, and personal data that must stay inside its sealed events). Bump
+    # SNAPSHOT_SCHEMA when `snapshot()` changes shape: older snapshots are then ignored.
+    SNAPSHOT_EVERY: ClassVar[int | None] = None
+    SNAPSHOT_SCHEMA: ClassVar[int] = 1
 
     def __init__(self, id: str) -> None:
         self.id = id
@@ -27,6 +33,12 @@ class Aggregate:
 
     def apply(self, event: Event) -> None:
         raise NotImplementedError
+
+    def snapshot(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} keeps no snapshots")
+
+    def restore(self, version: int, state: dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} keeps no snapshots")
 
     @property
     def exists(self) -> bool:

@@ -31,6 +31,8 @@ class Product(Aggregate):
     """A catalogue entry and its stock; the stream id is the SKU."""
 
     STREAM_TYPE = "Product"
+    # Every order reserves stock on its products: a best-seller's stream never stops growing.
+    SNAPSHOT_EVERY = 1000
 
     def __init__(self, id: str) -> None:
         super().__init__(id)
@@ -74,6 +76,16 @@ class Product(Aggregate):
 
     def release(self, order_id: str, amount: int) -> None:
         self._record(StockReleased(sku=self.id, order_id=order_id, quantity=amount))
+
+    def snapshot(self) -> dict:
+        return {"name": self.name, "price": str(self.price.amount), "currency": self.price.currency,
+                "available": self.available, "reserved": self.reserved}
+
+    def restore(self, version: int, state: dict) -> None:
+        self.version = version
+        self.name = state["name"]
+        self.price = Money(Decimal(state["price"]), state["currency"])
+        self.available, self.reserved = state["available"], state["reserved"]
 
     def apply(self, event: Event) -> None:
         match event:

@@ -74,6 +74,18 @@ idempotency = Table(
     Column("recorded_at", UTCDateTime, nullable=False),
 )
 
+# The state of a long stream as of a version, so that a load need not replay all of it.
+# A cache: losing it costs time, never correctness.
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("stream_id", String(200), primary_key=True),
+    Column("schema", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("state", JSON, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class NewEvent:
@@ -210,17 +222,37 @@ class EventStore:
         unsealed = [{**row, "data": plain} for row, plain in zip(rows, self._plain(writes), strict=True)]
         return [RecordedEvent(position=p, **row) for p, row in zip(positions, unsealed, strict=True)]
 
-    async def load(self, stream_id: str, after_version: int = 0,
-                   until: datetime | None = None) -> list[RecordedEvent]:
-        """The stream's events after `after_version`, oldest first (up to `until`)."""
+    async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
+                   limit: int | None = None) -> list[RecordedEvent]:
+        """The stream's events after `after_version`, oldest first (up to `until`, at most `limit`)."""
         query = (
             select(events)
             .where(events.c.stream_id == stream_id, events.c.version > after_version)
             .order_by(events.c.version)
+            .limit(limit)
         )
         if until is not None:
             query = query.where(events.c.recorded_at <= until)
         return await self._fetch(query)
+
+    async def save_snapshot(self, stream_id: str, schema: str, version: int, state: dict[str, Any]) -> None:
+        """Keep `state` as the stream's state at `version`, unless a newer snapshot exists."""
+        async with self._writer.begin() as conn:
+            current = (await conn.execute(
+                select(snapshots.c.version).where(snapshots.c.stream_id == stream_id))).scalar()
+            if current is not None and current >= version:
+                return
+            await conn.execute(snapshots.delete().where(snapshots.c.stream_id == stream_id))
+            await conn.execute(insert(snapshots).values(stream_id=stream_id, schema=schema, version=version,
+                                                        state=state, recorded_at=self.clock()))
+
+    async def load_snapshot(self, stream_id: str, schema: str) -> tuple[int, dict[str, Any]] | None:
+        """(version, state) of the stream's snapshot in `schema`, if there is one."""
+        query = select(snapshots.c.version, snapshots.c.state).where(
+            snapshots.c.stream_id == stream_id, snapshots.c.schema == schema)
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return (row.version, row.state) if row else None
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events of the whole log after position `after`."""
