@@ -4,6 +4,7 @@ import strawberry
 from starlette.requests import HTTPConnection
 from strawberry.asgi import GraphQL
 from strawberry.dataloader import DataLoader
+from strawberry.schema.config import StrawberryConfig
 
 from commands.dispatcher import Dispatcher
 from infrastructure.auth import Unauthenticated, authenticate
@@ -20,12 +21,12 @@ from schema.scalars import SCALARS
 def build_schema() -> strawberry.Schema:
     return strawberry.Schema(
         query=Query, mutation=Mutation, extensions=[ErrorCodes],
-        config=strawberry.schema.config.StrawberryConfig(scalar_map=SCALARS),
+        config=StrawberryConfig(scalar_map=SCALARS),
     )
 
 
 class GraphQLApp(GraphQL):
-    """The /graphql endpoint: HTTP, GraphiQL on GET, and (later) WebSockets."""
+    """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET."""
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
                  read: ReadStore, jwt_secret: str) -> None:
