@@ -24,8 +24,10 @@ def decode_cursor(cursor: str | None, kind: type) -> object | None:
         return None
     try:
         value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: deeply nested JSON
         value = None
-    if not isinstance(value, kind) or isinstance(value, bool):
+    # Integer cursors are log positions: never negative, and within what SQL integers hold.
+    out_of_range = isinstance(value, int) and not 0 <= value < 2**63
+    if not isinstance(value, kind) or isinstance(value, bool) or out_of_range:
         raise BadUserInput("after is not a cursor this API gave out: pass an edge's cursor")
     return value

@@ -96,7 +96,7 @@ class DailySales:
 def zone_named(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder such as 'America', a name too long
         raise BadUserInput(f"unknown time zone {name!r}: use an IANA name such as 'Europe/Berlin'") from None
 
 
@@ -113,8 +113,11 @@ async def sales_report(read: ReadStore, actor: Actor, first_day: date, last_day:
     days = (last_day - first_day).days + 1
     if days > MAX_DAYS:
         raise BadUserInput(f"a report covers at most {MAX_DAYS} days")
-    start = datetime.combine(first_day, time(), zone).astimezone(UTC)
-    end = datetime.combine(last_day + timedelta(days=1), time(), zone).astimezone(UTC)
+    try:
+        start = datetime.combine(first_day, time(), zone).astimezone(UTC)
+        end = datetime.combine(last_day + timedelta(days=1), time(), zone).astimezone(UTC)
+    except OverflowError:
+        raise BadUserInput("the days must lie within the years 1 to 9999, in UTC too") from None
     query = select(sales_buckets.c.bucket_start, sales_buckets.c.orders, sales_buckets.c.revenue_minor).where(
         sales_buckets.c.currency == currency,
         sales_buckets.c.bucket_start >= start, sales_buckets.c.bucket_start < end,

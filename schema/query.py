@@ -1,6 +1,6 @@
 """Queries: each resolver calls one query handler and maps its rows onto GraphQL types."""
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated
 
 import strawberry
@@ -91,6 +91,10 @@ class Query:
     async def order_as_of(self, info: Info, order_id: strawberry.ID, at: datetime) -> Order | None:
         if at.tzinfo is None:
             raise BadUserInput("at needs a UTC offset, e.g. 2026-01-31T12:00:00Z")
+        try:
+            at = at.astimezone(UTC)
+        except OverflowError:
+            raise BadUserInput("at must lie within the years 1 to 9999 in UTC") from None
         view = await orders.order_as_of(info.context.store, info.context.actor, order_id, at)
         return Order.of(view) if view else None
 
