@@ -151,6 +151,7 @@ class Dispatcher:
         self.store = store
         self.handlers = handlers
         self.cache = cache or AggregateCache()
+        self._retry_turn = asyncio.Lock()
 
     async def execute(self, command: Any, actor: Actor,
                       correlation_id: str | None = None) -> Accepted | DomainError:
@@ -172,34 +173,54 @@ class Dispatcher:
         meta = Metadata(correlation_id=correlation_id or str(uuid.uuid4()),
                         causation_id=str(uuid.uuid4()), actor=actor.subject, idempotency_key=key)
 
-        for attempt in range(MAX_ATTEMPTS):
-            uow = UnitOfWork(self.store, self.cache, actor)
-            try:
-                aggregate = await handler(command, uow)
-            except DomainError as error:
-                return error
-            if idempotent:
-                idempotent = IdempotencyRecord(
-                    idempotent.scope, key, idempotent.request_hash,
-                    {"stream_id": aggregate.id, "version": aggregate.version},
-                )
-            try:
-                recorded = await self.store.append(uow.writes(), meta, idempotent)
-            except WrongExpectedVersion as conflict:
-                if conflict.stream_id in uow.client_versions:
-                    return ConcurrencyConflict(
-                        conflict.stream_id, uow.client_versions[conflict.stream_id], conflict.actual
+        retrying = False
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                uow = UnitOfWork(self.store, self.cache, actor)
+                try:
+                    aggregate = await handler(command, uow)
+                except DomainError as error:
+                    return await self._unless_recorded(idempotent, error)
+                if idempotent:
+                    idempotent = IdempotencyRecord(
+                        idempotent.scope, key, idempotent.request_hash,
+                        {"stream_id": aggregate.id, "version": aggregate.version},
                     )
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-                continue
-            except IdempotencyKeyTaken:
-                return replayed(await self.store.find_idempotent(idempotent.scope, key),
-                                idempotent.request_hash)
-            uow.committed()
-            return Accepted(aggregate.id, aggregate.version, recorded[-1].position)
+                try:
+                    recorded = await self.store.append(uow.writes(), meta, idempotent)
+                except WrongExpectedVersion as conflict:
+                    if conflict.stream_id in uow.client_versions:
+                        return await self._unless_recorded(idempotent, ConcurrencyConflict(
+                            conflict.stream_id, uow.client_versions[conflict.stream_id],
+                            conflict.actual,
+                        ))
+                    if not retrying:
+                        # Losers that all reload and retry at once mostly lose again, one
+                        # winner per round: in this process, retries take turns.
+                        await self._retry_turn.acquire()
+                        retrying = True
+                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+                    continue
+                except IdempotencyKeyTaken:
+                    return replayed(await self.store.find_idempotent(idempotent.scope, key),
+                                    idempotent.request_hash)
+                uow.committed()
+                return Accepted(aggregate.id, aggregate.version, recorded[-1].position)
+        finally:
+            if retrying:
+                self._retry_turn.release()
         raise TooMuchContention(
             f"the command lost {MAX_ATTEMPTS} races for the same data in a row; try again"
         )
+
+    async def _unless_recorded(self, idempotent: IdempotencyRecord | None,
+                               error: DomainError) -> Accepted | DomainError:
+        """The refusal, unless a concurrent request with the same key has committed since
+        the first look: then this request is its retry and gets its result."""
+        if idempotent and (record := await self.store.find_idempotent(idempotent.scope,
+                                                                       idempotent.key)):
+            return replayed(record, idempotent.request_hash)
+        return error
 
 
 def request_hash(command: Any) -> str:

@@ -2,6 +2,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from commands.dispatcher import UnitOfWork
+from domain.errors import NotFoundError, ValidationError
 from domain.product import Product, sku_syntax
 from domain.values import Money
 
@@ -35,7 +36,12 @@ class RestockProduct:
 
 async def add_product(command: AddProduct, uow: UnitOfWork) -> Product:
     uow.actor.require_staff()
-    product = await uow.load(Product, sku_syntax(command.sku))
+    try:
+        product = await uow.load(Product, sku_syntax(command.sku))
+    except NotFoundError:
+        # The SKU is the id of another kind of stream (a customer's or an order's).
+        raise ValidationError("SKU_TAKEN", f"{command.sku!r} cannot be a SKU: it is taken",
+                              "sku") from None
     product.add(command.name, Money.parse(command.price, command.currency), command.initial_stock)
     return product
 

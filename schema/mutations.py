@@ -178,8 +178,10 @@ ChangeProductPriceResult = Annotated[
     ProductSuccess | ValidationError | NotFoundError | ConcurrencyConflict,
     strawberry.union("ChangeProductPriceResult"),
 ]
+# BusinessRuleViolation beyond the contract's members: STOCK_LIMIT, when a restock would
+# take the stock past the most a product may hold.
 RestockProductResult = Annotated[
-    ProductSuccess | ValidationError | NotFoundError | ConcurrencyConflict,
+    ProductSuccess | ValidationError | NotFoundError | ConcurrencyConflict | BusinessRuleViolation,
     strawberry.union("RestockProductResult"),
 ]
 PlaceOrderResult = Annotated[
