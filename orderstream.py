@@ -7,9 +7,10 @@ HTTP; `main` is the `orderstream` command.
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import time
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from starlette.applications import Starlette
@@ -72,9 +73,8 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
             yield
         finally:
             if projecting:
-                projecting.cancel()
-                with suppress(asyncio.CancelledError):
-                    await projecting
+                service.projector.stop()
+                await projecting
             await service.close()
 
     async def healthz(request: Request) -> JSONResponse:
@@ -125,6 +125,9 @@ async def _with_service(args: argparse.Namespace, work) -> None:
 
 async def _projections_run(service: Service) -> None:
     log.info("projecting into %s; stop with Ctrl-C", service.settings.read_store_url)
+    loop = asyncio.get_running_loop()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stop_signal, service.projector.stop)
     await service.projector.run()
 
 

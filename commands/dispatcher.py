@@ -39,6 +39,7 @@ Handler = Callable[[Any, "UnitOfWork"], Awaitable[Aggregate]]
 # Without a client expectedVersion a conflict means "someone else got there first":
 # decide again on fresh state, a bounded number of times.
 MAX_ATTEMPTS = 10
+LOAD_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,41 @@ class UnitOfWork:
         self.seen: dict[str, Aggregate] = {}
         self.loaded_versions: dict[str, int] = {}
         self.client_versions: dict[str, int] = {}
+        self.replayed = 0  # events replayed by loads: what the cache and snapshots save
 
     async def load(self, cls: type[A], id: str) -> A:
         """The aggregate as of its latest event; a new, empty one if the stream is empty."""
         if id in self.seen:
             return self.seen[id]
-        aggregate = self.cache.get(cls, id) or cls(id)
-        for recorded in await self.store.load(id, after_version=aggregate.version):
-            if recorded.stream_type != cls.STREAM_TYPE:
-                raise NotFoundError(cls.STREAM_TYPE, id)
-            aggregate.replay(events.from_data(recorded.type, recorded.schema_version, recorded.data))
+        aggregate = self.cache.get(cls, id) or await self._from_snapshot(cls, id)
+        applied = 0
+        # In pages, so that even a first load of a long stream holds one page in memory.
+        while batch := await self.store.load(id, after_version=aggregate.version, limit=LOAD_PAGE):
+            for recorded in batch:
+                if recorded.stream_type != cls.STREAM_TYPE:
+                    raise NotFoundError(cls.STREAM_TYPE, id)
+                aggregate.replay(events.from_data(recorded.type, recorded.schema_version, recorded.data))
+            applied += len(batch)
+            if len(batch) < LOAD_PAGE:
+                break
+        self.replayed += applied
+        if cls.SNAPSHOT_EVERY and applied >= cls.SNAPSHOT_EVERY:
+            await self._save_snapshot(aggregate)
         self.seen[id] = aggregate
         self.loaded_versions[id] = aggregate.version
         return aggregate
+
+    async def _from_snapshot(self, cls: type[A], id: str) -> A:
+        aggregate = cls(id)
+        if cls.SNAPSHOT_EVERY:
+            found = await self.store.load_snapshot(id, snapshot_schema(cls))
+            if found:
+                aggregate.restore(*found)
+        return aggregate
+
+    async def _save_snapshot(self, aggregate: Aggregate) -> None:
+        await self.store.save_snapshot(aggregate.id, snapshot_schema(type(aggregate)), aggregate.version,
+                                       aggregate.snapshot())
 
     async def get(self, cls: type[A], id: str) -> A:
         """An existing aggregate, or NotFoundError."""
@@ -128,10 +151,17 @@ class UnitOfWork:
             if aggregate.pending
         ]
 
-    def committed(self) -> None:
+    async def committed(self) -> None:
         for aggregate in self.seen.values():
             aggregate.pending = []
             self.cache.put(aggregate)
+            every = aggregate.SNAPSHOT_EVERY
+            if every and aggregate.version // every > self.loaded_versions[aggregate.id] // every:
+                await self._save_snapshot(aggregate)
+
+
+def snapshot_schema(cls: type[Aggregate]) -> str:
+    return f"{cls.__name__}:{cls.SNAPSHOT_SCHEMA}"
 
 
 def new_event(event: events.Event) -> NewEvent:
@@ -204,7 +234,7 @@ class Dispatcher:
                 except IdempotencyKeyTaken:
                     return replayed(await self.store.find_idempotent(idempotent.scope, key),
                                     idempotent.request_hash)
-                uow.committed()
+                await uow.committed()
                 return Accepted(aggregate.id, aggregate.version, recorded[-1].position)
         finally:
             if retrying:

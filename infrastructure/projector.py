@@ -14,6 +14,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 from sqlalchemy import Table
+from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infrastructure.event_store import EventStore, RecordedEvent
@@ -54,15 +55,26 @@ class Projector:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def wake(self, _position: int = 0) -> None:
         """Called after each commit to the log: project now instead of at the next poll."""
         self._wake.set()
 
+    def stop(self) -> None:
+        """Let `run` return after the batch in hand.
+
+        Cancelling instead could interrupt a database call half-way, which can leave the
+        connection pool waiting forever on close.
+        """
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Project forever: right after every wake-up, and every `poll_interval` anyway."""
+        """Project until stopped: right after every wake-up, and every `poll_interval` anyway."""
+        self._stopping = False
         await self._retry_failed()
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 progressed = await self.step()
@@ -114,9 +126,14 @@ class Projector:
         except Exception as error:
             log.error("projection %s stopped at event %d (%s of %s): %s", projection.name,
                       current.position, current.type, current.stream_id, error, exc_info=error)
+            # A database error's text carries the statement and its parameters, personal
+            # data among them: the checkpoint row (shown to staff, never erased) keeps the
+            # first line of the driver's message only.
+            cause = error.orig if isinstance(error, StatementError) and error.orig is not None else error
+            reason = str(cause).partition("\n")[0]
             await self.read_store.mark(
                 conn, projection.name, failed_position=current.position,
-                error=f"{current.type} at position {current.position}: {type(error).__name__}: {error}",
+                error=f"{current.type} at position {current.position}: {type(cause).__name__}: {reason}",
             )
             return False
 
