@@ -194,9 +194,11 @@ class Dispatcher:
                 key = text(key, "idempotencyKey", max_length=200)
             except ValidationError as error:
                 return error
+            hashed = request_hash(command)
+            # Anonymous callers cannot be told apart: their keys are scoped by the input
+            # too, so that a stranger's key never hands out another's result.
             idempotent = IdempotencyRecord(
-                scope=actor.subject or "anonymous", key=key, request_hash=request_hash(command),
-                result={},
+                scope=actor.subject or f"anonymous:{hashed}", key=key, request_hash=hashed, result={},
             )
             if previous := await self.store.find_idempotent(idempotent.scope, key):
                 return replayed(previous, idempotent.request_hash)

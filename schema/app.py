@@ -1,6 +1,7 @@
 import uuid
 
 import strawberry
+from cross_web import HTTPException
 from starlette.requests import HTTPConnection
 from strawberry.asgi import GraphQL
 from strawberry.dataloader import DataLoader
@@ -32,6 +33,12 @@ class GraphQLApp(GraphQL):
                  read: ReadStore, jwt_secret: str) -> None:
         super().__init__(schema, graphql_ide="graphiql")
         self.dispatcher, self.store, self.read, self.jwt_secret = dispatcher, store, read, jwt_secret
+
+    def decode_json(self, data: str | bytes) -> object:
+        try:
+            return super().decode_json(data)
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the request body must be JSON in UTF-8") from None
 
     async def get_context(self, request: HTTPConnection, response) -> Context:
         correlation_id = request.headers.get("x-correlation-id", "")

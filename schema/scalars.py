@@ -10,7 +10,8 @@ Position = NewType("Position", int)
 
 
 def _parse_position(value: object) -> Position:
-    if isinstance(value, str) and value.isdigit() or isinstance(value, int) and value >= 0:
+    # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
+    if isinstance(value, str) and value.isascii() and value.isdigit() or isinstance(value, int) and value >= 0:
         return Position(int(value))
     raise GraphQLError("a Position is a non-negative integer in a string, e.g. \"42\"")
 

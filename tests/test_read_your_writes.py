@@ -207,9 +207,7 @@ async def test_a_position_beyond_the_head_times_out_with_a_code(impatient_api: A
 
 @pytest.mark.parametrize("position", [
     "abc", "-1", "1.5", "", " 1", "0x10",
-    pytest.param("\u00b2", marks=pytest.mark.xfail(strict=True, reason=(
-        "schema/scalars.py: '²'.isdigit() is true but int('²') raises ValueError, which leaves a literal "
-        "as INTERNAL_SERVER_ERROR")), id="superscript two"),
+    pytest.param("\u00b2", id="superscript two"),
 ])
 async def test_a_malformed_position_is_an_error_with_a_code(api: Api, position: str):
     as_variable = await api.execute('query($at: Position) { product(sku: "X", consistentWith: $at) { sku } }',
