@@ -21,11 +21,13 @@ from starlette.routing import Route, WebSocketRoute
 from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
 from infrastructure.auth import ROLES, issue_token, load_or_create_secret
+from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.projector import Projection, Projector
 from infrastructure.read_store import ReadStore
 from infrastructure.settings import Settings
 from queries import customers, orders, products, sales
+from queries.event_feed import OrderOwners
 from queries.projection_status import projection_status
 from schema.app import GraphQLApp, build_schema
 
@@ -45,8 +47,12 @@ class Service:
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout)
         self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS)
         self.projector = Projector(self.store, self.read, projections())
-        # Project right after each commit of this process; other writers are seen by the poll.
+        self.hub = EventHub(self.store)
+        self.owners = OrderOwners(self.store)
+        # Project and fan out right after each commit of this process; other writers are
+        # seen by the poll.
         self.store.on_append(self.projector.wake)
+        self.store.on_append(self.hub.wake)
 
     async def open(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,16 +68,20 @@ class Service:
 def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
     service = Service(settings)
     secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
-    graphql = GraphQLApp(build_schema(), service.dispatcher, service.store, service.read, secret)
+    graphql = GraphQLApp(build_schema(), service.dispatcher, service.store, service.read, service.hub,
+                         service.owners, secret)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
         await service.open()
         log.info("event log at position %d", await service.store.head())
         projecting = asyncio.create_task(service.projector.run()) if run_projector else None
+        fanning_out = asyncio.create_task(service.hub.run())
         try:
             yield
         finally:
+            service.hub.stop()
+            await fanning_out
             if projecting:
                 service.projector.stop()
                 await projecting

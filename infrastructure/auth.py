@@ -45,6 +45,11 @@ class Actor:
         if not self.is_staff and (self.customer_id is None or self.customer_id != customer_id):
             raise Forbidden("customers may act on their own data only")
 
+    def require_unexpired(self) -> None:
+        """For long-lived connections: a token valid at the start may expire midway."""
+        if self.expires_at is not None and datetime.now(UTC) >= self.expires_at:
+            raise Unauthenticated("the token has expired: get a new one and reconnect")
+
     def require_signed_in(self) -> None:
         if self.role is None:
             raise Unauthenticated("sign in: send 'Authorization: Bearer <token>'")

@@ -1,38 +1,52 @@
+import asyncio
 import uuid
+from contextlib import suppress
+from datetime import UTC, datetime
 
 import strawberry
 from cross_web import HTTPException
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.dataloader import DataLoader
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.schema.config import StrawberryConfig
 
 from commands.dispatcher import Dispatcher
 from infrastructure.auth import Unauthenticated, authenticate
+from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.graphql_errors import ErrorCodes
 from infrastructure.read_store import ReadStore
+from queries.event_feed import OrderOwners
 from queries.orders import lines_of
 from schema.context import Context
 from schema.mutations import Mutation
 from schema.query import Query
 from schema.scalars import SCALARS
+from schema.subscription import Subscription
+
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
 
 
 def build_schema() -> strawberry.Schema:
     return strawberry.Schema(
-        query=Query, mutation=Mutation, extensions=[ErrorCodes],
+        query=Query, mutation=Mutation, subscription=Subscription, extensions=[ErrorCodes],
         config=StrawberryConfig(scalar_map=SCALARS),
     )
 
 
 class GraphQLApp(GraphQL):
-    """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET."""
+    """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET, and
+    subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws)."""
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
-                 read: ReadStore, jwt_secret: str) -> None:
-        super().__init__(schema, graphql_ide="graphiql")
+                 read: ReadStore, hub: EventHub, owners: OrderOwners, jwt_secret: str) -> None:
+        # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
+        super().__init__(schema, graphql_ide="graphiql", keep_alive=True, keep_alive_interval=15,
+                         max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
         self.dispatcher, self.store, self.read, self.jwt_secret = dispatcher, store, read, jwt_secret
+        self.hub, self.owners = hub, owners
 
     def decode_json(self, data: str | bytes) -> object:
         try:
@@ -50,5 +64,30 @@ class GraphQLApp(GraphQL):
             actor, error = None, failure
         read = self.read
         return Context(dispatcher=self.dispatcher, store=self.store, read=read,
-                       order_lines=DataLoader(lambda ids: lines_of(read, ids)),
-                       correlation_id=correlation_id, verified_actor=actor, auth_error=error)
+                       order_lines=DataLoader(lambda ids: lines_of(read, ids)), hub=self.hub,
+                       owners=self.owners, correlation_id=correlation_id, verified_actor=actor,
+                       auth_error=error, connection=request)
+
+    async def on_ws_connect(self, context: Context) -> None:
+        """Browsers cannot set headers on a WebSocket: the token comes in connection_init."""
+        authorization = (context.connection_params or {}).get("authorization")
+        if authorization is None:
+            return None
+        try:
+            context.verified_actor = authenticate(str(authorization), self.jwt_secret)
+        except Unauthenticated as failure:
+            raise ConnectionRejectionError({"message": str(failure), "code": failure.code}) from None
+        context.auth_error = None
+        expires_at = context.verified_actor.expires_at
+        if expires_at is not None:
+            delay = (expires_at - datetime.now(UTC)).total_seconds()
+            asyncio.get_running_loop().call_later(max(delay, 0), self._close_expired, context.connection)
+        return None
+
+    @staticmethod
+    def _close_expired(connection: WebSocket) -> None:
+        async def close() -> None:
+            with suppress(Exception):  # the client may be gone already
+                await connection.close(code=4401, reason="token expired")
+
+        asyncio.get_running_loop().create_task(close())

@@ -1,25 +1,33 @@
 from dataclasses import dataclass
 
+from starlette.requests import HTTPConnection
 from strawberry.dataloader import DataLoader
 
 from commands.dispatcher import Dispatcher
 from infrastructure.auth import Actor, Unauthenticated
+from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.read_store import ReadStore
+from queries.event_feed import OrderOwners
 
 
 @dataclass
 class Context:
-    """What every resolver may use; built once per request by the GraphQL app."""
+    """What every resolver may use; built once per HTTP request or WebSocket connection."""
 
     dispatcher: Dispatcher
     store: EventStore
     read: ReadStore
     # Per request: the lines of every order a response lists, in one query.
     order_lines: DataLoader
+    hub: EventHub
+    owners: OrderOwners
     correlation_id: str
     verified_actor: Actor | None
     auth_error: Unauthenticated | None = None
+    # The HTTP request or WebSocket; for WebSockets, the connection_init payload (set by strawberry).
+    connection: HTTPConnection | None = None
+    connection_params: dict | None = None
 
     @property
     def actor(self) -> Actor:

@@ -1,0 +1,133 @@
+"""One tailer of the log per process, fanning new events out to live subscribers.
+
+A subscription first reads the log itself from its `after` position (catch-up). Once it
+stands where the hub stands, it attaches to the hub with no await in between, so no
+event can slip past between the two. Each live subscriber has a bounded queue; one that
+falls behind is detached, drains what it has, and goes back to reading the log until it
+has caught up again: the log is the buffer, so memory stays bounded and nobody waits for
+the slowest reader.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+from infrastructure.event_store import EventStore, RecordedEvent
+
+log = logging.getLogger("orderstream.event_hub")
+
+Filter = Callable[[RecordedEvent], bool]
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    position: int
+    wants: Filter
+    queue: asyncio.Queue
+    # Set by the hub when the queue overflowed: drain it, then read the log again.
+    detached: bool = False
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class EventHub:
+    def __init__(self, store: EventStore, batch_size: int = 500, queue_size: int = 1000,
+                 poll_interval: float = 1.0) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.queue_size = queue_size
+        self.poll_interval = poll_interval
+        self.position = 0  # the last event fanned out
+        self._live: set[_Subscriber] = set()
+        self._wake = asyncio.Event()
+        self._started = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._live)
+
+    def wake(self, _position: int = 0) -> None:
+        """Called after each commit of this process; other writers are seen by the poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.position = await self.store.head()
+        self._started.set()
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                batch = await self.store.read(after=self.position, limit=self.batch_size)
+            except Exception:
+                log.exception("reading the log failed; retrying in %.1f s", self.poll_interval)
+                batch = []
+            if batch:
+                self._fan_out(batch)
+                continue
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        for subscriber in self._live:
+            subscriber.detached = True
+            subscriber.woken.set()
+
+    def _fan_out(self, batch: list[RecordedEvent]) -> None:
+        for subscriber in list(self._live):
+            for event in batch:
+                if event.position <= subscriber.position or not subscriber.wants(event):
+                    continue
+                try:
+                    subscriber.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    self._live.discard(subscriber)
+                    subscriber.detached = True
+                    break
+            subscriber.woken.set()
+        self.position = batch[-1].position
+
+    async def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
+        """Events after position `after` (from now on if None) that `wants` accepts, in order,
+        each exactly once."""
+        await self._started.wait()
+        subscriber = _Subscriber(self.position if after is None else after, wants,
+                                 asyncio.Queue(self.queue_size))
+        try:
+            while not self._stopping:
+                async for event in self._catch_up(subscriber):
+                    yield event
+                # Nothing awaited since the catch-up saw the hub's position: attaching here
+                # leaves no gap, and positions at or below ours are skipped as duplicates.
+                subscriber.detached = False
+                self._live.add(subscriber)
+                async for event in self._live_events(subscriber):
+                    yield event
+        finally:
+            self._live.discard(subscriber)
+
+    async def _catch_up(self, subscriber: _Subscriber) -> AsyncIterator[RecordedEvent]:
+        while subscriber.position < self.position:
+            batch = await self.store.read(after=subscriber.position, limit=self.batch_size)
+            if not batch:
+                return
+            for event in batch:
+                subscriber.position = event.position
+                if subscriber.wants(event):
+                    yield event
+
+    async def _live_events(self, subscriber: _Subscriber) -> AsyncIterator[RecordedEvent]:
+        while True:
+            if subscriber.queue.empty():
+                if subscriber.detached:
+                    return
+                subscriber.woken.clear()
+                await subscriber.woken.wait()
+                continue
+            event = subscriber.queue.get_nowait()
+            if event.position <= subscriber.position:
+                continue
+            subscriber.position = event.position
+            yield event

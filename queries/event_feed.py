@@ -1,0 +1,48 @@
+"""Who may see which event of the live feed."""
+
+from collections import OrderedDict
+
+from infrastructure.auth import Actor
+from infrastructure.event_store import EventStore, RecordedEvent
+
+
+class OrderOwners:
+    """Which customer placed an order, remembered for the most recent orders.
+
+    Only OrderPlaced names the customer; later events of the order are matched to it here.
+    """
+
+    def __init__(self, store: EventStore, capacity: int = 100_000) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._owners: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, order_id: str, customer_id: str) -> None:
+        self._owners[order_id] = customer_id
+        self._owners.move_to_end(order_id)
+        while len(self._owners) > self.capacity:
+            self._owners.popitem(last=False)
+
+    async def owner(self, order_id: str) -> str | None:
+        if order_id in self._owners:
+            return self._owners[order_id]
+        first = await self.store.load(order_id, limit=1)
+        if not first or first[0].stream_type != "Order":
+            return None
+        self.remember(order_id, first[0].data["customer_id"])
+        return self._owners[order_id]
+
+
+async def may_see(actor: Actor, event: RecordedEvent, owners: OrderOwners) -> bool:
+    """Staff see every event; a customer sees their own customer and order streams only."""
+    if actor.is_staff:
+        return True
+    if actor.customer_id is None:
+        return False
+    if event.stream_type == "Customer":
+        return event.stream_id == actor.customer_id
+    if event.stream_type == "Order":
+        if event.type == "OrderPlaced":
+            owners.remember(event.stream_id, event.data["customer_id"])
+        return await owners.owner(event.stream_id) == actor.customer_id
+    return False
