@@ -17,6 +17,7 @@ from infrastructure.auth import Unauthenticated, authenticate
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.graphql_errors import ErrorCodes
+from infrastructure.graphql_execution import PerEventMemo
 from infrastructure.read_store import ReadStore
 from queries.event_feed import OrderOwners
 from queries.orders import lines_of
@@ -32,7 +33,7 @@ MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
 def build_schema() -> strawberry.Schema:
     return strawberry.Schema(
         query=Query, mutation=Mutation, subscription=Subscription, extensions=[ErrorCodes],
-        config=StrawberryConfig(scalar_map=SCALARS),
+        config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
 
 
