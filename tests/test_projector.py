@@ -11,8 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import closing, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, closing
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,16 @@ async def new_log(directory: Path, seed: int, **sizes: int) -> None:
     finally:
         await store.close()
 
+
+@asynccontextmanager
+async def running(projector: Projector) -> AsyncIterator[None]:
+    """`projector.run()` in the background, stopped after the batch in hand on leaving."""
+    task = asyncio.create_task(projector.run())
+    try:
+        yield
+    finally:
+        projector.stop()
+        await task
 
 async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
@@ -445,31 +455,20 @@ async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoin
 
         # A restart retries it; while the fault lasts it stops at the same event again.
         attempts: list[int] = []
-        retrying = asyncio.create_task(
-            Projector(service.store, service.read, with_orders(lambda p: failing_on(p, "OrderPaid", attempts)),
-                      batch_size=10).run())
 
         async def stopped_again() -> bool:
             return bool(attempts) and (await service.read.checkpoints())["orders"].failed_position is not None
 
-        try:
+        async with running(Projector(service.store, service.read,
+                                     with_orders(lambda p: failing_on(p, "OrderPaid", attempts)), batch_size=10)):
             await eventually(stopped_again)
-        finally:
-            retrying.cancel()
-            with suppress(asyncio.CancelledError):
-                await retrying
         assert (await service.read.checkpoints())["orders"] == stopped
 
         # A restart with the fault gone resumes from the checkpoint, applying each event once.
         seen: list[int] = []
-        resumed = asyncio.create_task(
-            Projector(service.store, service.read, with_orders(lambda p: recording(p, seen)), batch_size=10).run())
-        try:
+        async with running(Projector(service.store, service.read, with_orders(lambda p: recording(p, seen)),
+                                     batch_size=10)):
             await service.read.wait_for(placed.position, ["orders"], timeout=10)
-        finally:
-            resumed.cancel()
-            with suppress(asyncio.CancelledError):
-                await resumed
         assert seen == list(range(stopped.position + 1, placed.position + 1))
         assert (await service.read.checkpoints())["orders"].error is None
     finally:
@@ -509,29 +508,26 @@ async def test_a_commit_wakes_the_projector_without_waiting_for_the_poll(tmp_pat
     service = Service(Settings.load(str(tmp_path), environ={}))
     await service.open()
     service.projector.poll_interval = 30.0
-    running = asyncio.create_task(service.projector.run())
     other_writer = EventStore(service.settings.event_store_url)
     await other_writer.open()
     try:
-        added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
-        await service.read.wait_for(added.position, NAMES, timeout=2)
-        await asyncio.sleep(0.2)  # the projector is idle now, waiting for a wake-up or its poll
+        async with running(service.projector):
+            added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
+            await service.read.wait_for(added.position, NAMES, timeout=2)
+            await asyncio.sleep(0.2)  # the projector is idle now, waiting for a wake-up or its poll
 
-        # A commit nobody announces (as from another process) waits for the poll...
-        unannounced = await succeed(Dispatcher(other_writer, COMMAND_HANDLERS),
-                                    AddProduct("CAP", "Cap", Decimal("7.00"), "EUR", 1))
-        with pytest.raises(ConsistencyTimeout):
-            await service.read.wait_for(unannounced.position, ["products"], timeout=0.5)
+            # A commit nobody announces (as from another process) waits for the poll...
+            unannounced = await succeed(Dispatcher(other_writer, COMMAND_HANDLERS),
+                                        AddProduct("CAP", "Cap", Decimal("7.00"), "EUR", 1))
+            with pytest.raises(ConsistencyTimeout):
+                await service.read.wait_for(unannounced.position, ["products"], timeout=0.5)
 
-        # ...one through this process's dispatcher is projected at once.
-        started = time.monotonic()
-        restocked = await succeed(service.dispatcher, RestockProduct("MUG", 5))
-        await service.read.wait_for(restocked.position, NAMES, timeout=2)
-        assert time.monotonic() - started < 2
+            # ...one through this process's dispatcher is projected at once.
+            started = time.monotonic()
+            restocked = await succeed(service.dispatcher, RestockProduct("MUG", 5))
+            await service.read.wait_for(restocked.position, NAMES, timeout=2)
+            assert time.monotonic() - started < 2
     finally:
-        running.cancel()
-        with suppress(asyncio.CancelledError):
-            await running
         await other_writer.close()
         await service.close()
 
