@@ -35,14 +35,15 @@ def engine_pair(url: str) -> tuple[AsyncEngine, AsyncEngine]:
     read a snapshot and never wait for the writer.
     """
     if not url.startswith("sqlite"):
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, hide_parameters=True)
         return engine, engine
     writer = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0, pool_timeout=60)
     return writer, _sqlite_engine(url, "BEGIN")
 
 
 def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
-    engine = create_async_engine(url, **options)
+    # hide_parameters: error messages and logs must not carry personal data from the values.
+    engine = create_async_engine(url, hide_parameters=True, **options)
 
     @event.listens_for(engine.sync_engine, "connect")
     def configure(dbapi_connection, _record) -> None:
