@@ -20,7 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
-from infrastructure.auth import ROLES, issue_token, load_or_create_secret
+from infrastructure.auth import ROLES, TokenVerifier
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.projector import Projection, Projector
@@ -67,9 +67,9 @@ class Service:
 
 def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
     service = Service(settings)
-    secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
+    tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
     graphql = GraphQLApp(build_schema(), service.dispatcher, service.store, service.read, service.hub,
-                         service.owners, secret)
+                         service.owners, tokens)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -116,9 +116,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _token(args: argparse.Namespace) -> None:
     settings = Settings.load(args.data_dir)
-    secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
     try:
-        token = issue_token(secret, args.role, args.customer_id, ttl=timedelta(hours=args.ttl_hours))
+        token = TokenVerifier.load(settings.tokens, settings.data_dir).issue(
+            args.role, args.customer_id, ttl=timedelta(hours=args.ttl_hours))
     except ValueError as error:
         sys.exit(f"orderstream token: {error}")
     sys.stdout.write(token + "\n")

@@ -2,6 +2,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from infrastructure.auth import TokenSettings
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -10,7 +12,7 @@ class Settings:
     data_dir: Path
     event_store_url: str
     read_store_url: str
-    jwt_secret: str | None = None
+    tokens: TokenSettings = TokenSettings()
     # How long a query with consistentWith waits for the projections, in seconds.
     consistency_timeout: float = 5.0
 
@@ -29,6 +31,6 @@ class Settings:
             or f"sqlite+aiosqlite:///{folder / 'events.db'}",
             read_store_url=environ.get("ORDERSTREAM_READ_STORE_URL")
             or f"sqlite+aiosqlite:///{folder / 'read.db'}",
-            jwt_secret=environ.get("ORDERSTREAM_JWT_SECRET") or None,
+            tokens=TokenSettings.from_environ(environ),
             consistency_timeout=consistency_timeout,
         )

@@ -13,7 +13,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.schema.config import StrawberryConfig
 
 from commands.dispatcher import Dispatcher
-from infrastructure.auth import Unauthenticated, authenticate
+from infrastructure.auth import TokenVerifier, Unauthenticated, authenticate
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.graphql_errors import ErrorCodes
@@ -42,11 +42,11 @@ class GraphQLApp(GraphQL):
     subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws)."""
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
-                 read: ReadStore, hub: EventHub, owners: OrderOwners, jwt_secret: str) -> None:
+                 read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier) -> None:
         # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
         super().__init__(schema, graphql_ide="graphiql", keep_alive=True, keep_alive_interval=15,
                          max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
-        self.dispatcher, self.store, self.read, self.jwt_secret = dispatcher, store, read, jwt_secret
+        self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
         self.hub, self.owners = hub, owners
 
     def decode_json(self, data: str | bytes) -> object:
@@ -60,7 +60,7 @@ class GraphQLApp(GraphQL):
         if not (0 < len(correlation_id) <= 64 and correlation_id.isprintable()):
             correlation_id = str(uuid.uuid4())
         try:
-            actor, error = authenticate(request.headers.get("authorization"), self.jwt_secret), None
+            actor, error = authenticate(request.headers.get("authorization"), self.tokens), None
         except Unauthenticated as failure:
             actor, error = None, failure
         read = self.read
@@ -75,7 +75,7 @@ class GraphQLApp(GraphQL):
         if authorization is None:
             return None
         try:
-            context.verified_actor = authenticate(str(authorization), self.jwt_secret)
+            context.verified_actor = authenticate(str(authorization), self.tokens)
         except Unauthenticated as failure:
             raise ConnectionRejectionError({"message": str(failure), "code": failure.code}) from None
         context.auth_error = None
