@@ -28,7 +28,9 @@ COUNTRY_CODES = frozenset(
 
 # Pragmatic address syntax: one @, no spaces or control characters, a dotted domain.
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, and lone UTF-16 surrogates (valid JSON escapes, but not text: no
+# encoder can write them).
+CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 @cache

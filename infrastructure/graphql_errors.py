@@ -21,6 +21,12 @@ class ErrorCodes(SchemaExtension):
         if result is not None and result.errors:
             result.errors = [self._public(error) for error in result.errors]
 
+    def on_stream_result(self, result):
+        # Subscriptions: each event's result, before it is sent.
+        if result.errors:
+            result.errors = [self._public(error) for error in result.errors]
+        yield
+
     def _public(self, error: GraphQLError) -> GraphQLError:
         original = error.original_error
         if isinstance(original, PublicError):

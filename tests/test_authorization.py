@@ -46,17 +46,9 @@ STAFF_ONLY = {"anonymous": UNAUTHENTICATED, "owner": FORBIDDEN, "other": FORBIDD
 OWNER_OR_STAFF = {**STAFF_ONLY, "owner": ALLOWED}
 OWNER_OR_ADMIN = {**OWNER_OR_STAFF, "staff": FORBIDDEN}
 
-# Cells where the implementation disagrees with the contract and the fix lies outside
-# commands/ and queries/: (operation, caller) -> why. Each is an xfail(strict=True).
-UNCODED_SUBSCRIPTION_ERRORS = (
-    "a subscription's errors reach the client without extensions.code: the ErrorCodes extension "
-    "(infrastructure/graphql_errors.py) rewrites query and mutation results only, not each subscription result"
-)
-DISAGREEMENTS: dict[tuple[str, str], str] = {
-    ("orderUpdated", "anonymous"): UNCODED_SUBSCRIPTION_ERRORS,
-    ("orderUpdated", "other"): UNCODED_SUBSCRIPTION_ERRORS,
-    ("events", "anonymous"): UNCODED_SUBSCRIPTION_ERRORS,
-}
+# Cells where the implementation disagrees with the contract: (operation, caller) -> why.
+# Each is an xfail(strict=True). None today.
+DISAGREEMENTS: dict[tuple[str, str], str] = {}
 
 TRANSPORT_WS = "graphql-transport-ws"
 
