@@ -93,8 +93,10 @@ class EventHub:
         """Events after position `after` (from now on if None) that `wants` accepts, in order,
         each exactly once."""
         await self._started.wait()
-        subscriber = _Subscriber(self.position if after is None else after, wants,
-                                 asyncio.Queue(self.queue_size))
+        # "From now on" is the log's head, not the hub's position: the hub may not have fanned
+        # out yet what was committed before this call.
+        start = await self.store.head() if after is None else after
+        subscriber = _Subscriber(start, wants, asyncio.Queue(self.queue_size))
         try:
             while not self._stopping:
                 async for event in self._catch_up(subscriber):
