@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -23,7 +25,10 @@ from commands.handlers import COMMAND_HANDLERS
 from infrastructure.auth import ROLES, TokenVerifier
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
+from infrastructure.http import BodyLimit, SecurityHeaders
+from infrastructure.limits import QueryBounds
 from infrastructure.projector import Projection, Projector
+from infrastructure.rate_limit import RateLimit
 from infrastructure.read_store import ReadStore
 from infrastructure.settings import Settings
 from queries import customers, orders, products, sales
@@ -68,8 +73,11 @@ class Service:
 def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
     service = Service(settings)
     tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
-    graphql = GraphQLApp(build_schema(), service.dispatcher, service.store, service.read, service.hub,
-                         service.owners, tokens)
+    bounds = QueryBounds(settings.query_limits)
+    rate_limit = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    graphql = GraphQLApp(build_schema(bounds), service.dispatcher, service.store, service.read, service.hub,
+                         service.owners, tokens, rate_limit=rate_limit, graphiql=settings.query_limits.introspection,
+                         websocket_origins=settings.websocket_origins)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -100,6 +108,15 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
             Route("/healthz", healthz),
             Route("/graphql", graphql, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
+        ],
+        # Outermost first: every response gets the security headers, a 413 the CORS headers
+        # (so that a page can read it); bodies are counted before anything reads them.
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type", "X-Correlation-Id"],
+                       expose_headers=["Retry-After"], max_age=600),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         lifespan=lifespan,
     )

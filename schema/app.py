@@ -1,23 +1,25 @@
 import asyncio
 import uuid
+from collections.abc import Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
 
 import strawberry
-from cross_web import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
 from strawberry.dataloader import DataLoader
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.schema.config import StrawberryConfig
 
 from commands.dispatcher import Dispatcher
-from infrastructure.auth import TokenVerifier, Unauthenticated, authenticate
+from infrastructure.auth import Actor, TokenVerifier, Unauthenticated, authenticate
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.graphql_errors import ErrorCodes
 from infrastructure.graphql_execution import PerEventMemo
+from infrastructure.graphql_http import GraphQLOverHTTP
+from infrastructure.limits import QueryBounds, QueryLimits
+from infrastructure.rate_limit import RateLimit
 from infrastructure.read_store import ReadStore
 from queries.event_feed import OrderOwners
 from queries.orders import lines_of
@@ -30,30 +32,40 @@ from schema.subscription import Subscription
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
 
 
-def build_schema() -> strawberry.Schema:
+def build_schema(bounds: QueryBounds | None = None) -> strawberry.Schema:
+    """The schema, its documents bounded by `bounds` (the default limits if None)."""
+    bounds = bounds or QueryBounds(QueryLimits())
     return strawberry.Schema(
-        query=Query, mutation=Mutation, subscription=Subscription, extensions=[ErrorCodes],
+        query=Query, mutation=Mutation, subscription=Subscription,
+        # ErrorCodes first: its on_operation exit runs last, after the bounds have amended the errors.
+        extensions=[ErrorCodes, *bounds.extensions()],
         config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
 
 
-class GraphQLApp(GraphQL):
+def caller(request: HTTPConnection, actor: Actor | None) -> str:
+    """Whom a request counts against: the verified token's subject, else the client address
+    (behind a proxy, uvicorn's --proxy-headers makes that the real client's)."""
+    if actor is not None and actor.subject:
+        return f"subject {actor.subject}"
+    return f"address {request.client.host if request.client else 'unknown'}"
+
+
+class GraphQLApp(GraphQLOverHTTP):
     """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET, and
-    subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws)."""
+    subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws).
+    `rate_limit` counts HTTP requests per caller; WebSocket origins other than this one
+    and `websocket_origins` are refused at the handshake."""
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
-                 read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier) -> None:
+                 read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier, *,
+                 rate_limit: RateLimit | None = None, graphiql: bool = True,
+                 websocket_origins: Sequence[str] = ()) -> None:
         # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
-        super().__init__(schema, graphql_ide="graphiql", keep_alive=True, keep_alive_interval=15,
-                         max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
+        super().__init__(schema, graphiql=graphiql, websocket_origins=websocket_origins, keep_alive=True,
+                         keep_alive_interval=15, max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
-        self.hub, self.owners = hub, owners
-
-    def decode_json(self, data: str | bytes) -> object:
-        try:
-            return super().decode_json(data)
-        except UnicodeDecodeError:
-            raise HTTPException(400, "the request body must be JSON in UTF-8") from None
+        self.hub, self.owners, self.rate_limit = hub, owners, rate_limit
 
     async def get_context(self, request: HTTPConnection, response) -> Context:
         correlation_id = request.headers.get("x-correlation-id", "")
@@ -63,6 +75,8 @@ class GraphQLApp(GraphQL):
             actor, error = authenticate(request.headers.get("authorization"), self.tokens), None
         except Unauthenticated as failure:
             actor, error = None, failure
+        if self.rate_limit is not None and request.scope["type"] == "http":
+            self.rate_limit.admit(caller(request, actor))
         read = self.read
         return Context(dispatcher=self.dispatcher, store=self.store, read=read,
                        order_lines=DataLoader(lambda ids: lines_of(read, ids)), hub=self.hub,

@@ -1,0 +1,169 @@
+"""GraphQL over HTTP on strawberry's ASGI view: media types, status codes, refusals as JSON.
+
+A body that is no GraphQL request (not JSON, not an object, no `query`, parameters of the
+wrong type) is a 400 for every client. Beyond that, the Accept header decides:
+- `application/graphql-response+json` gets that media type and a 400 without a `data`
+  entry for a GraphQL request error (a document that does not parse or validate,
+  variables of the wrong type, a limit of infrastructure.limits);
+- anyone else (application/json, `*/*`, no Accept) gets application/json and, for a GraphQL
+  request error, a 200 with `errors`: what the spec keeps for application/json.
+Refusals for the method, size, media type and rate keep their status (405, 413, 415, 429).
+Every refusal carries `errors[0].extensions.code`.
+"""
+
+import base64
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from strawberry.asgi import GraphQL
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.parse_content_type import parse_content_type
+from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
+
+GRAPHQL_RESPONSE = "application/graphql-response+json"
+JSON = "application/json"
+
+CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE",
+         415: "UNSUPPORTED_MEDIA_TYPE", 429: "RATE_LIMITED"}
+
+
+class Refusal(HTTPException):
+    """A request refused before execution: answered with `status`, `headers` and one GraphQL
+    error carrying `code` and `extensions`."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: Mapping[str, str] | None = None, extensions: Mapping[str, object] | None = None) -> None:
+        super().__init__(status, message)
+        self.code = code or CODES.get(status, "BAD_REQUEST")
+        self.headers = dict(headers or {})
+        self.extensions = dict(extensions or {})
+
+
+def accepted_media_type(accept: str | None) -> str:
+    """GRAPHQL_RESPONSE if the client accepts it at least as much as JSON, else JSON."""
+    weights: dict[str, float] = {}
+    for media_range in (accept or "").split(","):
+        media_type, *parameters = (part.strip() for part in media_range.split(";"))
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[media_type.lower()] = max(weight, weights.get(media_type.lower(), 0.0))
+    graphql_response = weights.get(GRAPHQL_RESPONSE, 0.0)
+    return GRAPHQL_RESPONSE if graphql_response > 0 and graphql_response >= weights.get(JSON, 0.0) else JSON
+
+
+def refused_before_execution(result: ExecutionResult) -> bool:
+    """Parse, validation and variable errors, and limits: no data, and no error on a field path
+    (a field error that nulls the whole response still has one)."""
+    return result.data is None and bool(result.errors) and all(error.path is None for error in result.errors)
+
+
+def ide_policy(html: str) -> str:
+    """A Content-Security-Policy for the GraphQL IDE page: its scripts and styles come from
+    unpkg.com with subresource integrity, its one inline script is allowed by its hash, its
+    fonts come from Google Fonts (graphiql's CSS imports them), and it talks to this origin
+    only (by fetch and WebSocket: 'self' covers ws: and wss: in current browsers)."""
+    inline = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
+    return ("default-src 'none'; "
+            f"script-src https://unpkg.com {hashes}; "
+            "style-src https://unpkg.com https://fonts.googleapis.com 'unsafe-inline'; "
+            "font-src https://fonts.gstatic.com data:; img-src 'self' data:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+class GraphQLOverHTTP(GraphQL):
+    """strawberry's ASGI GraphQL view, held to the GraphQL-over-HTTP spec (see the module).
+    Batching is off: a JSON array is refused. `graphiql`: serve the IDE on GET."""
+
+    def __init__(self, schema, *, graphiql: bool = True, websocket_origins: Sequence[str] = (),
+                 **options: object) -> None:
+        super().__init__(schema, graphql_ide="graphiql" if graphiql else None, allowed_origins=websocket_origins,
+                         **options)
+        self.ide_csp = ide_policy(self.graphql_ide_html) if graphiql else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        request = Request(scope, receive)
+        accepted = request.state.accepted = accepted_media_type(request.headers.get("accept"))
+        try:
+            response = await self.run(request)
+        except HTTPException as refusal:
+            response = self.refusal(refusal, accepted)
+        else:
+            if accepted == GRAPHQL_RESPONSE and response.media_type == JSON:
+                response.headers["content-type"] = GRAPHQL_RESPONSE + "; charset=utf-8"
+                if getattr(request.state, "refused", False):
+                    response.status_code = 400
+        await response(scope, receive, send)
+
+    def refusal(self, refusal: HTTPException, accepted: str) -> Response:
+        code = getattr(refusal, "code", None) or CODES.get(refusal.status_code, "BAD_REQUEST")
+        error = {"message": refusal.reason, "extensions": {"code": code, **getattr(refusal, "extensions", {})}}
+        return JSONResponse({"errors": [error]}, status_code=refusal.status_code,
+                            headers=getattr(refusal, "headers", None), media_type=accepted)
+
+    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        response = await super().process_result(request, result)
+        if refused_before_execution(result):
+            request.state.refused = True
+            if request.state.accepted == GRAPHQL_RESPONSE:
+                del response["data"]
+        return response
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        return HTMLResponse(self.graphql_ide_html, headers={"Content-Security-Policy": self.ide_csp})
+
+    def decode_json(self, data: str | bytes) -> object:
+        try:
+            return super().decode_json(data)
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the request body must be JSON in UTF-8") from None
+
+    async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData:
+        if request.method == "GET":
+            data = self.parse_query_params(request.query_params)
+        else:
+            content_type, _ = parse_content_type(request.content_type or "")
+            if content_type != JSON:
+                raise Refusal(415, "send the GraphQL request as a JSON object with Content-Type: application/json")
+            data = self.parse_json(await request.get_body())
+        if not isinstance(data, dict):
+            raise HTTPException(400, "the body must be one JSON object with a `query` (batching is off)")
+        query, variables = data.get("query"), data.get("variables")
+        operation_name, extensions = data.get("operationName"), data.get("extensions")
+        if query is None:
+            raise HTTPException(400, "the request has no `query`: send the GraphQL document as `query`")
+        for name, value, kind, types in (("query", query, "a string", str),
+                                         ("operationName", operation_name, "a string or null", (str, type(None))),
+                                         ("variables", variables, "an object or null", (dict, type(None))),
+                                         ("extensions", extensions, "an object or null", (dict, type(None)))):
+            if not isinstance(value, types):
+                raise HTTPException(400, f"`{name}` must be {kind}, not {json.dumps(value)[:40]}")
+        return GraphQLRequestData(query=query, variables=variables, operation_name=operation_name,
+                                  extensions=extensions)
+
+    async def execute_single(self, request, request_adapter, sub_response, context, root_value, request_data):
+        try:
+            return await super().execute_single(request, request_adapter, sub_response, context, root_value,
+                                                request_data)
+        except HTTPException as error:
+            refused = error.__cause__
+            if isinstance(refused, InvalidOperationTypeError) and refused.operation_type == OperationType.MUTATION:
+                raise Refusal(405, "mutations are not allowed over GET: send them with POST",
+                              headers={"Allow": "POST"}) from None
+            raise

@@ -1,0 +1,91 @@
+"""Plain ASGI middleware for every HTTP response: a request body limit and security headers.
+
+Both are passed explicitly to `Starlette(middleware=[...])` by the composition root.
+"""
+
+from collections.abc import Mapping
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# For API responses; a response that sets its own Content-Security-Policy (the GraphQL IDE
+# page) keeps it.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"errors": [{"message": message, "extensions": {"code": code}}]}, status_code=status)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Answers 413 to a request body over `max_bytes`: at once when Content-Length says so,
+    else (a chunked body) as soon as the bytes received pass the limit, without reading on."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = _error(413, f"the request body is larger than {self.max_bytes:,} bytes, the limit",
+                           "PAYLOAD_TOO_LARGE")
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _error(400, "Content-Length must be a number of bytes", "BAD_REQUEST")(
+                    scope, receive, send)
+            if int(declared) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        received = 0
+        responding = False
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal responding
+            responding = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_within_limit, send_noting_start)
+        except _TooLarge:
+            if responding:  # too late for a 413: end the response the way any error would
+                raise
+            await too_large(scope, receive, send)
+
+
+class SecurityHeaders:
+    """Adds `headers` (SECURITY_HEADERS by default) to every HTTP response that lacks them."""
+
+    def __init__(self, app: ASGIApp, headers: Mapping[str, str] = SECURITY_HEADERS) -> None:
+        self.app, self.headers = app, headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in self.headers.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

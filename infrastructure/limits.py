@@ -1,0 +1,330 @@
+"""Bounds on what one GraphQL document may ask for: depth, tokens, aliases and cost.
+
+`QueryBounds` is built once, with the schema. Its validation rules are classes made once
+and then reused by every request: strawberry's ValidationCache keys its cache on the rule
+classes, so rules made afresh per request (strawberry issue 4635) would miss it every time.
+
+The cost limit needs the request's variables (`first: $n`), which validation never sees, so
+it is checked per request, right after the (cached) validation, on valid documents only.
+"""
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from graphql import (
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSchema,
+    GraphQLSyntaxError,
+    InlineFragmentNode,
+    IntValueNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    ValidationRule,
+    VariableNode,
+    get_named_type,
+    get_nullable_type,
+    get_operation_ast,
+    is_list_type,
+)
+from graphql.language import SKIP
+from graphql.validation import NoSchemaIntrospectionCustomRule
+from graphql.validation.rules.max_introspection_depth_rule import MaxIntrospectionDepthRule
+from strawberry.extensions import ParserCache, SchemaExtension, ValidationCache
+
+# What graphql-core appends to an error that guesses at a name ("Did you mean 'orders'?").
+SUGGESTION = re.compile(r" Did you mean .*\?$", re.DOTALL)
+# How graphql-core words the parser's token and comment limits.
+TOKEN_LIMIT_HIT = re.compile(r"Document contains more than \d+ (tokens|comments)")
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """How big a GraphQL document may be and what it may ask for."""
+
+    # Levels of nested fields, introspection included: the standard introspection query
+    # (graphql-core's, types 9 levels deep) nests 15.
+    max_depth: int = 15
+    # Lexical tokens (and, separately, comments) the parser reads before giving up.
+    max_tokens: int = 2_000
+    # Aliased fields per operation, counting a fragment once for every place it is spread.
+    max_aliases: int = 15
+    # The most values a response may hold: see `query_cost`.
+    max_cost: int = 20_000
+    # What a list field without `first` is assumed to hold.
+    unpaged_list_size: int = 100
+    introspection: bool = True
+    # "Did you mean ...?" in error messages: they spell out the schema to whoever guesses.
+    suggestions: bool = True
+    # Documents kept parsed and validated (strawberry's LRU caches).
+    cache_size: int = 128
+
+
+class QueryBounds:
+    """The limits of one schema: validation rules made once, the extensions that apply them
+    and a count of full validations (cache hits skip the rules, so it shows the cache working)."""
+
+    def __init__(self, limits: QueryLimits) -> None:
+        self.limits = limits
+        self.validations = 0
+        self.parse_options = {"max_lexical_tokens": limits.max_tokens, "max_comments": limits.max_tokens}
+        introspection = MaxIntrospectionDepthRule if limits.introspection else IntrospectionDisabled
+        self.rules = (
+            _bound(ValidationCounter, bounds=self),
+            _bound(DepthLimit, max_depth=limits.max_depth),
+            _bound(AliasLimit, max_aliases=limits.max_aliases),
+            introspection,
+        )
+
+    def extensions(self) -> list[Callable[[], SchemaExtension]]:
+        """For `strawberry.Schema(extensions=...)`, in this order: EnforceBounds reads what
+        ValidationCache has found."""
+        size = self.limits.cache_size
+        return [lambda: ParseOnce(maxsize=size), lambda: ValidationCache(maxsize=size), lambda: EnforceBounds(self)]
+
+    def cost_error(self, schema: GraphQLSchema, document, operation_name: str | None,
+                   variables: Mapping[str, Any] | None) -> GraphQLError | None:
+        operation = get_operation_ast(document, operation_name)
+        if operation is None:
+            return None  # execution reports the unknown operation
+        cost = query_cost(schema, document, operation, variables or {}, self.limits.unpaged_list_size)
+        if cost <= self.limits.max_cost:
+            return None
+        return GraphQLError(
+            f"This query may return up to {cost:,} values; the limit is {self.limits.max_cost:,}. "
+            "Ask for fewer items with `first`, or for fewer fields.",
+            operation, extensions={"code": "QUERY_TOO_EXPENSIVE", "cost": cost, "maxCost": self.limits.max_cost})
+
+    def public(self, error: GraphQLError) -> GraphQLError:
+        """The error as the client may see it: without suggestions when they are off."""
+        if self.limits.suggestions or not SUGGESTION.search(error.message):
+            return error
+        # A new error: validation errors are shared through the validation cache.
+        return GraphQLError(SUGGESTION.sub("", error.message), nodes=error.nodes, source=error.source,
+                            positions=error.positions, path=error.path, original_error=error.original_error,
+                            extensions=error.extensions)
+
+
+class ParseOnce(ParserCache):
+    """strawberry's ParserCache, except for documents that do not parse. ParserCache raises
+    their syntax error from inside the hook, where strawberry skips the other extensions'
+    `on_operation` exits (the error would leave without its code); left unparsed here, the
+    document is parsed again by strawberry itself, which reports the error the usual way."""
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        try:
+            context.graphql_document = self.cached_parse_document(context.query, **context.parse_options)
+        except GraphQLError:
+            pass
+        yield
+
+
+class EnforceBounds(SchemaExtension):
+    """Made per request (strawberry's rule) around the shared, once-built QueryBounds."""
+
+    def __init__(self, bounds: QueryBounds) -> None:
+        self.bounds = bounds
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.parse_options.update(self.bounds.parse_options)
+        # An equal tuple for every request: the validation cache's key stays the same.
+        context.validation_rules = context.validation_rules + self.bounds.rules
+        yield
+        result = context.result
+        if result is not None and result.errors:
+            result.errors = [self.bounds.public(error) for error in result.errors]
+
+    def on_parse(self) -> Iterator[None]:
+        yield
+        for error in self.execution_context.pre_execution_errors or ():
+            if isinstance(error, GraphQLSyntaxError) and TOKEN_LIMIT_HIT.search(error.message):
+                # A fresh error, parsed just now for this request: safe to amend. Other
+                # syntax errors get ErrorCodes' code for a bad document.
+                error.extensions = {**(error.extensions or {}), "code": "TOO_MANY_TOKENS"}
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        errors = context.pre_execution_errors
+        if errors is None:
+            raise RuntimeError("EnforceBounds must follow ValidationCache: see QueryBounds.extensions")
+        if not errors:
+            cost_error = self.bounds.cost_error(context.schema._schema, context.graphql_document,
+                                                context.operation_name, context.variables)
+            context.pre_execution_errors = [cost_error] if cost_error else []
+        yield
+
+    def on_stream_result(self, result) -> Iterator[None]:
+        # Subscriptions: each result before it is sent (they leave on_operation only at the end).
+        if result.errors:
+            result.errors = [self.bounds.public(error) for error in result.errors]
+        yield
+
+
+# ---------------------------------------------------------------- validation rules
+
+
+def _bound(rule: type[ValidationRule], **settings: Any) -> type[ValidationRule]:
+    """A subclass of `rule` with its settings as class attributes: graphql-core makes rules
+    from their class alone."""
+    return type(rule.__name__, (rule,), settings)
+
+
+class ValidationCounter(ValidationRule):
+    bounds: QueryBounds
+
+    def __init__(self, context) -> None:
+        super().__init__(context)
+        self.bounds.validations += 1
+
+
+class DepthLimit(ValidationRule):
+    """Each operation's fields nest at most `max_depth` levels, through fragments too."""
+
+    max_depth: int
+
+    def enter_operation_definition(self, node: OperationDefinitionNode, *_args: Any) -> object:
+        depth = _Walk(self.context.document).depth(node.selection_set)
+        if depth > self.max_depth:
+            self.report_error(GraphQLError(
+                f"This query nests fields {depth} levels deep; the limit is {self.max_depth}.", node,
+                extensions={"code": "QUERY_TOO_DEEP", "depth": depth, "maxDepth": self.max_depth}))
+        return SKIP
+
+
+class AliasLimit(ValidationRule):
+    """At most `max_aliases` aliased fields per operation: each alias repeats a field's work."""
+
+    max_aliases: int
+
+    def enter_operation_definition(self, node: OperationDefinitionNode, *_args: Any) -> object:
+        aliases = _Walk(self.context.document).aliases(node.selection_set)
+        if aliases > self.max_aliases:
+            self.report_error(GraphQLError(
+                f"This operation uses {aliases} aliases; the limit is {self.max_aliases}.", node,
+                extensions={"code": "TOO_MANY_ALIASES", "aliases": aliases, "maxAliases": self.max_aliases}))
+        return SKIP
+
+
+class IntrospectionDisabled(NoSchemaIntrospectionCustomRule):
+    def report_error(self, error: GraphQLError) -> None:
+        super().report_error(GraphQLError(error.message, error.nodes, extensions={"code": "INTROSPECTION_DISABLED"}))
+
+
+class _Walk:
+    """Walks selection sets through their fragments, each fragment measured once (a document
+    can spread one fragment many times, or in a cycle, which validation reports)."""
+
+    def __init__(self, document) -> None:
+        self.fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+        self.memo: dict[tuple[str, str], int] = {}
+        self.open: set[str] = set()
+
+    def depth(self, selection_set: SelectionSetNode | None) -> int:
+        deepest = 0
+        for selection in selection_set.selections if selection_set else ():
+            if isinstance(selection, FieldNode):
+                deepest = max(deepest, 1 + self.depth(selection.selection_set))
+            elif isinstance(selection, InlineFragmentNode):
+                deepest = max(deepest, self.depth(selection.selection_set))
+            else:
+                deepest = max(deepest, self._fragment("depth", selection, self.depth))
+        return deepest
+
+    def aliases(self, selection_set: SelectionSetNode | None) -> int:
+        count = 0
+        for selection in selection_set.selections if selection_set else ():
+            if isinstance(selection, FieldNode):
+                count += (selection.alias is not None) + self.aliases(selection.selection_set)
+            elif isinstance(selection, InlineFragmentNode):
+                count += self.aliases(selection.selection_set)
+            else:
+                count += self._fragment("aliases", selection, self.aliases)
+        return count
+
+    def _fragment(self, measure: str, spread: FragmentSpreadNode, measured: Callable[..., int]) -> int:
+        name = spread.name.value
+        fragment = self.fragments.get(name)
+        if fragment is None or name in self.open:
+            return 0
+        key = (measure, name)
+        if key not in self.memo:
+            self.open.add(name)
+            self.memo[key] = measured(fragment.selection_set)
+            self.open.discard(name)
+        return self.memo[key]
+
+
+# ---------------------------------------------------------------- cost
+
+
+def query_cost(schema: GraphQLSchema, document, operation: OperationDefinitionNode,
+               variables: Mapping[str, Any], unpaged_list_size: int) -> int:
+    """The most values the operation's response can hold: every field counts 1, and a list
+    field counts its selections once per item. A list holds `first` items when the field
+    takes a `first` argument, or when the field that holds it does (a connection's `edges`);
+    any other list is assumed to hold `unpaged_list_size`. @skip and @include are ignored.
+    Introspection fields count 1: the schema bounds them, and MaxIntrospectionDepthRule.
+    Only for valid documents: it trusts the fields and fragments to exist."""
+    return _Cost(schema, document, operation, variables, unpaged_list_size).of(
+        operation.selection_set, schema.get_root_type(operation.operation), None)
+
+
+class _Cost:
+    def __init__(self, schema: GraphQLSchema, document, operation: OperationDefinitionNode,
+                 variables: Mapping[str, Any], unpaged_list_size: int) -> None:
+        self.schema, self.variables, self.unpaged = schema, variables, unpaged_list_size
+        self.defaults = {d.variable.name.value: d.default_value for d in operation.variable_definitions or ()}
+        self.fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+        self.memo: dict[tuple[str, int | None], int] = {}
+
+    def of(self, selection_set: SelectionSetNode, parent_type, page: int | None) -> int:
+        total = 0
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                total += self._field(selection, parent_type, page)
+            elif isinstance(selection, InlineFragmentNode):
+                condition = selection.type_condition
+                inner = self.schema.get_type(condition.name.value) if condition else parent_type
+                total += self.of(selection.selection_set, inner, page)
+            else:
+                key = (selection.name.value, page)
+                if key not in self.memo:
+                    fragment = self.fragments[selection.name.value]
+                    inner = self.schema.get_type(fragment.type_condition.name.value)
+                    self.memo[key] = self.of(fragment.selection_set, inner, page)
+                total += self.memo[key]
+        return total
+
+    def _field(self, node: FieldNode, parent_type, page: int | None) -> int:
+        if node.name.value.startswith("__"):
+            return 1
+        definition = parent_type.fields[node.name.value]
+        first = self._first(node, definition)
+        if is_list_type(get_nullable_type(definition.type)):
+            size = first if first is not None else page if page is not None else self.unpaged
+            item = self.of(node.selection_set, get_named_type(definition.type), None) if node.selection_set else 1
+            return 1 + size * item
+        if node.selection_set is None:
+            return 1
+        return 1 + self.of(node.selection_set, get_named_type(definition.type), first)
+
+    def _first(self, node: FieldNode, definition) -> int | None:
+        argument = definition.args.get("first")
+        if argument is None:
+            return None
+        value = next((a.value for a in node.arguments or () if a.name.value == "first"), None)
+        if isinstance(value, VariableNode):
+            name = value.name.value
+            value = self.variables[name] if name in self.variables else self.defaults.get(name)
+        if isinstance(value, IntValueNode):
+            value = int(value.value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            # Absent, null or of the wrong type (coercion will say so): the argument's default.
+            value = argument.default_value if isinstance(argument.default_value, int) else self.unpaged
+        return max(value, 0)
