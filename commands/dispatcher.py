@@ -38,7 +38,7 @@ Handler = Callable[[Any, "UnitOfWork"], Awaitable[Aggregate]]
 
 # Without a client expectedVersion a conflict means "someone else got there first":
 # decide again on fresh state, a bounded number of times.
-MAX_ATTEMPTS = 10
+MAX_ATTEMPTS = 20
 LOAD_PAGE = 1000
 
 

@@ -157,7 +157,16 @@ async def order(read: ReadStore, actor: Actor, order_id: str,
     if row is None:
         return None
     actor.require_owner_or_staff(row.customer_id)
-    return OrderView(row)
+    return OrderView(_Record(row._asdict()))
+
+
+def next_state(view: OrderView, recorded: RecordedEvent) -> OrderView | None:
+    """The order as `recorded` leaves it, from its state just before; None if the event is not
+    one of the order's later changes."""
+    change = changes(recorded, events.from_data(recorded.type, recorded.schema_version, recorded.data))
+    if change is None:
+        return None
+    return OrderView(_Record({**view.row, **change}), view.lines)
 
 
 async def customer_orders(read: ReadStore, actor: Actor, customer_id: str, first: int,

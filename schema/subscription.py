@@ -60,12 +60,13 @@ class Subscription:
                 raise BadUserInput(f"there is no order {order_id!r}")
             view = await orders.order(context.read, actor, order_id, consistent_with=placed[0].position)
         yield Order.of(view)
-        order_id, sent = view.row.order_id, view.row.version
+        # Each later state is the previous one with the event's change applied, not a fresh
+        # read: the read model may be further on already, and each change is sent.
+        order_id = view.row.order_id
         async for event in context.hub.subscribe(since, lambda e: e.stream_id == order_id):
             actor.require_unexpired()
-            if event.version <= sent:
-                continue  # already in a state sent before
-            await context.read.wait_for(event.position, ("orders",))
-            view = await orders.order(context.read, actor, order_id)
-            sent = view.row.version
-            yield Order.of(view)
+            if event.version <= view.row.version:
+                continue  # already part of a state sent before
+            if (changed := orders.next_state(view, event)) is not None:
+                view = changed
+                yield Order.of(view)
