@@ -30,6 +30,7 @@ from schema.scalars import SCALARS
 from schema.subscription import Subscription
 
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
+EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its closing timer
 
 
 def build_schema(bounds: QueryBounds | None = None) -> strawberry.Schema:
@@ -67,6 +68,14 @@ class GraphQLApp(GraphQLOverHTTP):
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
         self.hub, self.owners, self.rate_limit = hub, owners, rate_limit
 
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A connection that ends before its token expires takes its closing timer along.
+            if (timer := scope.get(EXPIRY_TIMER)) is not None:
+                timer.cancel()
+
     async def get_context(self, request: HTTPConnection, response) -> Context:
         correlation_id = request.headers.get("x-correlation-id", "")
         if not (0 < len(correlation_id) <= 64 and correlation_id.isprintable()):
@@ -96,7 +105,8 @@ class GraphQLApp(GraphQLOverHTTP):
         expires_at = context.verified_actor.expires_at
         if expires_at is not None:
             delay = (expires_at - datetime.now(UTC)).total_seconds()
-            asyncio.get_running_loop().call_later(max(delay, 0), self._close_expired, context.connection)
+            context.connection.scope[EXPIRY_TIMER] = asyncio.get_running_loop().call_later(
+                max(delay, 0), self._close_expired, context.connection)
         return None
 
     @staticmethod

@@ -753,3 +753,15 @@ async def test_nothing_is_left_behind_when_clients_vanish(server):
     stalled.transport.abort()
     await stop(collecting)
     await wait_until(lambda: server.hub.subscribers == 0 and not tasks_since(tasks_before))
+
+
+async def test_a_closed_connection_leaves_no_expiry_timer_behind(server):
+    loop = asyncio.get_running_loop()
+    before = len(loop._scheduled)  # timers the server loop (this loop) has scheduled
+    for _ in range(20):
+        async with websockets.connect(server.ws_url, subprotocols=["graphql-transport-ws"]) as ws:
+            await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {STAFF}"}}))
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+    await asyncio.sleep(0.2)
+    live = [timer for timer in loop._scheduled if not timer.cancelled()]
+    assert len(live) < before + 10, f"{len(live) - before} timers still scheduled after 20 closed connections"
