@@ -88,7 +88,9 @@ class GraphQLApp(GraphQLOverHTTP):
             self.rate_limit.admit(caller(request, actor))
         read = self.read
         return Context(dispatcher=self.dispatcher, store=self.store, read=read,
-                       order_lines=DataLoader(lambda ids: lines_of(read, ids)), hub=self.hub,
+                       # Batching, not caching: a WebSocket's context lives as long as the
+                       # connection, and a cache there would grow with every order it shows.
+                       order_lines=DataLoader(lambda ids: lines_of(read, ids), cache=False), hub=self.hub,
                        owners=self.owners, correlation_id=correlation_id, verified_actor=actor,
                        auth_error=error, connection=request)
 
