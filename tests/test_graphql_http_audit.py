@@ -42,8 +42,6 @@ def graphql_http() -> Path:
     return folder
 
 
-# Failing today: BCF8 (SHOULD use 400 on a JSON parsing failure when accepting application/json).
-@pytest.mark.xfail(strict=False, reason="HTTP status codes and media type being implemented")
 async def test_every_must_and_should_audit_passes(graphql_http: Path, tmp_path: Path):
     async with running_server(tmp_path, {"ORDERSTREAM_ENV": "development"}) as server:
         node = await asyncio.create_subprocess_exec(
