@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 from commands.dispatcher import UnitOfWork
 from domain.customer import Customer
+from domain.values import uuid_syntax
 
 
 @dataclass(frozen=True)
@@ -14,8 +15,22 @@ class RegisterCustomer:
     idempotency_key: str | None = None
 
 
+@dataclass(frozen=True)
+class ForgetCustomer:
+    customer_id: str
+    idempotency_key: str | None = None
+
+
 async def register_customer(command: RegisterCustomer, uow: UnitOfWork) -> Customer:
     # Anyone may sign up: no role check.
     customer = await uow.load(Customer, str(uuid.uuid4()))
     customer.register(command.name, command.email, command.country, command.locale)
+    return customer
+
+
+async def forget_customer(command: ForgetCustomer, uow: UnitOfWork) -> Customer:
+    customer_id = uuid_syntax(command.customer_id, "customerId")
+    uow.actor.require_owner_or_admin(customer_id)
+    customer = await uow.get(Customer, customer_id)
+    customer.forget()
     return customer

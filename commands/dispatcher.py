@@ -172,6 +172,7 @@ def new_event(event: events.Event) -> NewEvent:
         schema_version=event.SCHEMA_VERSION,
         personal=event.PERSONAL,
         subject=data[event.SUBJECT] if event.SUBJECT else None,
+        shreds=data[event.SHREDS] if event.SHREDS else None,
     )
 
 

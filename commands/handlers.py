@@ -1,6 +1,6 @@
 """The one map from command to handler."""
 
-from commands.customer import RegisterCustomer, register_customer
+from commands.customer import ForgetCustomer, RegisterCustomer, forget_customer, register_customer
 from commands.order import (
     CancelOrder,
     DeliverOrder,
@@ -24,6 +24,7 @@ from commands.product import (
 
 COMMAND_HANDLERS = {
     RegisterCustomer: register_customer,
+    ForgetCustomer: forget_customer,
     AddProduct: add_product,
     ChangeProductPrice: change_product_price,
     RestockProduct: restock_product,

@@ -4,10 +4,9 @@ from decimal import Decimal
 
 from commands.dispatcher import UnitOfWork
 from domain.customer import Customer
-from domain.errors import ValidationError
 from domain.order import Order
 from domain.product import Product, sku_syntax
-from domain.values import Address, Money
+from domain.values import Address, Money, uuid_syntax
 
 
 @dataclass(frozen=True)
@@ -58,13 +57,6 @@ class CancelOrder:
     reason: str
     expected_version: int | None = None
     idempotency_key: str | None = None
-
-
-def uuid_syntax(value: str, field: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ValidationError("INVALID_ID", f"{field} must be a UUID", field) from None
 
 
 async def place_order(command: PlaceOrder, uow: UnitOfWork) -> Order:

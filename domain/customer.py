@@ -34,6 +34,12 @@ class Customer(Aggregate):
             )
         )
 
+    def forget(self) -> None:
+        """Erase the customer's personal data: the key that seals it is destroyed."""
+        if self.forgotten:
+            raise BusinessRuleViolation("ALREADY_FORGOTTEN", f"customer {self.id} was forgotten already")
+        self._record(CustomerForgotten(customer_id=self.id))
+
     def ensure_can_order(self) -> None:
         if self.forgotten:
             raise BusinessRuleViolation("CUSTOMER_FORGOTTEN", f"customer {self.id} was forgotten")

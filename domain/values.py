@@ -1,6 +1,7 @@
 """Value objects and the syntax rules shared by the aggregates."""
 
 import re
+import uuid
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -48,6 +49,14 @@ def text(value: str, field: str, *, max_length: int, required: bool = True) -> s
     if CONTROL.search(value):
         raise ValidationError("INVALID_CHARACTERS", f"{field} contains control characters", field)
     return value
+
+
+def uuid_syntax(value: str, field: str) -> str:
+    """The canonical form of a UUID given by a client."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValidationError("INVALID_ID", f"{field} must be a UUID", field) from None
 
 
 def country(code: str, field: str = "country") -> str:

@@ -2,8 +2,8 @@
 
 Money travels as a decimal string plus an ISO-4217 code, never as a float. Fields named
 in an event's ``PERSONAL`` are sealed with the key of the customer named by ``SUBJECT``
-before they reach the log (see ``infrastructure.personal_data``); once that key is
-destroyed they read back as ``None``.
+before they reach the log (see ``infrastructure.personal_data``); an event with ``SHREDS``
+destroys that key as it is appended, and from then on those fields read back as ``None``.
 """
 
 from dataclasses import asdict, dataclass
@@ -15,6 +15,8 @@ class Event:
     SCHEMA_VERSION: ClassVar[int] = 1
     PERSONAL: ClassVar[tuple[str, ...]] = ()
     SUBJECT: ClassVar[str | None] = None
+    # The field naming a data subject whose key this event destroys, in its own transaction.
+    SHREDS: ClassVar[str | None] = None
 
 
 # ---------------------------------------------------------------- Customer stream
@@ -33,6 +35,7 @@ class CustomerRegistered(Event):
 
 @dataclass(frozen=True)
 class CustomerForgotten(Event):
+    SHREDS: ClassVar[str | None] = "customer_id"
     customer_id: str
 
 

@@ -64,6 +64,12 @@ class Actor:
         if not self.is_staff and (self.customer_id is None or self.customer_id != customer_id):
             raise Forbidden("customers may act on their own data only")
 
+    def require_owner_or_admin(self, customer_id: str | None) -> None:
+        """For what only the person themself or an admin may do, e.g. erasing personal data."""
+        self.require_signed_in()
+        if self.role != "admin" and (self.role != "customer" or self.customer_id != customer_id):
+            raise Forbidden("only the customer themself or an admin may do this")
+
     def require_unexpired(self) -> None:
         """For long-lived connections: a token valid at the start may expire midway."""
         if self.expires_at is not None and datetime.now(UTC) >= self.expires_at:

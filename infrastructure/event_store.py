@@ -95,6 +95,8 @@ class NewEvent:
     # Fields sealed with the key of `subject` (see infrastructure.personal_data).
     personal: tuple[str, ...] = ()
     subject: str | None = None
+    # A subject whose key is destroyed in the transaction that appends this event.
+    shreds: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,8 @@ class EventStore:
                 returned = await conn.execute(insert(events).returning(events.c.event_id, events.c.position), rows)
                 by_id = {event_id: position for event_id, position in returned}
                 positions = [by_id[row["event_id"]] for row in rows]
+                for subject in {new.shreds for write in writes for new in write.events} - {None}:
+                    await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
                 if idempotent:
                     await conn.execute(
                         insert(idempotency).values(

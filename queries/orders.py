@@ -107,7 +107,15 @@ def changes(recorded: RecordedEvent, event: events.Event) -> dict[str, Any] | No
     return {**change, "updated_at": recorded.recorded_at, "version": recorded.version}
 
 
+SHIPPING_ADDRESS = ("ship_name", "ship_line1", "ship_line2", "ship_city", "ship_postal_code", "ship_country")
+
+
 async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+    if recorded.type == "CustomerForgotten":
+        table = t["orders"]
+        await conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
+                           .values(dict.fromkeys(SHIPPING_ADDRESS)))
+        return
     if recorded.stream_type != "Order":
         return
     event = events.from_data(recorded.type, recorded.schema_version, recorded.data)

@@ -7,7 +7,7 @@ from typing import Annotated, TypeVar
 import strawberry
 from strawberry.types import Info
 
-from commands.customer import RegisterCustomer
+from commands.customer import ForgetCustomer, RegisterCustomer
 from commands.dispatcher import Accepted
 from commands.order import (
     CancelOrder,
@@ -72,6 +72,12 @@ class RegisterCustomerInput:
     email: str
     country: str = strawberry.field(description='ISO-3166 alpha-2 code, e.g. "DE".')
     locale: str | None = None
+    idempotency_key: str | None = IDEMPOTENCY_KEY
+
+
+@strawberry.input
+class ForgetCustomerInput:
+    customer_id: strawberry.ID
     idempotency_key: str | None = IDEMPOTENCY_KEY
 
 
@@ -154,6 +160,12 @@ class RegisterCustomerSuccess:
 
 
 @strawberry.type
+class ForgetCustomerSuccess:
+    customer_id: strawberry.ID
+    position: Position = POSITION
+
+
+@strawberry.type
 class ProductSuccess:
     sku: str
     version: int = strawberry.field(description="The product's version after this command.")
@@ -170,6 +182,10 @@ class OrderSuccess:
 RegisterCustomerResult = Annotated[
     RegisterCustomerSuccess | ValidationError | BusinessRuleViolation,
     strawberry.union("RegisterCustomerResult"),
+]
+ForgetCustomerResult = Annotated[
+    ForgetCustomerSuccess | ValidationError | NotFoundError | BusinessRuleViolation,
+    strawberry.union("ForgetCustomerResult"),
 ]
 AddProductResult = Annotated[
     ProductSuccess | ValidationError | BusinessRuleViolation, strawberry.union("AddProductResult")
@@ -212,6 +228,10 @@ def _customer(accepted: Accepted) -> RegisterCustomerSuccess:
                                    position=Position(accepted.position))
 
 
+def _forgotten(accepted: Accepted) -> ForgetCustomerSuccess:
+    return ForgetCustomerSuccess(customer_id=strawberry.ID(accepted.stream_id), position=Position(accepted.position))
+
+
 def _product(accepted: Accepted) -> ProductSuccess:
     return ProductSuccess(sku=accepted.stream_id, version=accepted.version,
                           position=Position(accepted.position))
@@ -229,6 +249,14 @@ class Mutation:
         command = RegisterCustomer(name=input.name, email=input.email, country=input.country,
                                    locale=input.locale, idempotency_key=input.idempotency_key)
         return await _dispatch(info, command, _customer)
+
+    @strawberry.mutation(description="Erase a customer's personal data (GDPR): the key that seals their "
+                                     "name, e-mail and addresses in the log is destroyed and the read models "
+                                     "are cleared; the log itself is never rewritten. The customer themself, "
+                                     "or an admin.")
+    async def forget_customer(self, info: Info, input: ForgetCustomerInput) -> ForgetCustomerResult:
+        command = ForgetCustomer(customer_id=input.customer_id, idempotency_key=input.idempotency_key)
+        return await _dispatch(info, command, _forgotten)
 
     @strawberry.mutation(description="Add a product to the catalogue. Staff only.")
     async def add_product(self, info: Info, input: AddProductInput) -> AddProductResult:
