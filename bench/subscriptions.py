@@ -1,0 +1,783 @@
+"""Live subscriptions: commit-to-delivery latency, delivered messages per second and server
+CPU per delivered message, orderstream against a plain strawberry subscription.
+
+The claim under test: the `events` subscription fans a committed event out to its
+subscribers fast and cheaply, however many there are, and its memory stays flat however
+many events it delivers.
+
+Both servers run at once, each in its own process (so that its CPU time and resident memory
+can be read from /proc), each served by uvicorn with its defaults (uvloop, httptools,
+websockets-sansio):
+
+- **orderstream**: `orderstream serve` on a temporary data folder (SQLite, WAL,
+  synchronous=FULL), rate limiting off (ORDERSTREAM_RATE_LIMIT=0);
+- **baseline**: `baseline_app` below, a plain strawberry app whose `restockProduct`
+  mutation puts an event into every subscriber's asyncio.Queue and whose `events`
+  subscription yields from its queue: strawberry executes the selection once per
+  subscriber and event, and nothing is stored.
+
+The clients live in this process: one `websockets` connection per subscriber speaking
+graphql-transport-ws (no compression offered), each with one
+`subscription { events { position type streamId occurredAt } }`, and one HTTP client
+sending `restockProduct` mutations with a staff token at a steady rate. Every message is
+stamped with time.time() as it is read; its latency is that stamp minus the event's
+`occurredAt`. Both clocks are this machine's wall clock. orderstream stamps `occurredAt`
+when the append starts, so its latency includes the durable SQLite commit; the baseline
+stamps it in the mutation resolver, right before the broadcast.
+
+A round measures, alternately on each server (which one goes first alternates too):
+- no subscriber, 20 commands a second: what the commands alone cost the server;
+- 100 subscribers, 20 commands a second;
+- 1,000 subscribers, 4 and then 20 commands a second on the same connections. At 20 a
+  second neither server keeps up on two cores: the commands, sent one at a time, wait
+  behind the fan-out, so that point shows the most either server delivers.
+Each point connects its subscribers, sends commands until every subscriber has seen one,
+warms up for 2 s, then measures an 8 s window:
+- delivered messages per second: messages read during the window, over its length;
+- server CPU per delivered message: the server's user + system time during the window
+  (every thread: the event loop, aiosqlite's threads), over those messages; "net" takes
+  off what the commands alone cost (CPU per command, measured in the same round, times
+  the commands of the window);
+- latency p50 and p99 over every delivery of the events stamped within the window, read
+  until every subscriber has them all or 6 s after the window (if some are still missing
+  then, that p99 is a lower bound and the table says so).
+Every figure is the median over 3 rounds; client CPU and the CPU of every other process
+on the machine are recorded with each window.
+
+Memory, measured first, on the freshly started servers (memory that the other points grew
+and freed would be reused without showing): 100 subscribers on each server, 100 warm-up
+events, resident memory (VmRSS), then 1,000 more events at up to 40 a second (100,000
+deliveries), resident memory again once every subscriber has them all.
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, NewType
+
+import httpx
+import strawberry
+import websockets
+from starlette.applications import Starlette
+from starlette.routing import Route, WebSocketRoute
+from strawberry.asgi import GraphQL
+from strawberry.schema.config import StrawberryConfig
+from strawberry.types import Info
+
+from bench.hot_aggregate import BenchmarkError, cpu_seconds, machine
+
+try:
+    import uvloop
+except ImportError:  # the clients then run on asyncio's own loop
+    uvloop = None
+
+NAME = "subscriptions"
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("orderstream", "baseline")
+SKU = "BENCH-LIVE"
+SUBSCRIBE = "subscription { events { position type streamId occurredAt } }"
+RESTOCK = """
+mutation($input: RestockProductInput!) {
+  restockProduct(input: $input) { __typename ... on ProductSuccess { position } }
+}
+"""
+ADD_PRODUCT = """
+mutation($input: AddProductInput!) {
+  addProduct(input: $input) { __typename ... on ProductSuccess { position } }
+}
+"""
+CONNECTING_AT_ONCE = 100
+RATIOS = ("latency_p50_ms", "latency_p99_ms", "messages_per_s", "cpu_us_per_message", "net_cpu_us_per_message",
+          "server_cpu_s_per_s")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    # Subscribers, and the rates of commands a second measured one after the other with them
+    # connected. The first point, with no subscriber, measures what the commands alone cost.
+    points: tuple[tuple[int, tuple[float, ...]], ...]
+    rounds: int
+    warmup_s: float
+    window_s: float  # with subscribers
+    idle_window_s: float  # with none
+    drain_s: float  # at most, after the window, for the last events to arrive
+    memory_subscribers: int
+    memory_warmup_events: int
+    memory_events: int
+    memory_events_per_s: float
+
+
+FULL = Sizes(points=((0, (20,)), (100, (20,)), (1000, (4, 20))), rounds=3, warmup_s=2, window_s=8,
+             idle_window_s=4, drain_s=6, memory_subscribers=100, memory_warmup_events=100, memory_events=1000,
+             memory_events_per_s=40)
+QUICK = Sizes(points=((0, (20,)), (100, (20,))), rounds=1, warmup_s=1, window_s=5, idle_window_s=3, drain_s=5,
+              memory_subscribers=100, memory_warmup_events=50, memory_events=200, memory_events_per_s=40)
+
+
+def run(quick: bool, results_dir: Path) -> str:
+    """Measure, write `results_dir/subscriptions.json`, return the table to print."""
+    sizes = QUICK if quick else FULL
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+            figures = runner.run(measure(Path(folder), sizes))
+        host = machine(Path(folder))
+    report = {
+        "benchmark": NAME,
+        "quick": quick,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - started, 1),
+        "sizes": asdict(sizes),
+        "machine": {**host, "uvicorn": package_version("uvicorn"),
+                    "strawberry": package_version("strawberry-graphql"),
+                    "graphql_core": package_version("graphql-core"), "websockets": package_version("websockets"),
+                    "client_loop": "uvloop" if uvloop else "asyncio"},
+        **figures,
+    }
+    (results_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return table(report)
+
+
+async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
+    async with AsyncExitStack() as stack:
+        servers = {
+            "orderstream": await stack.enter_async_context(orderstream_server(folder)),
+            "baseline": await stack.enter_async_context(baseline_server(folder)),
+        }
+        idle_rss = {name: server.rss_mb() for name, server in servers.items()}
+        # First, while the servers are fresh: memory that earlier points grew and freed would
+        # be reused without showing in the resident size.
+        memory = {name: await measure_memory(servers[name], sizes) for name in SERVERS}
+        labels = [label(count, events_per_s) for count, rates in sizes.points for events_per_s in rates]
+        alone, *measured = labels
+        rounds: dict[str, dict[str, list[dict[str, Any]]]] = {name: {key: [] for key in labels} for name in SERVERS}
+        for number in range(sizes.rounds):
+            # Alternate who goes first, so drift over the run favours neither.
+            order = SERVERS if number % 2 == 0 else SERVERS[::-1]
+            for count, rates in sizes.points:
+                for name in order:
+                    for point in await measure_points(servers[name], count, rates, sizes):
+                        key = label(count, point["target_events_per_s"])
+                        rounds[name][key].append(point)
+                        note(f"round {number + 1}/{sizes.rounds}, {name}, {key}: {describe(point)}")
+            for name in SERVERS:
+                commands_alone = rounds[name][alone][-1]
+                cpu_per_command = commands_alone["server_cpu_s_per_s"] / commands_alone["events_per_s"]
+                for key in measured:
+                    point = rounds[name][key][-1]
+                    fan_out = point["server_cpu_s_per_s"] - cpu_per_command * point["events_per_s"]
+                    point["net_cpu_us_per_message"] = fan_out / point["messages_per_s"] * 1e6
+
+    points = {name: {key: summary(rounds[name][key]) for key in measured} for name in SERVERS}
+    ratios = {key: {figure: ratio(points["orderstream"][key][figure], points["baseline"][key][figure])
+                    for figure in RATIOS}
+              for key in measured}
+    return {
+        "points": points,
+        "orderstream_over_baseline": ratios,
+        "commands_alone": {name: summary(rounds[name][alone]) for name in SERVERS},
+        "memory": memory,
+        "idle_rss_mb": idle_rss,
+        "rounds": rounds,
+    }
+
+
+def label(subscribers: int, events_per_s: float) -> str:
+    return f"{subscribers:,} x {events_per_s:g}/s"
+
+
+# ---------------------------------------------------------------- one measured point
+
+
+async def measure_points(server: "ServerProcess", count: int, rates: tuple[float, ...],
+                         sizes: Sizes) -> list[dict[str, Any]]:
+    """`count` subscribers on `server`, then a window at each rate of commands in turn."""
+    await settle(server)
+    async with subscribed(server, count) as subscribers:
+        return [await measure_rate(server, subscribers, events_per_s, sizes) for events_per_s in rates]
+
+
+async def measure_rate(server: "ServerProcess", subscribers: "Subscribers", events_per_s: float,
+                       sizes: Sizes) -> dict[str, Any]:
+    """Commands at `events_per_s` for a warm-up and a window, then a drain."""
+    count = len(subscribers.arrivals)
+    start = [len(arrivals) for arrivals in subscribers.arrivals]
+    writer = Writer(server, events_per_s)
+    writing = asyncio.create_task(writer.run())
+    try:
+        if count:
+            await wait_until(lambda: all(map(len, subscribers.arrivals)), 30, "every subscriber's first event")
+        await asyncio.sleep(sizes.warmup_s)
+        window = sizes.window_s if count else sizes.idle_window_s
+        cpu_before, machine_before, t0 = server.cpu_seconds(), cpu_seconds(), time.time()
+        await asyncio.sleep(window)
+        cpu_after, machine_after, t1 = server.cpu_seconds(), cpu_seconds(), time.time()
+    finally:
+        writer.stop()
+        await writing
+    last = writer.positions[-1]
+    if count:
+        with suppress(TimeoutError):
+            await wait_until(lambda: subscribers.have(last), sizes.drain_s, "the last event")
+    drained_at = time.time()
+    seconds = t1 - t0
+    window_commands = [stamp for stamp in writer.sent_at if t0 <= stamp <= t1]
+    point: dict[str, Any] = {
+        "subscribers": count,
+        "target_events_per_s": events_per_s,
+        "window_s": seconds,
+        "events_per_s": len(window_commands) / seconds,
+        "command_round_trip_p50_ms": statistics.median(writer.round_trips) * 1000,
+        "server_cpu_s_per_s": (cpu_after - cpu_before) / seconds,
+        "client_cpu_s_per_s": (machine_after[1] - machine_before[1]) / seconds,
+        # Everything else on the machine, the other server included (it idles meanwhile).
+        "other_cpu_s_per_s": ((machine_after[0] - machine_before[0]) - (machine_after[1] - machine_before[1])
+                              - (cpu_after - cpu_before)) / seconds,
+    }
+    if count:
+        arrivals = [received[first:] for received, first in zip(subscribers.arrivals, start, strict=True)]
+        point.update(deliveries(subscribers, arrivals, t0, t1, drained_at))
+        point["cpu_us_per_message"] = point["server_cpu_s_per_s"] / point["messages_per_s"] * 1e6
+    return point
+
+
+def deliveries(subscribers: "Subscribers", arrivals: list[list[tuple[float, str | bytes]]], t0: float, t1: float,
+               drained_at: float) -> dict[str, Any]:
+    """Throughput over the window, and latency of the events stamped within it."""
+    read_in_window = 0
+    latencies: list[float] = []
+    # Per event of the window: when it occurred, when the first and the last subscriber read it.
+    window_events: dict[int, list[float]] = {}
+    disorder = 0
+    for received in arrivals:
+        previous = 0
+        for received_at, event in map(subscribers.parse, received):
+            position, occurred_at = event
+            if position <= previous:
+                disorder += 1
+            previous = position
+            if t0 <= received_at <= t1:
+                read_in_window += 1
+            if t0 <= occurred_at <= t1:
+                latencies.append(received_at - occurred_at)
+                first_last = window_events.setdefault(position, [occurred_at, received_at, received_at])
+                first_last[1] = min(first_last[1], received_at)
+                first_last[2] = max(first_last[2], received_at)
+    expected = len(window_events) * len(arrivals)
+    latencies.sort()
+    # Where the latency goes: to the first subscriber's read (the commit, the server's
+    # wake-up, one execution), and from there to the last one's (the fan-out).
+    first_reads = [first - occurred for occurred, first, _ in window_events.values()]
+    spreads = [last - first for _, first, last in window_events.values()]
+    return {
+        "first_read_p50_ms": statistics.median(first_reads) * 1000,
+        "fan_out_spread_p50_ms": statistics.median(spreads) * 1000,
+        "messages_per_s": read_in_window / (t1 - t0),
+        "latency_p50_ms": percentile(latencies, 50) * 1000,
+        "latency_p99_ms": percentile(latencies, 99) * 1000,
+        "latency_max_ms": latencies[-1] * 1000,
+        "latency_samples": len(latencies),
+        # Deliveries of the window's events that had not arrived when the drain ended.
+        "undelivered": expected - len(latencies),
+        "drain_s": drained_at - t1,
+        "out_of_order_or_repeated": disorder,
+    }
+
+
+# ---------------------------------------------------------------- memory
+
+
+async def measure_memory(server: "ServerProcess", sizes: Sizes) -> dict[str, Any]:
+    """Resident memory before and after `memory_subscribers` x `memory_events` deliveries."""
+    note(f"memory, {server.name}: {sizes.memory_subscribers} subscribers x {sizes.memory_events:,} events")
+    await settle(server)
+    async with subscribed(server, sizes.memory_subscribers) as subscribers:
+        warmup = Writer(server, sizes.memory_events_per_s, limit=sizes.memory_warmup_events)
+        await warmup.run()
+        await wait_until(lambda: subscribers.have(warmup.positions[-1]), 60, "the warm-up events")
+        before, received_before = server.rss_mb(), subscribers.received()
+        samples = [(0, before)]
+        writer = Writer(server, sizes.memory_events_per_s, limit=sizes.memory_events)
+        writing = asyncio.create_task(writer.run())
+        while not writing.done():
+            await asyncio.sleep(1)
+            samples.append((subscribers.received() - received_before, server.rss_mb()))
+        await writing
+        await wait_until(lambda: subscribers.have(writer.positions[-1]), 60, "the last event")
+        after, delivered = server.rss_mb(), subscribers.received() - received_before
+    samples.append((delivered, after))
+    return {
+        "subscribers": sizes.memory_subscribers,
+        "events": sizes.memory_events,
+        "deliveries": delivered,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "rss_peak_mb": max(rss for _, rss in samples),
+        "bytes_per_delivery": (after - before) * 1024 * 1024 / delivered,
+        "samples": samples,
+    }
+
+
+# ---------------------------------------------------------------- clients
+
+
+class Subscribers:
+    """WebSocket clients, one `events` subscription each; keeps every message with the
+    time it was read, and leaves the parsing for later so that reading stays cheap."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[list[tuple[float, str | bytes]]] = []
+        self._occurred: dict[str, float] = {}
+
+    def received(self) -> int:
+        return sum(map(len, self.arrivals))
+
+    def have(self, position: int) -> bool:
+        return all(arrivals and self.parse(arrivals[-1])[1][0] >= position for arrivals in self.arrivals)
+
+    def parse(self, arrival: tuple[float, str | bytes]) -> tuple[float, tuple[int, float]]:
+        """(read at, (position, occurred at)) of one message."""
+        received_at, raw = arrival
+        message = json.loads(raw)
+        if message.get("type") != "next" or "errors" in message["payload"]:
+            raise BenchmarkError(f"a subscriber got {message}")
+        event = message["payload"]["data"]["events"]
+        stamp = event["occurredAt"]
+        occurred_at = self._occurred.get(stamp)
+        if occurred_at is None:
+            occurred_at = self._occurred[stamp] = datetime.fromisoformat(stamp).timestamp()
+        return received_at, (int(event["position"]), occurred_at)
+
+
+@asynccontextmanager
+async def subscribed(server: "ServerProcess", count: int) -> AsyncIterator[Subscribers]:
+    """`count` clients subscribed to `events` on `server`, closed on the way out."""
+    subscribers = Subscribers()
+    connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
+    sockets: list[websockets.ClientConnection] = []
+    listening: list[asyncio.Task] = []
+
+    async def subscribe(arrivals: list) -> None:
+        async with connecting:
+            ws = await websockets.connect(server.ws_url, subprotocols=["graphql-transport-ws"], compression=None,
+                                          open_timeout=60, max_size=2 ** 20)
+            sockets.append(ws)
+            await ws.send(json.dumps({"type": "connection_init",
+                                      "payload": {"authorization": f"Bearer {server.token}"}}))
+            ack = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if ack.get("type") != "connection_ack":
+                raise BenchmarkError(f"{server.name} answered connection_init with {ack}")
+            await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": SUBSCRIBE}}))
+        listening.append(asyncio.create_task(listen(ws, arrivals)))
+
+    try:
+        started = time.perf_counter()
+        for _ in range(count):
+            subscribers.arrivals.append([])
+        await asyncio.gather(*(subscribe(arrivals) for arrivals in subscribers.arrivals))
+        if count >= 500:
+            note(f"{count:,} subscribers on {server.name} connected in {time.perf_counter() - started:.1f} s")
+        yield subscribers
+        for task in listening:
+            if task.done():
+                task.result()  # raises what ended it
+    finally:
+        for task in listening:
+            task.cancel()
+        await asyncio.gather(*listening, return_exceptions=True)
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+        # Let the server notice every disconnect before the next point measures it.
+        await asyncio.sleep(1)
+
+
+async def listen(ws: websockets.ClientConnection, arrivals: list) -> None:
+    async for message in ws:
+        arrivals.append((time.time(), message))
+    raise BenchmarkError(f"the server closed a subscriber's connection: {ws.close_code} {ws.close_reason}")
+
+
+@dataclass(eq=False)
+class Writer:
+    """restockProduct over HTTP at a steady rate until stopped or `limit` commands are sent."""
+
+    server: "ServerProcess"
+    events_per_s: float
+    limit: int | None = None
+    sent_at: list[float] = field(default_factory=list)  # time.time() as each command went
+    round_trips: list[float] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    _stopping: bool = False
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = 1 / self.events_per_s
+        due = loop.time()
+        async with httpx.AsyncClient(base_url=self.server.http_url, timeout=60,
+                                     headers={"Authorization": f"Bearer {self.server.token}"}) as http:
+            while not self._stopping and (self.limit is None or len(self.positions) < self.limit):
+                self.sent_at.append(time.time())
+                started = time.perf_counter()
+                result = await command(http, RESTOCK, {"sku": SKU, "quantity": 1}, "restockProduct")
+                self.round_trips.append(time.perf_counter() - started)
+                self.positions.append(int(result["position"]))
+                # A late command does not make the next ones come in a burst.
+                due = max(due + interval, loop.time())
+                await asyncio.sleep(due - loop.time())
+
+
+async def command(http: httpx.AsyncClient, document: str, input: dict[str, Any], name: str) -> dict[str, Any]:
+    response = await http.post("/graphql", json={"query": document, "variables": {"input": input}})
+    body = response.json() if response.status_code == 200 else None
+    result = body and body.get("data") and body["data"][name]
+    if not result or result["__typename"] != "ProductSuccess":
+        raise BenchmarkError(f"{name} failed: {response.status_code} {response.text[:500]}")
+    return result
+
+
+async def settle(server: "ServerProcess", seconds: float = 20) -> None:
+    """Wait until the server is about idle: done with the clients of the last point."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        before = server.cpu_seconds()
+        await asyncio.sleep(0.5)
+        if server.cpu_seconds() - before <= 0.05:
+            return
+    note(f"{server.name} was still busy {seconds:.0f} s after the last point")
+
+
+async def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.perf_counter() + seconds
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f} s for {what}")
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- servers
+
+
+@dataclass
+class ServerProcess:
+    """A server in its own process, and how to reach and watch it."""
+
+    name: str
+    process: subprocess.Popen
+    port: int
+    token: str
+    log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/graphql"
+
+    def cpu_seconds(self) -> float:
+        """User + system time of every thread of the process so far."""
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        # Fields 14 and 15 (utime, stime), counted after the command name, which may hold spaces.
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise BenchmarkError("no VmRSS in /proc/<pid>/status")
+
+
+def server_environment(secret: str) -> dict[str, str]:
+    # Nothing of the caller's ORDERSTREAM_* settings (a real database, tighter limits) leaks in.
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("ORDERSTREAM_")}
+    return {**environ, "ORDERSTREAM_JWT_SECRET": secret, "ORDERSTREAM_RATE_LIMIT": "0"}
+
+
+@asynccontextmanager
+async def orderstream_server(folder: Path) -> AsyncIterator[ServerProcess]:
+    data_dir = folder / "orderstream"
+    environ = server_environment(secrets.token_hex(32))
+    cli = [sys.executable, "-c", "import orderstream; orderstream.main()"]
+    token = subprocess.run([*cli, "token", "--role", "staff", "--data-dir", str(data_dir)], cwd=ROOT, env=environ,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    port = free_port()
+    async with server_process("orderstream", [*cli, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+                              environ, port, token, folder) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": f"Bearer {token}"}) as http:
+            await command(http, ADD_PRODUCT, {"sku": SKU, "name": "Bench live product", "initialStock": 0,
+                                              "price": {"amount": "1.00", "currency": "EUR"}}, "addProduct")
+        yield server
+
+
+@asynccontextmanager
+async def baseline_server(folder: Path) -> AsyncIterator[ServerProcess]:
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "bench.subscriptions:baseline_app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "info"]
+    async with server_process("baseline", argv, server_environment(""), port, "unused", folder) as server:
+        yield server
+
+
+@asynccontextmanager
+async def server_process(name: str, argv: list[str], environ: dict[str, str], port: int, token: str,
+                         folder: Path) -> AsyncIterator[ServerProcess]:
+    log = folder / f"{name}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT)
+    server = ServerProcess(name, process, port, token, log)
+    try:
+        await wait_for_start(server)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_for_start(server: ServerProcess) -> None:
+    deadline = time.perf_counter() + 60
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        while True:
+            if server.process.poll() is not None:
+                raise BenchmarkError(f"{server.name} exited with {server.process.returncode}:\n"
+                                     f"{server.log.read_text()[-3000:]}")
+            with suppress(httpx.TransportError):
+                response = await http.post("/graphql", json={"query": "{ __typename }"})
+                if response.status_code == 200:
+                    return
+            if time.perf_counter() > deadline:
+                raise BenchmarkError(f"{server.name} did not answer within 60 s:\n{server.log.read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the baseline server
+
+Position = NewType("Position", int)
+# As orderstream's: an integer, serialized as a decimal string.
+BASELINE_SCALARS = {Position: strawberry.scalar(name="Position", serialize=str, parse_value=int)}
+
+
+@strawberry.type(name="DomainEvent")
+class BaselineEvent:
+    position: Position
+    type: str
+    stream_id: strawberry.ID
+    occurred_at: datetime
+
+
+class Broadcast:
+    """Every live subscriber's queue; a published event goes into each one."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.queues: set[asyncio.Queue] = set()
+
+    def publish(self, sku: str) -> BaselineEvent:
+        self.position += 1
+        event = BaselineEvent(position=self.position, type="ProductRestocked", stream_id=strawberry.ID(sku),
+                              occurred_at=datetime.now(UTC))
+        for queue in self.queues:
+            queue.put_nowait(event)
+        return event
+
+    async def listen(self) -> AsyncIterator[BaselineEvent]:
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.queues.discard(queue)
+
+
+@strawberry.input
+class RestockProductInput:
+    sku: str
+    quantity: int
+
+
+@strawberry.type
+class ProductSuccess:
+    sku: str
+    position: Position
+
+
+@strawberry.type
+class BaselineQuery:
+    @strawberry.field
+    def position(self, info: Info) -> Position:
+        return info.context["broadcast"].position
+
+
+@strawberry.type
+class BaselineMutation:
+    @strawberry.mutation
+    def restock_product(self, info: Info, input: RestockProductInput) -> ProductSuccess:
+        event = info.context["broadcast"].publish(input.sku)
+        return ProductSuccess(sku=input.sku, position=event.position)
+
+
+@strawberry.type
+class BaselineSubscription:
+    @strawberry.subscription
+    async def events(self, info: Info) -> AsyncGenerator[BaselineEvent, None]:
+        async for event in info.context["broadcast"].listen():
+            yield event
+
+
+class BaselineGraphQL(GraphQL):
+    def __init__(self, schema: strawberry.Schema, broadcast: Broadcast) -> None:
+        super().__init__(schema)
+        self.broadcast = broadcast
+
+    async def get_context(self, request, response) -> dict[str, Any]:
+        return {"request": request, "response": response, "broadcast": self.broadcast}
+
+
+def baseline_app() -> Starlette:
+    """The baseline server: `uvicorn --factory bench.subscriptions:baseline_app`."""
+    schema = strawberry.Schema(query=BaselineQuery, mutation=BaselineMutation, subscription=BaselineSubscription,
+                               config=StrawberryConfig(scalar_map=BASELINE_SCALARS))
+    graphql = BaselineGraphQL(schema, Broadcast())
+    return Starlette(routes=[Route("/graphql", graphql, methods=["GET", "POST"]), WebSocketRoute("/graphql", graphql)])
+
+
+# ---------------------------------------------------------------- figures
+
+
+def percentile(ordered: list[float], percent: float) -> float:
+    """The nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return float("nan")
+    rank = max(1, round(percent / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summary(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure over the rounds (the worst for counts of missing deliveries)."""
+    figures: dict[str, Any] = {}
+    for figure in points[0]:
+        values = [point[figure] for point in points]
+        if figure in ("undelivered", "out_of_order_or_repeated"):
+            figures[figure] = max(values)
+        else:
+            figures[figure] = statistics.median(values)
+    return figures
+
+
+def ratio(mine: float | None, theirs: float | None) -> float | None:
+    if mine is None or not theirs:
+        return None
+    return mine / theirs
+
+
+def describe(point: dict[str, Any]) -> str:
+    text = (f"{point['events_per_s']:.1f} events/s, server {point['server_cpu_s_per_s']:.2f} cores,"
+            f" other processes {point['other_cpu_s_per_s']:.2f} cores")
+    if point["subscribers"]:
+        text += (f", {point['messages_per_s']:,.0f} msg/s, {point['cpu_us_per_message']:.0f} µs CPU/msg,"
+                 f" p50 {point['latency_p50_ms']:.1f} ms, p99 {point['latency_p99_ms']:.1f} ms (first read"
+                 f" {point['first_read_p50_ms']:.1f} ms, spread {point['fan_out_spread_p50_ms']:.1f} ms),"
+                 f" client {point['client_cpu_s_per_s']:.2f} cores")
+        if point["undelivered"]:
+            text += f", {point['undelivered']:,} not delivered after a {point['drain_s']:.1f} s drain"
+    return text
+
+
+def note(message: str) -> None:
+    sys.stderr.write(f"{NAME}: {message}\n")
+    sys.stderr.flush()
+
+
+def table(report: dict[str, Any]) -> str:
+    sizes, host, points = report["sizes"], report["machine"], report["points"]
+    header = ("subscribers x commands", "server", "commands/s", "p50", "p99", "delivered/s", "CPU/msg",
+              "net CPU/msg", "server cores", "client cores")
+    rows = [header]
+    for key in points["orderstream"]:
+        for name in SERVERS:
+            point = points[name][key]
+            p99 = f"{point['latency_p99_ms']:.1f} ms" + ("*" if point["undelivered"] else "")
+            rows.append((key, name, f"{point['events_per_s']:.1f}", f"{point['latency_p50_ms']:.1f} ms", p99,
+                         f"{point['messages_per_s']:,.0f}", f"{point['cpu_us_per_message']:.1f} µs",
+                         f"{point['net_cpu_us_per_message']:.1f} µs", f"{point['server_cpu_s_per_s']:.2f}",
+                         f"{point['client_cpu_s_per_s']:.2f}"))
+        ratios = report["orderstream_over_baseline"][key]
+        rows.append(("", "orderstream/baseline", "", *(f"{ratios[figure]:.2f}" if ratios[figure] is not None else "-"
+                                                   for figure in RATIOS), ""))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = [
+        f"{NAME}: the `events` subscription, {{ position type streamId occurredAt }}, orderstream vs a plain "
+        f"strawberry subscription (baseline)",
+        f"restockProduct commands over HTTP, one at a time at a steady rate (a server that falls behind slows"
+        f" them: commands/s is the rate reached); medians of {sizes['rounds']} rounds of {sizes['window_s']:g} s;",
+        "latency = time the client read the message - the event's occurredAt; net CPU/msg = CPU/msg without the"
+        " server's CPU for the commands themselves",
+        "",
+        *("  ".join([row[0].rjust(widths[0]), row[1].ljust(widths[1]),
+                     *(cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True))])
+          for row in rows),
+        "",
+    ]
+    lines.append("where the latency goes, p50 over the window's events: occurredAt to the first subscriber's read"
+                 " + first to last subscriber's read")
+    for key in points["orderstream"]:
+        lines.append(f"  {key}: " + ", ".join(f"{name} {points[name][key]['first_read_p50_ms']:.1f} +"
+                                             f" {points[name][key]['fan_out_spread_p50_ms']:.1f} ms"
+                                             for name in SERVERS))
+    if any(points[name][count]["undelivered"] for name in SERVERS for count in points[name]):
+        lines.append("* some deliveries had not arrived when the drain ended: that p99 is a lower bound")
+    alone = report["commands_alone"]
+    if alone:
+        lines.append("the commands alone (no subscriber): "
+                     + ", ".join(f"{name} {alone[name]['server_cpu_s_per_s'] / alone[name]['events_per_s'] * 1000:.2f}"
+                                 f" ms" for name in SERVERS) + " of CPU per command"
+                     + "; command round trip p50 "
+                     + ", ".join(f"{name} {alone[name]['command_round_trip_p50_ms']:.1f} ms" for name in SERVERS))
+    others = [point["other_cpu_s_per_s"] for name in SERVERS for runs in report["rounds"][name].values()
+              for point in runs]
+    if max(others) > 0.1:
+        lines.append(f"note: other processes kept {statistics.mean(others):.2f} cores busy on average during the"
+                     f" measured windows (at most {max(others):.2f}) on this {host['cores']}-core machine")
+    for name in SERVERS:
+        memory = report["memory"][name]
+        lines.append(f"memory, {name}: RSS {memory['rss_before_mb']:.1f} MB before and {memory['rss_after_mb']:.1f} MB"
+                     f" after {memory['deliveries']:,} deliveries ({memory['subscribers']} subscribers x"
+                     f" {memory['events']:,} events; peak {memory['rss_peak_mb']:.1f} MB,"
+                     f" {memory['bytes_per_delivery']:.0f} bytes per delivery)")
+    lines.append(f"machine: {host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB, Python {host['python']},"
+                 f" uvicorn {host['uvicorn']}, strawberry {host['strawberry']}; run took {report['duration_s']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    sys.stdout.write(run(quick="--quick" in sys.argv[1:], results_dir=results) + "\n")
