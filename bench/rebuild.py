@@ -81,9 +81,9 @@ INSERT_KEY = "INSERT INTO personal_keys (subject_id, key, created_at) VALUES (?,
 @dataclass(frozen=True)
 class Sizes:
     events: int
-    # Each contestant rebuilds the log once: at 1,300-2,300 events/s on the machine of
-    # docs/performance.md, one rebuild of a million events takes 7 to 13 minutes, and
-    # `make bench` is to stay within about 20. Medians come from the tenths of each run.
+    # Each contestant rebuilds the log once: at 1,100-1,300 events/s on the machine of
+    # docs/performance.md, one rebuild of a million events takes 13 to 15 minutes, and
+    # `make bench` is to stay within about 20. Medians come from the tenths of the run.
     tenths: int = 10
 
 
