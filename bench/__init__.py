@@ -1,5 +1,2 @@
-"""Benchmarks of the write side, run with `python -m bench` (or `make bench`).
-
-Each benchmark module has `run(quick, results_dir) -> str`: it measures, writes its
-figures to `results_dir/<name>.json` and returns a plain table for the terminal.
-"""
+"""Benchmarks: `make bench` (or `python -m bench [--quick]`) runs each module listed in
+`bench/__main__.py`; the figures and how to read them are in docs/performance.md."""
