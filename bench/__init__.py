@@ -1,2 +1,6 @@
-"""Benchmarks: `make bench` (or `python -m bench [--quick]`) runs each module listed in
-`bench/__main__.py`; the figures and how to read them are in docs/performance.md."""
+"""Benchmarks, run with `make bench` (or `python -m bench [--quick]`); docs/performance.md
+holds the latest figures and how to read them.
+
+Each benchmark module has `run(quick, results_dir) -> str`: it measures, writes its
+figures to `results_dir/<name>.json` and returns a plain table for the terminal.
+"""
