@@ -310,8 +310,8 @@ def accepted(outcome: object, what: str) -> Accepted:
 class Progress:
     """How far, how fast and how long still to go, kept on one line of stderr."""
 
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
+    def __init__(self, label: str, total: int, unit: str = "events") -> None:
+        self.label, self.total, self.unit = label, total, unit
         self.live = sys.stderr.isatty()
         self.started = time.perf_counter()
         self.shown_at = 0.0
@@ -324,7 +324,7 @@ class Progress:
         self.shown_at = now
         rate = done / (now - self.started)
         eta = (self.total - done) / rate if rate else 0.0
-        line = f"{self.label}: {done:,}/{self.total:,} events, {rate:,.0f} events/s, ETA {eta:.0f} s"
+        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, ETA {eta:.0f} s"
         sys.stderr.write(f"\r{line:<100}" if self.live else line + "\n")
         sys.stderr.flush()
 

@@ -48,6 +48,7 @@ from sqlalchemy.engine import Engine
 
 from bench.hot_aggregate import (
     BenchmarkError,
+    Progress,
     accepted,
     cpu_seconds,
     format_ms,
@@ -244,7 +245,7 @@ class ReadModel:
 
 
 def fill_read_model(read_db: Path, catalogue: list[tuple[str, str, Decimal]], count: int, head: int,
-                    progress: "Progress") -> dict[str, Any]:
+                    progress: Progress) -> dict[str, Any]:
     """Insert `count` orders with their lines and customers as the projections write them.
 
     Rows go in in the order the projections would have written them, placement by
@@ -478,31 +479,6 @@ async def query_plans(model: ReadModel) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------- output
-
-
-class Progress:
-    """How far, how fast and how long still to go, on one line of stderr."""
-
-    def __init__(self, label: str, total: int, unit: str) -> None:
-        self.label, self.total, self.unit = label, total, unit
-        self.live = sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self.shown_at = 0.0
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.shown_at < (0.25 if self.live else 5.0) and done < self.total:
-            return
-        self.shown_at = now
-        rate = done / (now - self.started)
-        eta = (self.total - done) / rate if rate else 0.0
-        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, ETA {eta:.0f} s"
-        sys.stderr.write(f"\r{line:<100}" if self.live else line + "\n")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.live:
-            sys.stderr.write("\n")
 
 
 def note(message: str) -> None:
