@@ -5,12 +5,13 @@ The claim under test: the `events` subscription fans a committed event out to it
 subscribers fast and cheaply, however many there are, and its memory stays flat however
 many events it delivers.
 
-Both servers run at once, each in its own process (so that its CPU time and resident memory
-can be read from /proc), each served by uvicorn with its defaults (uvloop, httptools,
-websockets-sansio):
+Each server runs in its own process (so that its CPU time and resident memory can be read
+from /proc), served by uvicorn with its defaults (uvloop, httptools, websockets-sansio), and
+every measurement starts a fresh one, so that nothing one point leaves behind (garbage the
+next collection frees, a grown heap) is charged to the next:
 
-- **orderstream**: `orderstream serve` on a temporary data folder (SQLite, WAL,
-  synchronous=FULL), rate limiting off (ORDERSTREAM_RATE_LIMIT=0);
+- **orderstream**: `orderstream serve` on one temporary data folder for the whole run
+  (SQLite, WAL, synchronous=FULL), rate limiting off (ORDERSTREAM_RATE_LIMIT=0);
 - **baseline**: `baseline_app` below, a plain strawberry app whose `restockProduct`
   mutation puts an event into every subscriber's asyncio.Queue and whose `events`
   subscription yields from its queue: strawberry executes the selection once per
@@ -25,7 +26,7 @@ stamped with time.time() as it is read; its latency is that stamp minus the even
 when the append starts, so its latency includes the durable SQLite commit; the baseline
 stamps it in the mutation resolver, right before the broadcast.
 
-A round measures, alternately on each server (which one goes first alternates too):
+A round measures, on each server in turn (which one goes first alternates):
 - no subscriber, 20 commands a second: what the commands alone cost the server;
 - 100 subscribers, 20 commands a second;
 - 1,000 subscribers, 4 and then 20 commands a second on the same connections. At 20 a
@@ -44,10 +45,9 @@ warms up for 2 s, then measures an 8 s window:
 Every figure is the median over 3 rounds; client CPU and the CPU of every other process
 on the machine are recorded with each window.
 
-Memory, measured first, on the freshly started servers (memory that the other points grew
-and freed would be reused without showing): 100 subscribers on each server, 100 warm-up
-events, resident memory (VmRSS), then 1,000 more events at up to 40 a second (100,000
-deliveries), resident memory again once every subscriber has them all.
+Memory: 100 subscribers on a fresh server, 100 warm-up events, resident memory (VmRSS),
+then 1,000 more events at up to 40 a second (100,000 deliveries), resident memory again
+once every subscriber has them all.
 """
 
 import asyncio
@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
@@ -70,6 +70,7 @@ from typing import Any, NewType
 
 import httpx
 import strawberry
+import uvloop
 import websockets
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
@@ -78,11 +79,6 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import Info
 
 from bench.hot_aggregate import BenchmarkError, cpu_seconds, machine
-
-try:
-    import uvloop
-except ImportError:  # the clients then run on asyncio's own loop
-    uvloop = None
 
 NAME = "subscriptions"
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +95,7 @@ mutation($input: AddProductInput!) {
   addProduct(input: $input) { __typename ... on ProductSuccess { position } }
 }
 """
+ORDERSTREAM = [sys.executable, "-c", "import orderstream; orderstream.main()"]
 CONNECTING_AT_ONCE = 100
 RATIOS = ("latency_p50_ms", "latency_p99_ms", "messages_per_s", "cpu_us_per_message", "net_cpu_us_per_message",
           "server_cpu_s_per_s")
@@ -133,7 +130,8 @@ def run(quick: bool, results_dir: Path) -> str:
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        # The servers' loop (uvicorn's default), so that the clients stay light.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             figures = runner.run(measure(Path(folder), sizes))
         host = machine(Path(folder))
     report = {
@@ -145,7 +143,7 @@ def run(quick: bool, results_dir: Path) -> str:
         "machine": {**host, "uvicorn": package_version("uvicorn"),
                     "strawberry": package_version("strawberry-graphql"),
                     "graphql_core": package_version("graphql-core"), "websockets": package_version("websockets"),
-                    "client_loop": "uvloop" if uvloop else "asyncio"},
+                    "uvloop": package_version("uvloop")},
         **figures,
     }
     (results_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -153,34 +151,39 @@ def run(quick: bool, results_dir: Path) -> str:
 
 
 async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
-    async with AsyncExitStack() as stack:
-        servers = {
-            "orderstream": await stack.enter_async_context(orderstream_server(folder)),
-            "baseline": await stack.enter_async_context(baseline_server(folder)),
-        }
-        idle_rss = {name: server.rss_mb() for name, server in servers.items()}
-        # First, while the servers are fresh: memory that earlier points grew and freed would
-        # be reused without showing in the resident size.
-        memory = {name: await measure_memory(servers[name], sizes) for name in SERVERS}
-        labels = [label(count, events_per_s) for count, rates in sizes.points for events_per_s in rates]
-        alone, *measured = labels
-        rounds: dict[str, dict[str, list[dict[str, Any]]]] = {name: {key: [] for key in labels} for name in SERVERS}
-        for number in range(sizes.rounds):
-            # Alternate who goes first, so drift over the run favours neither.
-            order = SERVERS if number % 2 == 0 else SERVERS[::-1]
-            for count, rates in sizes.points:
-                for name in order:
-                    for point in await measure_points(servers[name], count, rates, sizes):
-                        key = label(count, point["target_events_per_s"])
-                        rounds[name][key].append(point)
-                        note(f"round {number + 1}/{sizes.rounds}, {name}, {key}: {describe(point)}")
-            for name in SERVERS:
-                commands_alone = rounds[name][alone][-1]
-                cpu_per_command = commands_alone["server_cpu_s_per_s"] / commands_alone["events_per_s"]
-                for key in measured:
-                    point = rounds[name][key][-1]
-                    fan_out = point["server_cpu_s_per_s"] - cpu_per_command * point["events_per_s"]
-                    point["net_cpu_us_per_message"] = fan_out / point["messages_per_s"] * 1e6
+    secret = secrets.token_hex(32)
+    token = staff_token(folder, secret)
+    start = {"orderstream": lambda: orderstream_server(folder, secret, token),
+             "baseline": lambda: baseline_server(folder)}
+    memory, started_rss = {}, {}
+    for name in SERVERS:
+        async with start[name]() as server:
+            started_rss[name] = server.rss_mb()
+            memory[name] = await measure_memory(server, sizes)
+
+    labels = [label(count, events_per_s) for count, rates in sizes.points for events_per_s in rates]
+    alone, *measured = labels
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {name: {key: [] for key in labels} for name in SERVERS}
+    for number in range(sizes.rounds):
+        # Alternate who goes first, so drift over the run favours neither.
+        order = SERVERS if number % 2 == 0 else SERVERS[::-1]
+        for count, rates in sizes.points:
+            for name in order:
+                # A fresh process each time: nothing left over from the last point (garbage
+                # that the next collection frees, grown heaps) is charged to this one.
+                async with start[name]() as server, subscribed(server, count) as subscribers:
+                    for events_per_s in rates:
+                        point = await measure_rate(server, subscribers, events_per_s, sizes)
+                        rounds[name][label(count, events_per_s)].append(point)
+                        note(f"round {number + 1}/{sizes.rounds}, {name}, {label(count, events_per_s)}: "
+                             + describe(point))
+        for name in SERVERS:
+            commands_alone = rounds[name][alone][-1]
+            cpu_per_command = commands_alone["server_cpu_s_per_s"] / commands_alone["events_per_s"]
+            for key in measured:
+                point = rounds[name][key][-1]
+                fan_out = point["server_cpu_s_per_s"] - cpu_per_command * point["events_per_s"]
+                point["net_cpu_us_per_message"] = fan_out / point["messages_per_s"] * 1e6
 
     points = {name: {key: summary(rounds[name][key]) for key in measured} for name in SERVERS}
     ratios = {key: {figure: ratio(points["orderstream"][key][figure], points["baseline"][key][figure])
@@ -191,7 +194,7 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         "orderstream_over_baseline": ratios,
         "commands_alone": {name: summary(rounds[name][alone]) for name in SERVERS},
         "memory": memory,
-        "idle_rss_mb": idle_rss,
+        "started_rss_mb": started_rss,
         "rounds": rounds,
     }
 
@@ -201,14 +204,6 @@ def label(subscribers: int, events_per_s: float) -> str:
 
 
 # ---------------------------------------------------------------- one measured point
-
-
-async def measure_points(server: "ServerProcess", count: int, rates: tuple[float, ...],
-                         sizes: Sizes) -> list[dict[str, Any]]:
-    """`count` subscribers on `server`, then a window at each rate of commands in turn."""
-    await settle(server)
-    async with subscribed(server, count) as subscribers:
-        return [await measure_rate(server, subscribers, events_per_s, sizes) for events_per_s in rates]
 
 
 async def measure_rate(server: "ServerProcess", subscribers: "Subscribers", events_per_s: float,
@@ -223,9 +218,9 @@ async def measure_rate(server: "ServerProcess", subscribers: "Subscribers", even
             await wait_until(lambda: all(map(len, subscribers.arrivals)), 30, "every subscriber's first event")
         await asyncio.sleep(sizes.warmup_s)
         window = sizes.window_s if count else sizes.idle_window_s
-        cpu_before, machine_before, t0 = server.cpu_seconds(), cpu_seconds(), time.time()
+        before = cpu_readings(server)
         await asyncio.sleep(window)
-        cpu_after, machine_after, t1 = server.cpu_seconds(), cpu_seconds(), time.time()
+        after = cpu_readings(server)
     finally:
         writer.stop()
         await writing
@@ -234,7 +229,9 @@ async def measure_rate(server: "ServerProcess", subscribers: "Subscribers", even
         with suppress(TimeoutError):
             await wait_until(lambda: subscribers.have(last), sizes.drain_s, "the last event")
     drained_at = time.time()
+    t0, t1 = before["at"], after["at"]
     seconds = t1 - t0
+    used = {part: (after[part] - before[part]) / seconds for part in before if part != "at"}
     window_commands = [stamp for stamp in writer.sent_at if t0 <= stamp <= t1]
     point: dict[str, Any] = {
         "subscribers": count,
@@ -242,17 +239,22 @@ async def measure_rate(server: "ServerProcess", subscribers: "Subscribers", even
         "window_s": seconds,
         "events_per_s": len(window_commands) / seconds,
         "command_round_trip_p50_ms": statistics.median(writer.round_trips) * 1000,
-        "server_cpu_s_per_s": (cpu_after - cpu_before) / seconds,
-        "client_cpu_s_per_s": (machine_after[1] - machine_before[1]) / seconds,
-        # Everything else on the machine, the other server included (it idles meanwhile).
-        "other_cpu_s_per_s": ((machine_after[0] - machine_before[0]) - (machine_after[1] - machine_before[1])
-                              - (cpu_after - cpu_before)) / seconds,
+        "server_cpu_s_per_s": used["server"],
+        "client_cpu_s_per_s": used["client"],
+        # Every other process on the machine, and the kernel's own work.
+        "other_cpu_s_per_s": used["machine"] - used["client"] - used["server"],
     }
     if count:
         arrivals = [received[first:] for received, first in zip(subscribers.arrivals, start, strict=True)]
         point.update(deliveries(subscribers, arrivals, t0, t1, drained_at))
         point["cpu_us_per_message"] = point["server_cpu_s_per_s"] / point["messages_per_s"] * 1e6
     return point
+
+
+def cpu_readings(server: "ServerProcess") -> dict[str, float]:
+    """CPU seconds used so far by the machine, this process (the clients) and the server."""
+    machine_busy, client = cpu_seconds()
+    return {"at": time.time(), "machine": machine_busy, "client": client, "server": server.cpu_seconds()}
 
 
 def deliveries(subscribers: "Subscribers", arrivals: list[list[tuple[float, str | bytes]]], t0: float, t1: float,
@@ -304,7 +306,6 @@ def deliveries(subscribers: "Subscribers", arrivals: list[list[tuple[float, str 
 async def measure_memory(server: "ServerProcess", sizes: Sizes) -> dict[str, Any]:
     """Resident memory before and after `memory_subscribers` x `memory_events` deliveries."""
     note(f"memory, {server.name}: {sizes.memory_subscribers} subscribers x {sizes.memory_events:,} events")
-    await settle(server)
     async with subscribed(server, sizes.memory_subscribers) as subscribers:
         warmup = Writer(server, sizes.memory_events_per_s, limit=sizes.memory_warmup_events)
         await warmup.run()
@@ -386,8 +387,7 @@ async def subscribed(server: "ServerProcess", count: int) -> AsyncIterator[Subsc
 
     try:
         started = time.perf_counter()
-        for _ in range(count):
-            subscribers.arrivals.append([])
+        subscribers.arrivals = [[] for _ in range(count)]
         await asyncio.gather(*(subscribe(arrivals) for arrivals in subscribers.arrivals))
         if count >= 500:
             note(f"{count:,} subscribers on {server.name} connected in {time.perf_counter() - started:.1f} s")
@@ -400,8 +400,6 @@ async def subscribed(server: "ServerProcess", count: int) -> AsyncIterator[Subsc
             task.cancel()
         await asyncio.gather(*listening, return_exceptions=True)
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-        # Let the server notice every disconnect before the next point measures it.
-        await asyncio.sleep(1)
 
 
 async def listen(ws: websockets.ClientConnection, arrivals: list) -> None:
@@ -449,17 +447,6 @@ async def command(http: httpx.AsyncClient, document: str, input: dict[str, Any],
     if not result or result["__typename"] != "ProductSuccess":
         raise BenchmarkError(f"{name} failed: {response.status_code} {response.text[:500]}")
     return result
-
-
-async def settle(server: "ServerProcess", seconds: float = 20) -> None:
-    """Wait until the server is about idle: done with the clients of the last point."""
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        before = server.cpu_seconds()
-        await asyncio.sleep(0.5)
-        if server.cpu_seconds() - before <= 0.05:
-            return
-    note(f"{server.name} was still busy {seconds:.0f} s after the last point")
 
 
 async def wait_until(condition, seconds: float, what: str) -> None:
@@ -511,19 +498,24 @@ def server_environment(secret: str) -> dict[str, str]:
     return {**environ, "ORDERSTREAM_JWT_SECRET": secret, "ORDERSTREAM_RATE_LIMIT": "0"}
 
 
+def staff_token(folder: Path, secret: str) -> str:
+    """A staff token from `orderstream token`, signed with `secret`."""
+    return subprocess.run([*ORDERSTREAM, "token", "--role", "staff", "--data-dir", str(folder / "orderstream")],
+                          cwd=ROOT, env=server_environment(secret), capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @asynccontextmanager
-async def orderstream_server(folder: Path) -> AsyncIterator[ServerProcess]:
-    data_dir = folder / "orderstream"
-    environ = server_environment(secrets.token_hex(32))
-    cli = [sys.executable, "-c", "import orderstream; orderstream.main()"]
-    token = subprocess.run([*cli, "token", "--role", "staff", "--data-dir", str(data_dir)], cwd=ROOT, env=environ,
-                           capture_output=True, text=True, check=True).stdout.strip()
+async def orderstream_server(folder: Path, secret: str, token: str) -> AsyncIterator[ServerProcess]:
+    """`orderstream serve` on the data folder the earlier starts used, with the product to restock."""
     port = free_port()
-    async with server_process("orderstream", [*cli, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-                              environ, port, token, folder) as server:
+    argv = [*ORDERSTREAM, "serve", "--port", str(port), "--data-dir", str(folder / "orderstream")]
+    async with server_process("orderstream", argv, server_environment(secret), port, token, folder) as server:
         async with httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": f"Bearer {token}"}) as http:
+            # The key makes every start after the first get the first start's answer.
             await command(http, ADD_PRODUCT, {"sku": SKU, "name": "Bench live product", "initialStock": 0,
-                                              "price": {"amount": "1.00", "currency": "EUR"}}, "addProduct")
+                                              "price": {"amount": "1.00", "currency": "EUR"},
+                                              "idempotencyKey": "bench-live-product"}, "addProduct")
         yield server
 
 
@@ -540,7 +532,7 @@ async def baseline_server(folder: Path) -> AsyncIterator[ServerProcess]:
 async def server_process(name: str, argv: list[str], environ: dict[str, str], port: int, token: str,
                          folder: Path) -> AsyncIterator[ServerProcess]:
     log = folder / f"{name}.log"
-    with open(log, "wb") as output:
+    with open(log, "ab") as output:
         process = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT)
     server = ServerProcess(name, process, port, token, log)
     try:
