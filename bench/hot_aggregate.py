@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -82,16 +83,22 @@ class BenchmarkError(Exception):
 def run(quick: bool, results_dir: Path) -> str:
     """Measure, write `results_dir/hot_aggregate.json`, return the table to print."""
     sizes = QUICK if quick else FULL
+    return measured(NAME, quick, sizes, lambda folder: measure(folder / "events.db", sizes), results_dir, table)
+
+
+def measured(name: str, quick: bool, sizes: Any, measure: Callable[[Path], Awaitable[dict[str, Any]]],
+             results_dir: Path, table: Callable[[dict[str, Any]], str]) -> str:
+    """Run `measure` in a temporary folder; write `results_dir/<name>.json` with the machine and
+    the CPU other processes used meanwhile; return the table to print."""
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     cpu_before = cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
-        database = Path(folder) / "events.db"
-        figures = asyncio.run(measure(database, sizes))
-        host = machine(database.parent)
+        figures = asyncio.run(measure(Path(folder)))
+        host = machine(Path(folder))
     seconds = time.perf_counter() - started
     report = {
-        "benchmark": NAME,
+        "benchmark": name,
         "quick": quick,
         "started_at": started_at.isoformat(timespec="seconds"),
         "duration_s": round(seconds, 1),
@@ -100,7 +107,7 @@ def run(quick: bool, results_dir: Path) -> str:
         "machine": host,
         **figures,
     }
-    (results_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     return table(report)
 
 

@@ -25,18 +25,15 @@ Every figure is the median over the rounds; every SELECT the HTTP path runs on t
 read model is checked with EXPLAIN QUERY PLAN.
 """
 
-import asyncio
-import json
 import random
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, closing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -50,10 +47,8 @@ from bench.hot_aggregate import (
     BenchmarkError,
     Progress,
     accepted,
-    cpu_seconds,
     format_ms,
-    machine,
-    other_cpu_cores,
+    measured,
     sqlite_timestamp,
 )
 from commands.customer import RegisterCustomer
@@ -118,25 +113,7 @@ PATH_NAMES = {"handler": "query handler", "http": "GraphQL over HTTP"}
 def run(quick: bool, results_dir: Path) -> str:
     """Measure, write `results_dir/read_latency.json`, return the table to print."""
     sizes = QUICK if quick else FULL
-    started_at = datetime.now(UTC)
-    started = time.perf_counter()
-    cpu_before = cpu_seconds()
-    with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
-        figures = asyncio.run(measure(Path(folder), sizes))
-        host = machine(Path(folder))
-    seconds = time.perf_counter() - started
-    report = {
-        "benchmark": NAME,
-        "quick": quick,
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "duration_s": round(seconds, 1),
-        "other_processes_cpu_cores": other_cpu_cores(cpu_before, cpu_seconds(), seconds),
-        "sizes": asdict(sizes),
-        "machine": host,
-        **figures,
-    }
-    (results_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
-    return table(report)
+    return measured(NAME, quick, sizes, lambda folder: measure(folder, sizes), results_dir, table)
 
 
 async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:

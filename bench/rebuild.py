@@ -26,19 +26,17 @@ quote. Each contestant goes through the log once: the projector takes many minut
 a million events, more runs would not fit the time `make bench` is to take.
 """
 
-import asyncio
 import heapq
 import json
 import random
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -53,9 +51,7 @@ from bench.hot_aggregate import (
     BenchmarkError,
     Progress,
     accepted,
-    cpu_seconds,
-    machine,
-    other_cpu_cores,
+    measured,
     sqlite_timestamp,
 )
 from commands.customer import RegisterCustomer
@@ -94,25 +90,7 @@ QUICK = Sizes(events=100_000)
 def run(quick: bool, results_dir: Path) -> str:
     """Measure, write `results_dir/rebuild.json`, return the table to print."""
     sizes = QUICK if quick else FULL
-    started_at = datetime.now(UTC)
-    started = time.perf_counter()
-    cpu_before = cpu_seconds()
-    with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
-        figures = asyncio.run(measure(Path(folder), sizes))
-        host = machine(Path(folder))
-    seconds = time.perf_counter() - started
-    report = {
-        "benchmark": NAME,
-        "quick": quick,
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "duration_s": round(seconds, 1),
-        "other_processes_cpu_cores": other_cpu_cores(cpu_before, cpu_seconds(), seconds),
-        "sizes": asdict(sizes),
-        "machine": host,
-        **figures,
-    }
-    (results_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
-    return table(report)
+    return measured(NAME, quick, sizes, lambda folder: measure(folder, sizes), results_dir, table)
 
 
 async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
