@@ -19,28 +19,35 @@ One run uses one temporary SQLite file with the store's defaults (WAL, synchrono
    goes first alternates between rounds. Every figure is the median over the rounds.
 """
 
-import asyncio
 import json
-import os
-import platform
 import resource
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+# The shared helpers used to live here: bench/subscriptions.py still imports
+# BenchmarkError, cpu_seconds and machine from this module.
+from bench.common import (
+    BenchmarkError,
+    Progress,
+    accepted,
+    format_ms,
+    measured,
+    sqlite_timestamp,
+)
+from bench.common import cpu_seconds as cpu_seconds
+from bench.common import machine as machine
 from commands.customer import RegisterCustomer
-from commands.dispatcher import Accepted, AggregateCache, Dispatcher, UnitOfWork, new_event
+from commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork, new_event
 from commands.handlers import COMMAND_HANDLERS
 from commands.order import PlaceOrder, ShippingAddress
 from commands.product import AddProduct, RestockProduct
@@ -76,39 +83,10 @@ FULL = Sizes(history=1_000_000, rounds=7, latency_orders=1000, throughput_orders
 QUICK = Sizes(history=100_000, rounds=3, latency_orders=200, throughput_orders=100, warmup=20)
 
 
-class BenchmarkError(Exception):
-    """The system under test did something the benchmark did not expect."""
-
-
 def run(quick: bool, results_dir: Path) -> str:
     """Measure, write `results_dir/hot_aggregate.json`, return the table to print."""
     sizes = QUICK if quick else FULL
     return measured(NAME, quick, sizes, lambda folder: measure(folder / "events.db", sizes), results_dir, table)
-
-
-def measured(name: str, quick: bool, sizes: Any, measure: Callable[[Path], Awaitable[dict[str, Any]]],
-             results_dir: Path, table: Callable[[dict[str, Any]], str]) -> str:
-    """Run `measure` in a temporary folder; write `results_dir/<name>.json` with the machine and
-    the CPU other processes used meanwhile; return the table to print."""
-    started_at = datetime.now(UTC)
-    started = time.perf_counter()
-    cpu_before = cpu_seconds()
-    with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
-        figures = asyncio.run(measure(Path(folder)))
-        host = machine(Path(folder))
-    seconds = time.perf_counter() - started
-    report = {
-        "benchmark": name,
-        "quick": quick,
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "duration_s": round(seconds, 1),
-        "other_processes_cpu_cores": other_cpu_cores(cpu_before, cpu_seconds(), seconds),
-        "sizes": asdict(sizes),
-        "machine": host,
-        **figures,
-    }
-    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    return table(report)
 
 
 async def measure(database: Path, sizes: Sizes) -> dict[str, Any]:
@@ -184,8 +162,17 @@ async def set_up(dispatcher: Dispatcher, staff: Actor) -> str:
     return customer.stream_id
 
 
-def fill_history(database: Path, sku: str, after_version: int, count: int) -> dict[str, float]:
-    """Add `count` events to the product's stream, after version `after_version`.
+def history_event(sku: str, index: int) -> Event:
+    # Alternating keeps the stock level flat however long the history grows.
+    if index % 2 == 0:
+        return StockReserved(sku=sku, order_id=str(uuid.uuid4()), quantity=1)
+    return ProductRestocked(sku=sku, quantity=1)
+
+
+def fill_history(database: Path, sku: str, after_version: int, count: int,
+                 event: Callable[[str, int], Event] = history_event) -> dict[str, float]:
+    """Add `count` events to the product's stream, after version `after_version`; the
+    index-th of them is `event(sku, index)`.
 
     The rows go straight into the events table in the format EventStore.append writes:
     through append, SQLAlchemy inserts one row per round trip on SQLite, so a million
@@ -199,7 +186,7 @@ def fill_history(database: Path, sku: str, after_version: int, count: int) -> di
             recorded_at = sqlite_timestamp(datetime.now(UTC))
             rows = [
                 stored_row(sku, Product.STREAM_TYPE, after_version + index + 1,
-                           history_event(sku, index), recorded_at)
+                           event(sku, index), recorded_at)
                 for index in range(done, done + batch)
             ]
             connection.execute("BEGIN IMMEDIATE")
@@ -214,13 +201,6 @@ def fill_history(database: Path, sku: str, after_version: int, count: int) -> di
     return {"events": count, "seconds": seconds, "events_per_s": count / seconds if seconds else 0.0}
 
 
-def history_event(sku: str, index: int) -> Event:
-    # Alternating keeps the stock level flat however long the history grows.
-    if index % 2 == 0:
-        return StockReserved(sku=sku, order_id=str(uuid.uuid4()), quantity=1)
-    return ProductRestocked(sku=sku, quantity=1)
-
-
 def stored_row(stream_id: str, stream_type: str, version: int, event: Event,
                recorded_at: str) -> tuple:
     new = new_event(event)
@@ -228,11 +208,6 @@ def stored_row(stream_id: str, stream_type: str, version: int, event: Event,
         raise BenchmarkError(f"{new.type} has personal fields: only EventStore.append can seal them")
     return (str(uuid.uuid4()), stream_id, stream_type, version, new.type, new.schema_version,
             json.dumps(new.data), str(uuid.uuid4()), str(uuid.uuid4()), "bench", recorded_at)
-
-
-def sqlite_timestamp(moment: datetime) -> str:
-    """A UTC time as the store's UTCDateTime column keeps it on SQLite."""
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 async def load_cold(store: EventStore, staff: Actor, history: int) -> dict[str, float]:
@@ -308,109 +283,9 @@ def summary(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {figure: statistics.median(r[figure] for r in rounds) for figure in rounds[0]}
 
 
-def accepted(outcome: object, what: str) -> Accepted:
-    if not isinstance(outcome, Accepted):
-        raise BenchmarkError(f"{what} was refused: {outcome!r}")
-    return outcome
-
-
-class Progress:
-    """How far, how fast and how long still to go, kept on one line of stderr."""
-
-    def __init__(self, label: str, total: int, unit: str = "events") -> None:
-        self.label, self.total, self.unit = label, total, unit
-        self.live = sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self.shown_at = 0.0
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        # A terminal gets a line redrawn in place; a log file a line every few seconds.
-        if now - self.shown_at < (0.25 if self.live else 5.0) and done < self.total:
-            return
-        self.shown_at = now
-        rate = done / (now - self.started)
-        eta = (self.total - done) / rate if rate else 0.0
-        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, ETA {eta:.0f} s"
-        sys.stderr.write(f"\r{line:<100}" if self.live else line + "\n")
-        sys.stderr.flush()
-
-    def finish(self) -> float:
-        """End the line; returns the seconds since the start."""
-        if self.live:
-            sys.stderr.write("\n")
-        return time.perf_counter() - self.started
-
-
 def note(message: str) -> None:
     sys.stderr.write(f"{NAME}: {message}\n")
     sys.stderr.flush()
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """CPU seconds used so far by the whole machine and by this process (None off Linux)."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(value) for value in stat.readline().split()[1:9]]
-    except OSError:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = ticks
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return busy, own.user + own.system
-
-
-def other_cpu_cores(before: tuple[float, float] | None, after: tuple[float, float] | None,
-                    seconds: float) -> float | None:
-    """How many cores other processes kept busy, on average, between two cpu_seconds()."""
-    if before is None or after is None:
-        return None
-    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / seconds)
-
-
-def machine(folder: Path) -> dict[str, Any]:
-    """What the figures were measured on; `folder` is where the database file lived."""
-    return {
-        "cpu": proc_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
-        "cores": os.cpu_count(),
-        "memory_gb": memory_gb(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "sqlalchemy": package_version("sqlalchemy"),
-        "aiosqlite": package_version("aiosqlite"),
-        "filesystem": filesystem(folder),
-    }
-
-
-def proc_value(path: str, key: str) -> str | None:
-    """The value of the first `key: value` line of a /proc file (None off Linux)."""
-    try:
-        with open(path) as lines:
-            for line in lines:
-                name, _, value = line.partition(":")
-                if name.strip() == key:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def memory_gb() -> float | None:
-    total = proc_value("/proc/meminfo", "MemTotal")  # "24683412 kB"
-    return round(int(total.split()[0]) / 1024 ** 2, 1) if total else None
-
-
-def filesystem(folder: Path) -> str:
-    """The type of file system holding `folder`: on tmpfs a durable commit costs nothing."""
-    try:
-        with open("/proc/mounts") as mounts:
-            entries = [line.split()[1:3] for line in mounts]
-    except OSError:
-        return "unknown"
-    best = max(((point, kind) for point, kind in entries if folder.resolve().is_relative_to(point)),
-               key=lambda entry: len(entry[0]), default=(None, "unknown"))
-    return best[1]
 
 
 def table(report: dict[str, Any]) -> str:
@@ -455,6 +330,3 @@ def table(report: dict[str, Any]) -> str:
                      f" average during the run; that slows both products alike but widens the spread")
     return "\n".join(lines)
 
-
-def format_ms(value: float) -> str:
-    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.2f} ms"

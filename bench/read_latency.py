@@ -43,7 +43,7 @@ import httpx
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from bench.hot_aggregate import (
+from bench.common import (
     BenchmarkError,
     Progress,
     accepted,

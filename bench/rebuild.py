@@ -46,14 +46,8 @@ from babel.numbers import get_currency_precision
 from sqlalchemy import create_engine
 
 import events
-from bench.hot_aggregate import (
-    INSERT,
-    BenchmarkError,
-    Progress,
-    accepted,
-    measured,
-    sqlite_timestamp,
-)
+from bench.common import BenchmarkError, Progress, accepted, measured, sqlite_timestamp
+from bench.hot_aggregate import INSERT
 from commands.customer import RegisterCustomer
 from commands.dispatcher import Dispatcher, new_event
 from commands.handlers import COMMAND_HANDLERS

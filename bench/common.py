@@ -1,0 +1,157 @@
+"""What every benchmark shares: running and recording one (`measured`), the progress line,
+the machine description and the CPU other processes used meanwhile."""
+
+import asyncio
+import json
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+from commands.dispatcher import Accepted
+
+
+class BenchmarkError(Exception):
+    """The system under test did something the benchmark did not expect."""
+
+
+def measured(name: str, quick: bool, sizes: Any, measure: Callable[[Path], Awaitable[dict[str, Any]]],
+             results_dir: Path, table: Callable[[dict[str, Any]], str]) -> str:
+    """Run `measure` in a temporary folder; write `results_dir/<name>.json` with the machine and
+    the CPU other processes used meanwhile; return the table to print."""
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    cpu_before = cpu_seconds()
+    with tempfile.TemporaryDirectory(prefix="orderstream-bench-") as folder:
+        figures = asyncio.run(measure(Path(folder)))
+        host = machine(Path(folder))
+    seconds = time.perf_counter() - started
+    report = {
+        "benchmark": name,
+        "quick": quick,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(seconds, 1),
+        "other_processes_cpu_cores": other_cpu_cores(cpu_before, cpu_seconds(), seconds),
+        "sizes": asdict(sizes),
+        "machine": host,
+        **figures,
+    }
+    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return table(report)
+
+
+def sqlite_timestamp(moment: datetime) -> str:
+    """A UTC time as the store's UTCDateTime column keeps it on SQLite."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def accepted(outcome: object, what: str) -> Accepted:
+    if not isinstance(outcome, Accepted):
+        raise BenchmarkError(f"{what} was refused: {outcome!r}")
+    return outcome
+
+
+class Progress:
+    """How far, how fast and how long still to go, kept on one line of stderr."""
+
+    def __init__(self, label: str, total: int, unit: str = "events") -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.live = sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.shown_at = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        # A terminal gets a line redrawn in place; a log file a line every few seconds.
+        if now - self.shown_at < (0.25 if self.live else 5.0) and done < self.total:
+            return
+        self.shown_at = now
+        rate = done / (now - self.started)
+        eta = (self.total - done) / rate if rate else 0.0
+        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, ETA {eta:.0f} s"
+        sys.stderr.write(f"\r{line:<100}" if self.live else line + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> float:
+        """End the line; returns the seconds since the start."""
+        if self.live:
+            sys.stderr.write("\n")
+        return time.perf_counter() - self.started
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds used so far by the whole machine and by this process (None off Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return busy, own.user + own.system
+
+
+def other_cpu_cores(before: tuple[float, float] | None, after: tuple[float, float] | None,
+                    seconds: float) -> float | None:
+    """How many cores other processes kept busy, on average, between two cpu_seconds()."""
+    if before is None or after is None:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / seconds)
+
+
+def machine(folder: Path) -> dict[str, Any]:
+    """What the figures were measured on; `folder` is where the database file lived."""
+    return {
+        "cpu": proc_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cores": os.cpu_count(),
+        "memory_gb": memory_gb(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "sqlalchemy": package_version("sqlalchemy"),
+        "aiosqlite": package_version("aiosqlite"),
+        "filesystem": filesystem(folder),
+    }
+
+
+def proc_value(path: str, key: str) -> str | None:
+    """The value of the first `key: value` line of a /proc file (None off Linux)."""
+    try:
+        with open(path) as lines:
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def memory_gb() -> float | None:
+    total = proc_value("/proc/meminfo", "MemTotal")  # "24683412 kB"
+    return round(int(total.split()[0]) / 1024 ** 2, 1) if total else None
+
+
+def filesystem(folder: Path) -> str:
+    """The type of file system holding `folder`: on tmpfs a durable commit costs nothing."""
+    try:
+        with open("/proc/mounts") as mounts:
+            entries = [line.split()[1:3] for line in mounts]
+    except OSError:
+        return "unknown"
+    best = max(((point, kind) for point, kind in entries if folder.resolve().is_relative_to(point)),
+               key=lambda entry: len(entry[0]), default=(None, "unknown"))
+    return best[1]
+
+
+def format_ms(value: float) -> str:
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.2f} ms"
