@@ -62,8 +62,7 @@ class Service:
     async def open(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
-        tables = [table for projection in self.projector.projections for table in projection.tables]
-        await self.read.open(tables, [p.name for p in self.projector.projections])
+        await self.read.open([p.name for p in self.projector.projections])
 
     async def close(self) -> None:
         await self.store.close()

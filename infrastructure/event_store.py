@@ -27,17 +27,21 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from infrastructure import personal_data
+from infrastructure import migrations, personal_data
 from infrastructure.database import UTCDateTime, engine_pair
 
 metadata = MetaData()
 
+# PostgreSQL: the channel that carries the last position of every commit to the log, and the
+# advisory lock that appends take in turn (see EventStore.append).
+EVENTS_CHANNEL = "orderstream_events"
+APPEND_LOCK = 0x6F7264657273  # "orders"
+
 events = Table(
     "events",
     metadata,
-    # INTEGER PRIMARY KEY AUTOINCREMENT on SQLite: positions are never reused.
-    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-           autoincrement=True),
+    # Numbered by `append` under the write lock. INTEGER PRIMARY KEY on SQLite: the row id.
+    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
     Column("event_id", String(36), nullable=False, unique=True),
     Column("stream_id", String(200), nullable=False),
     Column("stream_type", String(100), nullable=False),
@@ -51,7 +55,6 @@ events = Table(
     Column("idempotency_key", String(200)),
     Column("recorded_at", UTCDateTime, nullable=False),
     UniqueConstraint("stream_id", "version", name="uq_events_stream_version"),
-    sqlite_autoincrement=True,
 )
 
 # One key per data subject; deleting a row shreds every sealed field of that subject.
@@ -163,11 +166,12 @@ class EventStore:
         # Where recorded_at comes from; tests that need events on given days pass their own.
         self.clock = clock
         self._writer, self._reader = engine_pair(url)
+        self._postgres = self._writer.dialect.name == "postgresql"
         self._listeners: list[Callable[[int], None]] = []
 
     async def open(self) -> None:
-        async with self._writer.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        """Migrate the log's database to the newest revision (infrastructure.migrations)."""
+        await migrations.upgrade(self._writer, "events")
 
     async def close(self) -> None:
         await self._writer.dispose()
@@ -201,11 +205,18 @@ class EventStore:
                 if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
                     raise IdempotencyKeyTaken(idempotent.key)
                 rows = await self._rows(conn, writes, meta, now)
-                # RETURNING without a guaranteed row order lets SQLAlchemy send the rows in
-                # a few multi-row INSERTs; the event ids put the positions back in order.
-                returned = await conn.execute(insert(events).returning(events.c.event_id, events.c.position), rows)
-                by_id = {event_id: position for event_id, position in returned}
-                positions = [by_id[row["event_id"]] for row in rows]
+                if self._postgres:
+                    # Appends take turns from here to their commit (SQLite's one writer
+                    # already does), so that positions are numbered and become visible in
+                    # order: a reader of "after N" can never pass an event that commits a
+                    # moment later, and a failed append leaves no hole. The checks above
+                    # still run side by side; a race they lose ends in IntegrityError.
+                    await conn.execute(select(func.pg_advisory_xact_lock(APPEND_LOCK)))
+                last = (await conn.execute(select(func.max(events.c.position)))).scalar() or 0
+                positions = list(range(last + 1, last + 1 + len(rows)))
+                for row, position in zip(rows, positions, strict=True):
+                    row["position"] = position
+                await conn.execute(insert(events), rows)
                 for subject in {new.shreds for write in writes for new in write.events} - {None}:
                     await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
                 if idempotent:
@@ -216,6 +227,9 @@ class EventStore:
                             position=positions[-1], recorded_at=now,
                         )
                     )
+                if self._postgres:
+                    # Delivered at commit, to every process listening (infrastructure.postgres).
+                    await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(positions[-1]))))
         except IntegrityError:
             # Only reachable where appends run concurrently (not SQLite): someone else
             # won the race. Report it the way the checks above would have.
@@ -223,8 +237,7 @@ class EventStore:
             raise
         for listener in self._listeners:
             listener(positions[-1])
-        unsealed = [{**row, "data": plain} for row, plain in zip(rows, self._plain(writes), strict=True)]
-        return [RecordedEvent(position=p, **row) for p, row in zip(positions, unsealed, strict=True)]
+        return [RecordedEvent(**{**row, "data": plain}) for row, plain in zip(rows, self._plain(writes), strict=True)]
 
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
                    limit: int | None = None) -> list[RecordedEvent]:

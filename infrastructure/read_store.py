@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import conv
 
+from infrastructure import migrations
 from infrastructure.database import UTCDateTime, engine_pair
 from infrastructure.errors import PublicError
 
@@ -74,11 +75,10 @@ class ReadStore:
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()
 
-    async def open(self, tables: Iterable[Table], projection_names: Iterable[str]) -> None:
+    async def open(self, projection_names: Iterable[str]) -> None:
+        """Migrate the read database to the newest revision and start new projections at 0."""
+        await migrations.upgrade(self.writer, "read")
         async with self.writer.begin() as conn:
-            await conn.run_sync(_checkpoint_metadata.create_all)
-            for table in tables:
-                await conn.run_sync(table.create, checkfirst=True)
             known = set((await conn.execute(select(checkpoints.c.name))).scalars())
             for name in projection_names:
                 if name not in known:

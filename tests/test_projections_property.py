@@ -300,7 +300,7 @@ async def play(directory: Path, batch_size: int, plan: list) -> Counter[str]:
 
         # A fresh read database projected from position 0 in one go...
         reference = ReadStore(sqlite_url(directory / "reference.db"))
-        await reference.open([t for p in projections() for t in p.tables], NAMES)
+        await reference.open(NAMES)
         try:
             await Projector(shop.store, reference, projections(), batch_size=1000).catch_up()
         finally:

@@ -115,7 +115,7 @@ async def clean_rebuild(events_db: Path, directory: Path) -> dict[str, tuple[lis
 
 async def open_stores(store: EventStore, read: ReadStore) -> None:
     await store.open()
-    await read.open([t for p in projections() for t in p.tables], NAMES)
+    await read.open(NAMES)
 
 
 async def replayed(store: EventStore, cls: type[Aggregate], stream_id: str) -> Aggregate:
