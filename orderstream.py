@@ -24,9 +24,10 @@ from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
 from infrastructure.auth import ROLES, TokenVerifier
 from infrastructure.event_hub import EventHub
-from infrastructure.event_store import EventStore
+from infrastructure.event_store import EVENTS_CHANNEL, EventStore
 from infrastructure.http import BodyLimit, SecurityHeaders
 from infrastructure.limits import QueryBounds
+from infrastructure.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from infrastructure.projector import Projection, Projector
 from infrastructure.rate_limit import RateLimit
 from infrastructure.read_store import ReadStore
@@ -54,10 +55,21 @@ class Service:
         self.projector = Projector(self.store, self.read, projections())
         self.hub = EventHub(self.store)
         self.owners = OrderOwners(self.store)
-        # Project and fan out right after each commit of this process; other writers are
-        # seen by the poll.
+        # Project and fan out right after each commit of this process. Commits of other
+        # processes are seen by the poll, and on PostgreSQL at once through notifications.
         self.store.on_append(self.projector.wake)
         self.store.on_append(self.hub.wake)
+        self.listeners: list[Listener] = []
+        if is_postgres(settings.event_store_url):
+            self.listeners.append(Listener(settings.event_store_url, {EVENTS_CHANNEL: self._commit_elsewhere}))
+        if is_postgres(settings.read_store_url):
+            self.listeners.append(Listener(settings.read_store_url, {CHECKPOINTS_CHANNEL: self.read.on_notification}))
+        # Several processes on one PostgreSQL read database: one of them projects at a time.
+        self.leadership = Leadership(settings.read_store_url) if is_postgres(settings.read_store_url) else None
+
+    def _commit_elsewhere(self, _payload: str | None) -> None:
+        self.projector.wake()
+        self.hub.wake()
 
     async def open(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +79,30 @@ class Service:
     async def close(self) -> None:
         await self.store.close()
         await self.read.close()
+
+    async def project(self) -> None:
+        """Run the projector until `stop_projecting`; on PostgreSQL only while leading."""
+        if self.leadership is None:
+            await self.projector.run()
+        else:
+            await self.leadership.run(self.projector.run, self.projector.stop)
+
+    def stop_projecting(self) -> None:
+        if self.leadership is not None:
+            self.leadership.stop()
+        self.projector.stop()
+
+    async def listen(self) -> None:
+        """Take notifications (PostgreSQL) until `stop_listening`; returns at once on SQLite."""
+        await asyncio.gather(*(listener.run() for listener in self.listeners))
+
+    def stop_listening(self) -> None:
+        for listener in self.listeners:
+            listener.stop()
+
+    def stop_all(self) -> None:
+        self.stop_projecting()
+        self.stop_listening()
 
 
 def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
@@ -82,15 +118,18 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
     async def lifespan(app: Starlette):
         await service.open()
         log.info("event log at position %d", await service.store.head())
-        projecting = asyncio.create_task(service.projector.run()) if run_projector else None
+        projecting = asyncio.create_task(service.project()) if run_projector else None
         fanning_out = asyncio.create_task(service.hub.run())
+        listening = asyncio.create_task(service.listen())
         try:
             yield
         finally:
+            service.stop_listening()
+            await listening
             service.hub.stop()
             await fanning_out
             if projecting:
-                service.projector.stop()
+                service.stop_projecting()
                 await projecting
             await service.close()
 
@@ -153,8 +192,8 @@ async def _projections_run(service: Service) -> None:
     log.info("projecting into %s; stop with Ctrl-C", service.settings.read_store_url)
     loop = asyncio.get_running_loop()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, service.projector.stop)
-    await service.projector.run()
+        loop.add_signal_handler(stop_signal, service.stop_all)
+    await asyncio.gather(service.project(), service.listen())
 
 
 async def _projections_status(service: Service) -> None:

@@ -50,10 +50,12 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
         # Let the begin event below decide how a transaction starts.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        # First: switching a new file to WAL takes a lock that another process starting
+        # at the same moment may hold.
+        cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before it returns, even in WAL mode.
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

@@ -102,8 +102,9 @@ class Projector:
             return False
         moved: dict[str, int] = {}
         async with self.read_store.writer.begin() as conn:
-            # Re-read under the write lock: a rebuild may have swapped tables meanwhile.
-            states = await self.read_store.checkpoints(conn)
+            # Re-read under the write lock: a rebuild may have swapped tables meanwhile,
+            # or (PostgreSQL) another projector applied this batch already.
+            states = await self.read_store.checkpoints(conn, lock=True)
             for projection in active:
                 state = states[projection.name]
                 if state.failed_position is not None or state.position < start:
@@ -111,6 +112,7 @@ class Projector:
                 todo = [e for e in batch if e.position > state.position]
                 if todo and await self._apply(conn, projection, todo):
                     moved[projection.name] = todo[-1].position
+            await self.read_store.announce(conn, moved)
         await self.read_store.advanced(moved)
         return True
 
@@ -176,12 +178,14 @@ class Projector:
                 if progress:
                     progress(position, max(head, position))
             async with self.read_store.writer.begin() as conn:
+                await self.read_store.checkpoints(conn, lock=True)
                 while batch := await self.store.read(after=position, limit=self.batch_size):
                     position = await self._replay(conn, chosen, shadows, batch)
                 for p in chosen:
                     await self.read_store.swap(conn, shadows[p.name])
                     await self.read_store.move(conn, p.name, position, rebuilding=False,
                                                failed_position=None, error=None)
+                await self.read_store.announce(conn, {p.name: position for p in chosen})
         except BaseException:
             async with self.read_store.writer.begin() as conn:
                 for p in chosen:

@@ -6,6 +6,7 @@ projections it reads have reached a position.
 """
 
 import asyncio
+import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     insert,
     select,
     update,
@@ -29,6 +31,7 @@ from sqlalchemy.sql.elements import conv
 from infrastructure import migrations
 from infrastructure.database import UTCDateTime, engine_pair
 from infrastructure.errors import PublicError
+from infrastructure.postgres import CHECKPOINTS_CHANNEL
 
 # Indexes of read-model tables carry their table's name, so a shadow copy built during a
 # rebuild gets indexes of its own.
@@ -72,6 +75,7 @@ class ReadStore:
         self.url = url
         self.consistency_timeout = consistency_timeout
         self.writer, self.reader = engine_pair(url)
+        self._postgres = self.writer.dialect.name == "postgresql"
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()
 
@@ -91,9 +95,17 @@ class ReadStore:
         if self.reader is not self.writer:
             await self.reader.dispose()
 
-    async def checkpoints(self, conn: AsyncConnection | None = None) -> dict[str, Checkpoint]:
+    async def checkpoints(self, conn: AsyncConnection | None = None, lock: bool = False) -> dict[str, Checkpoint]:
+        """Every projection's checkpoint; with `lock`, held until `conn` commits.
+
+        The lock matters on PostgreSQL, where two projectors (a leader and one that has
+        not noticed it lost the lead, or a rebuild) may write at once: the second waits,
+        then sees where the first left the checkpoints. SQLite has one writer anyway.
+        """
         query = select(checkpoints.c.name, checkpoints.c.position, checkpoints.c.rebuilding,
                        checkpoints.c.failed_position, checkpoints.c.error)
+        if lock:
+            query = query.with_for_update()
         if conn is not None:
             rows = (await conn.execute(query)).all()
         else:
@@ -111,6 +123,18 @@ class ReadStore:
         await conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
             updated_at=datetime.now(UTC), **fields))
 
+    async def announce(self, conn: AsyncConnection, moved: Mapping[str, int]) -> None:
+        """Tell other processes, at `conn`'s commit, where the checkpoints moved (PostgreSQL)."""
+        if self._postgres and moved:
+            await conn.execute(select(func.pg_notify(CHECKPOINTS_CHANNEL, json.dumps(dict(moved)))))
+
+    async def on_notification(self, payload: str | None) -> None:
+        """A projector in another process moved checkpoints (None: notifications were lost)."""
+        if payload is None:
+            await self.refresh()
+        else:
+            await self.advanced(json.loads(payload))
+
     async def refresh(self) -> None:
         """Take the checkpoints from the database, e.g. when another process projects."""
         await self.advanced(await self._positions_in_database())
@@ -121,15 +145,18 @@ class ReadStore:
     async def advanced(self, positions: Mapping[str, int]) -> None:
         """Record committed checkpoints and wake the queries waiting for them."""
         async with self._advanced:
-            self._positions.update(positions)
+            # Notifications may arrive late or twice: a checkpoint never moves back here.
+            for name, position in positions.items():
+                self._positions[name] = max(position, self._positions.get(name, 0))
             self._advanced.notify_all()
 
     async def wait_for(self, position: int | None, names: Iterable[str],
                        timeout: float | None = None) -> None:
         """Return once every projection in `names` has applied `position`.
 
-        Woken by the projector of this process as soon as it commits; where another
-        process projects, the checkpoints are re-read every 100 ms. Raises
+        Woken by the projector of this process as soon as it commits, and on PostgreSQL
+        by the notification of a projector in another process; besides, the checkpoints
+        are re-read every 100 ms. Raises
         ConsistencyTimeout after `timeout` seconds (the store's default if None). A
         `position` of None asks for no wait at all.
         """

@@ -25,6 +25,7 @@ from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
 from infrastructure.auth import issue_token
 from infrastructure.event_store import EventStore
+from infrastructure.postgres import dsn
 from infrastructure.settings import Settings
 from orderstream import build_app
 
@@ -39,10 +40,6 @@ def _run(coroutine) -> Any:
         return thread.submit(asyncio.run, coroutine).result()
 
 
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @dataclass(frozen=True)
 class Postgres:
     """The two databases of this test run on the PostgreSQL server."""
@@ -52,7 +49,7 @@ class Postgres:
 
     def reset(self) -> None:
         async def empty(url: str) -> None:
-            connection = await asyncpg.connect(_dsn(url))
+            connection = await asyncpg.connect(dsn(url))
             try:
                 await connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
             finally:
@@ -69,7 +66,7 @@ def postgres() -> Iterator[Postgres]:
     names = (f"{run}_events", f"{run}_read")
 
     async def create() -> None:
-        connection = await asyncpg.connect(_dsn(server), timeout=5)
+        connection = await asyncpg.connect(dsn(server), timeout=5)
         try:
             for name in names:
                 await connection.execute(f'CREATE DATABASE "{name}"')
@@ -88,7 +85,7 @@ def postgres() -> Iterator[Postgres]:
     yield Postgres(*(base.set(database=name).render_as_string(hide_password=False) for name in names))
 
     async def drop() -> None:
-        connection = await asyncpg.connect(_dsn(server))
+        connection = await asyncpg.connect(dsn(server))
         try:
             for name in names:
                 await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
