@@ -139,7 +139,13 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
         except Exception:
             log.exception("health check: the event store is unreachable")
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok", "head": head})
+        if not run_projector:
+            projector = "elsewhere"
+        elif service.leadership is None:
+            projector = "running"
+        else:
+            projector = "leading" if service.leadership.leading else "standby"
+        return JSONResponse({"status": "ok", "head": head, "projector": projector})
 
     return Starlette(
         routes=[

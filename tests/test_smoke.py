@@ -23,6 +23,7 @@ async def test_healthz(api):
     response = await api.http.get("/healthz")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
+    assert response.json()["projector"] == "running"
 
 
 async def test_graphiql_page(api):
