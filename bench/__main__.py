@@ -5,11 +5,12 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench import hot_aggregate, read_latency, rebuild, subscriptions
+from bench import commands, hot_aggregate, read_latency, rebuild, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
     "hot_aggregate": hot_aggregate.run,
+    "commands": commands.run,
     "rebuild": rebuild.run,
     "read_latency": read_latency.run,
     "subscriptions": subscriptions.run,

@@ -76,7 +76,9 @@ class Progress:
         self.shown_at = now
         rate = done / (now - self.started)
         eta = (self.total - done) / rate if rate else 0.0
-        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, ETA {eta:.0f} s"
+        # Slow work (a few measured points a minute) needs a decimal to show a rate at all.
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {shown} {self.unit}/s, ETA {eta:.0f} s"
         sys.stderr.write(f"\r{line:<100}" if self.live else line + "\n")
         sys.stderr.flush()
 
@@ -98,6 +100,23 @@ def cpu_seconds() -> tuple[float, float] | None:
     busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
     own = os.times()
     return busy, own.user + own.system
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system time of every thread of process `pid` so far (Linux only)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields 14 and 15 (utime, stime), counted after the command name, which may hold spaces.
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None off Linux)."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return [float(value) for value in loadavg.read().split()[:3]]
+    except OSError:
+        return None
 
 
 def other_cpu_cores(before: tuple[float, float] | None, after: tuple[float, float] | None,
