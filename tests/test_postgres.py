@@ -3,6 +3,10 @@ processes append, one projector leads at a time and another takes over when it d
 and three `orderstream serve` processes act as one service."""
 
 import asyncio
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,14 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import websockets
 
 from commands.dispatcher import new_event
 from events import ProductAdded
 from infrastructure.event_store import EventStore, StreamWrite
 from infrastructure.settings import Settings
-from orderstream import Service
-from tests.conftest import SECRET, Databases
+from orderstream import Service, projections
+from tests.conftest import SECRET, Databases, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITERS, EVENTS_PER_WRITER = 8, 2_500
@@ -132,3 +138,148 @@ async def test_one_service_projects_and_another_takes_over_when_it_stops(databas
 
 async def _value(result: Any) -> Any:
     return await result if asyncio.iscoroutine(result) else result
+
+
+# ---------------------------------------------------------------- three serve processes
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Process:
+    """`orderstream serve` in a process of its own, on the test's PostgreSQL databases."""
+
+    def __init__(self, databases: Databases, folder: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {**os.environ, **databases.environ, "ORDERSTREAM_JWT_SECRET": SECRET,
+                   "ORDERSTREAM_RATE_LIMIT": "0", "ORDERSTREAM_CONSISTENCY_TIMEOUT": "20"}
+        self.log = (folder / f"serve-{self.port}.log").open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", "import orderstream; orderstream.main()", "serve", "--port", str(self.port),
+             "--data-dir", str(folder)], cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT)
+
+    async def health(self, http: httpx.AsyncClient) -> dict[str, Any] | None:
+        try:
+            return (await http.get(f"{self.url}/healthz")).json()
+        except httpx.TransportError:
+            assert self.popen.poll() is None, f"serve on {self.port} exited: {self.output()}"
+            return None
+
+    async def graphql(self, http: httpx.AsyncClient, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        response = await http.post(f"{self.url}/graphql", json={"query": query, "variables": variables},
+                                   headers=STAFF)
+        body = response.json()
+        assert response.status_code == 200 and "errors" not in body, body
+        return body["data"]
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+
+
+STAFF = bearer("staff")
+REGISTER = """mutation($input: RegisterCustomerInput!) {
+  registerCustomer(input: $input) { ... on RegisterCustomerSuccess { customerId position } } }"""
+ADD_PRODUCT = """mutation($input: AddProductInput!) {
+  addProduct(input: $input) { ... on ProductSuccess { sku position } } }"""
+PLACE_ORDER = """mutation($input: PlaceOrderInput!) {
+  placeOrder(input: $input) { ... on OrderSuccess { orderId position } } }"""
+ORDER = """query($id: ID!, $at: Position) { order(id: $id, consistentWith: $at) { id status } }"""
+CUSTOMER_ORDERS = """query($id: ID!, $at: Position) {
+  customerOrders(customerId: $id, consistentWith: $at) { totalCount } }"""
+STATUS = "{ projectionStatus { name position headPosition lag } }"
+EVENTS = "subscription { events(after: 0) { position type streamId } }"
+
+
+async def place_orders(process: Process, http: httpx.AsyncClient, customer_id: str, count: int) -> list[dict]:
+    placed = []
+    for _ in range(count):
+        data = await process.graphql(http, PLACE_ORDER, {"input": {
+            "customerId": customer_id, "items": [{"sku": "SCALE-1", "quantity": 1}],
+            "shippingAddress": {"name": "Ann Example", "line1": "Hauptstr. 1", "city": "Berlin",
+                                "postalCode": "10115", "country": "DE"}}})
+        placed.append(data["placeOrder"])
+    return placed
+
+
+async def subscribe_until(url: str, head: asyncio.Future) -> list[dict]:
+    """Every event of the `events` subscription up to position `head` (known later), over
+    graphql-transport-ws."""
+    received = []
+    async with websockets.connect(url.replace("http", "ws") + "/graphql",
+                                  subprotocols=["graphql-transport-ws"]) as socket_:
+        init = {"type": "connection_init", "payload": {"authorization": STAFF["Authorization"]}}
+        await socket_.send(json.dumps(init))
+        assert json.loads(await socket_.recv())["type"] == "connection_ack"
+        await socket_.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": EVENTS}}))
+        while not (head.done() and received and int(received[-1]["position"]) >= head.result()):
+            message = json.loads(await asyncio.wait_for(socket_.recv(), 30))
+            if message["type"] == "ping":
+                await socket_.send(json.dumps({"type": "pong"}))
+                continue
+            assert message["type"] == "next", message
+            received.append(message["payload"]["data"]["events"])
+    return received
+
+
+async def test_three_serve_processes_act_as_one_service(databases: Databases, tmp_path: Path):
+    processes = [Process(databases, tmp_path) for _ in range(3)]
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            for process in processes:
+                await wait_for(lambda p=process: p.health(http), 60, f"serve on {process.port} did not start")
+            commands, subscriber, reader = processes
+
+            customer = (await commands.graphql(http, REGISTER, {"input": {
+                "name": "Ann Example", "email": "ann@example.com", "country": "DE"}}))["registerCustomer"]
+            await commands.graphql(http, ADD_PRODUCT, {"input": {
+                "sku": "SCALE-1", "name": "Scale", "price": {"amount": "2.50", "currency": "EUR"},
+                "initialStock": 1000}})
+            # The subscriber starts before the orders and follows them live.
+            placing = asyncio.create_task(place_orders(commands, http, customer["customerId"], 30))
+            head = asyncio.get_running_loop().create_future()
+            following = asyncio.create_task(subscribe_until(subscriber.url, head))
+            placed = await placing
+            head.set_result(int(placed[-1]["position"]))
+            delivered = await following
+            assert [int(e["position"]) for e in delivered] == list(range(1, head.result() + 1))
+            assert [e["type"] for e in delivered].count("OrderPlaced") == 30
+
+            for order in placed:
+                data = await reader.graphql(http, ORDER, {"id": order["orderId"], "at": order["position"]})
+                assert data["order"] == {"id": order["orderId"], "status": "PENDING"}
+
+            # Kill the projector's leader without warning; the read models must still converge.
+            states = [(await process.health(http))["projector"] for process in processes]
+            assert sorted(states) == ["leading", "standby", "standby"], states
+            leader = processes[states.index("leading")]
+            leader.popen.send_signal(signal.SIGKILL)
+            leader.popen.wait()
+            survivors = [process for process in processes if process is not leader]
+
+            more = await place_orders(survivors[0], http, customer["customerId"], 10)
+            data = await survivors[1].graphql(http, CUSTOMER_ORDERS, {"id": customer["customerId"],
+                                                                      "at": more[-1]["position"]})
+            assert data["customerOrders"]["totalCount"] == 40
+            status = (await survivors[1].graphql(http, STATUS, {}))["projectionStatus"]
+            assert {s["name"]: s["lag"] for s in status} == {p.name: 0 for p in projections()}
+            assert {s["headPosition"] for s in status} == {more[-1]["position"]}
+            states = sorted([(await process.health(http))["projector"] for process in survivors])
+            assert states == ["leading", "standby"], states
+    finally:
+        for process in processes:
+            process.stop()
