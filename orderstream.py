@@ -13,6 +13,7 @@ import time
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -22,7 +23,9 @@ from starlette.routing import Route, WebSocketRoute
 
 from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
+from infrastructure import migrations
 from infrastructure.auth import ROLES, TokenVerifier
+from infrastructure.database import engine_pair
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EVENTS_CHANNEL, EventStore
 from infrastructure.http import BodyLimit, SecurityHeaders
@@ -226,6 +229,19 @@ def _progress_bar() -> callable:
     return show
 
 
+async def _migrate(args: argparse.Namespace) -> None:
+    settings = Settings.load(args.data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for tree, url in (("events", settings.event_store_url), ("read", settings.read_store_url)):
+        writer, reader = engine_pair(url)
+        try:
+            revision = await migrations.upgrade(writer, tree)
+        finally:
+            await writer.dispose()
+            await reader.dispose()
+        sys.stdout.write(f"{tree}: {make_url(url).render_as_string()} at revision {revision}\n")
+
+
 def _projections_rebuild(names: list[str]):
     async def rebuild(service: Service) -> None:
         known = [p.name for p in service.projector.projections]
@@ -246,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     # Strawberry logs every GraphQL error with a traceback, the expected ones too;
     # infrastructure.graphql_errors logs the unexpected ones, with their correlation id.
     logging.getLogger("strawberry.execution").setLevel(logging.CRITICAL)
+    # Alembic narrates every step; infrastructure.migrations says what changed.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="orderstream", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -262,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--ttl-hours", type=float, default=12.0)
     token.set_defaults(run=_token)
 
+    migrate = commands.add_parser("migrate", help="bring both databases to the newest schema (serve does it too)")
+    migrate.set_defaults(run=lambda a: asyncio.run(_migrate(a)))
+
     projections_cli = commands.add_parser("projections", help="run, inspect or rebuild the read models")
     actions = projections_cli.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="project the log into the read models until stopped")
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     rebuild.add_argument("names", nargs="*", metavar="NAME", help="projections to rebuild (default: all)")
     rebuild.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_rebuild(a.names))))
 
-    for sub in (serve, token, run, status, rebuild):
+    for sub in (serve, token, migrate, run, status, rebuild):
         sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "
                                             "(default: $ORDERSTREAM_DATA_DIR or ./var)")
     args = parser.parse_args(argv)

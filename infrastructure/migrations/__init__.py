@@ -7,6 +7,7 @@ the newest one; `tests/test_migrations.py` fails while the tables that the code 
 and the tables that the revisions make differ.
 """
 
+import logging
 from pathlib import Path
 
 from alembic import command, context
@@ -15,6 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger("orderstream.migrations")
 
 HERE = Path(__file__).parent
 TREES = {"events": "alembic_version_events", "read": "alembic_version_read"}
@@ -44,10 +47,15 @@ async def upgrade(engine: AsyncEngine, tree: str) -> str:
 def _upgrade(connection: Connection, tree: str) -> str:
     cfg = config(tree)
     cfg.attributes["connection"] = connection
-    if current_revision(connection, tree) is None and inspect(connection).has_table(FIRST_TABLE[tree]):
-        command.stamp(cfg, ScriptDirectory.from_config(cfg).get_base())
+    before = current_revision(connection, tree)
+    if before is None and inspect(connection).has_table(FIRST_TABLE[tree]):
+        before = ScriptDirectory.from_config(cfg).get_base()
+        command.stamp(cfg, before)
     command.upgrade(cfg, "head")
-    return current_revision(connection, tree)
+    after = current_revision(connection, tree)
+    if after != before:
+        log.info("migrated the %s database from revision %s to %s", tree, before or "(empty)", after)
+    return after
 
 
 def current_revision(connection: Connection, tree: str) -> str | None:
