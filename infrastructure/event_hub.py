@@ -6,6 +6,10 @@ event can slip past between the two. Each live subscriber has a bounded queue; o
 falls behind is detached, drains what it has, and goes back to reading the log until it
 has caught up again: the log is the buffer, so memory stays bounded and nobody waits for
 the slowest reader.
+
+A caught-up subscription may instead be parked with a shared delivery (see
+infrastructure.multiplex), which sends its live events for it until it drops it back
+here at the last position it delivered.
 """
 
 import asyncio
@@ -22,13 +26,23 @@ Filter = Callable[[RecordedEvent], bool]
 
 
 @dataclass(eq=False)
-class _Subscriber:
+class Subscriber:
+    """Where one subscription stands: the last position it has been given (or skipped)."""
+
     position: int
     wants: Filter
     queue: asyncio.Queue
-    # Set by the hub when the queue overflowed: drain it, then read the log again.
+    # A shared delivery's own feed, not a client's subscription: not counted in `subscribers`.
+    feed: bool = False
+    # Set by the hub when the queue overflowed, or by a shared delivery that dropped the
+    # subscriber: drain the queue, then read the log again from `position`.
     detached: bool = False
     woken: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+# Offered a caught-up subscriber: True if it took it (and will set `detached` and wake it
+# when it hands it back), False to leave it to the hub.
+Park = Callable[[Subscriber], bool]
 
 
 class EventHub:
@@ -39,14 +53,16 @@ class EventHub:
         self.queue_size = queue_size
         self.poll_interval = poll_interval
         self.position = 0  # the last event fanned out
-        self._live: set[_Subscriber] = set()
+        self._live: set[Subscriber] = set()
+        self._parked: set[Subscriber] = set()
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
         self._stopping = False
 
     @property
     def subscribers(self) -> int:
-        return len(self._live)
+        """Live subscriptions: on the hub or parked with a shared delivery."""
+        return len(self._parked) + sum(not subscriber.feed for subscriber in self._live)
 
     def wake(self, _position: int = 0) -> None:
         """Called after each commit of this process; other writers are seen by the poll."""
@@ -71,7 +87,7 @@ class EventHub:
                 continue
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-        for subscriber in self._live:
+        for subscriber in self._live | self._parked:
             subscriber.detached = True
             subscriber.woken.set()
 
@@ -89,14 +105,23 @@ class EventHub:
             subscriber.woken.set()
         self.position = batch[-1].position
 
-    async def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
+    def subscribe(self, after: int | None, wants: Filter, park: Park | None = None) -> AsyncIterator[RecordedEvent]:
         """Events after position `after` (from now on if None) that `wants` accepts, in order,
-        each exactly once."""
+        each exactly once. Each time the subscription has caught up, `park` is offered it
+        first; while parked, the events are delivered by whoever took it, not yielded here."""
+        return self._follow(after, wants, park, feed=False)
+
+    def feed(self, after: int, wants: Filter) -> AsyncIterator[RecordedEvent]:
+        """As `subscribe`, for a shared delivery's own source of events."""
+        return self._follow(after, wants, None, feed=True)
+
+    async def _follow(self, after: int | None, wants: Filter, park: Park | None,
+                      feed: bool) -> AsyncIterator[RecordedEvent]:
         await self._started.wait()
         # "From now on" is the log's head, not the hub's position: the hub may not have fanned
         # out yet what was committed before this call.
         start = await self.store.head() if after is None else after
-        subscriber = _Subscriber(start, wants, asyncio.Queue(self.queue_size))
+        subscriber = Subscriber(start, wants, asyncio.Queue(self.queue_size), feed)
         try:
             while not self._stopping:
                 async for event in self._catch_up(subscriber):
@@ -104,23 +129,40 @@ class EventHub:
                 # Nothing awaited since the catch-up saw the hub's position: attaching here
                 # leaves no gap, and positions at or below ours are skipped as duplicates.
                 subscriber.detached = False
+                if park is not None and park(subscriber):
+                    await self._parked_until_dropped(subscriber)
+                    continue
                 self._live.add(subscriber)
                 async for event in self._live_events(subscriber):
                     yield event
         finally:
             self._live.discard(subscriber)
+            self._parked.discard(subscriber)
 
-    async def _catch_up(self, subscriber: _Subscriber) -> AsyncIterator[RecordedEvent]:
+    async def _catch_up(self, subscriber: Subscriber) -> AsyncIterator[RecordedEvent]:
         while subscriber.position < self.position:
             batch = await self.store.read(after=subscriber.position, limit=self.batch_size)
             if not batch:
                 return
             for event in batch:
+                # Never past the hub: whatever it has not fanned out yet, it will, and a
+                # subscriber that attaches (or parks) stands exactly where the hub stands.
+                if event.position > self.position:
+                    break
                 subscriber.position = event.position
                 if subscriber.wants(event):
                     yield event
 
-    async def _live_events(self, subscriber: _Subscriber) -> AsyncIterator[RecordedEvent]:
+    async def _parked_until_dropped(self, subscriber: Subscriber) -> None:
+        self._parked.add(subscriber)
+        try:
+            while not subscriber.detached:
+                subscriber.woken.clear()
+                await subscriber.woken.wait()
+        finally:
+            self._parked.discard(subscriber)
+
+    async def _live_events(self, subscriber: Subscriber) -> AsyncIterator[RecordedEvent]:
         while True:
             if subscriber.queue.empty():
                 if subscriber.detached:

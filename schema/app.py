@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
@@ -19,6 +20,7 @@ from infrastructure.graphql_errors import ErrorCodes
 from infrastructure.graphql_execution import PerEventMemo
 from infrastructure.graphql_http import GraphQLOverHTTP
 from infrastructure.limits import QueryBounds, QueryLimits
+from infrastructure.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
 from infrastructure.rate_limit import RateLimit
 from infrastructure.read_store import ReadStore
 from queries.event_feed import OrderOwners
@@ -52,11 +54,29 @@ def caller(request: HTTPConnection, actor: Actor | None) -> str:
     return f"address {request.client.host if request.client else 'unknown'}"
 
 
+def shared_rights(context: Context) -> Rights | None:
+    """What a WebSocket caller's subscriptions may share: every caller with the same role and
+    customer sees the same events the same way (queries.event_feed.may_see), so their
+    subscriptions with the same document and variables share one execution, run with those
+    rights and no token. Each caller's own token still ends its share when it expires."""
+    actor = context.verified_actor
+    if context.auth_error is not None or actor is None or actor.role is None:
+        return None
+    rights = Actor(subject=None, role=actor.role, customer_id=actor.customer_id)
+    shared = dataclasses.replace(context, verified_actor=rights, connection=None, connection_params=None)
+    return Rights(key=(actor.role, actor.customer_id), context=shared,
+                  expires_at=actor.expires_at.timestamp() if actor.expires_at is not None else None)
+
+
 class GraphQLApp(GraphQLOverHTTP):
     """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET, and
     subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws).
     `rate_limit` counts HTTP requests per caller; WebSocket origins other than this one
-    and `websocket_origins` are refused at the handshake."""
+    and `websocket_origins` are refused at the handshake. Subscriptions with the same
+    document, variables and rights share their executions (infrastructure.multiplex)."""
+
+    graphql_transport_ws_handler_class = SharingTransportWS
+    graphql_ws_handler_class = SharingLegacyWS
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
                  read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier, *,
@@ -67,6 +87,7 @@ class GraphQLApp(GraphQLOverHTTP):
                          keep_alive_interval=15, max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
         self.hub, self.owners, self.rate_limit = hub, owners, rate_limit
+        self.multiplexer = Multiplexer(schema, hub, shared_rights)
 
     async def __call__(self, scope, receive, send) -> None:
         try:

@@ -38,7 +38,10 @@ class Subscription:
         def wants(event) -> bool:
             return (stream_id is None or event.stream_id == stream_id) and (types is None or event.type in types)
 
-        async for event in context.hub.subscribe(after, wants):
+        # Over WebSocket, the root value is the subscription's share of a group's execution
+        # (infrastructure.multiplex): it reads the log like the hub and is parked there once live.
+        feed = info.root_value or context.hub
+        async for event in feed.subscribe(after, wants):
             actor.require_unexpired()
             if await may_see(actor, event, context.owners):
                 yield DomainEvent.of(event)

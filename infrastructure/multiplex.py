@@ -1,0 +1,306 @@
+"""Subscriptions that share one execution and one serialized payload per event.
+
+Subscriptions over WebSocket with the same document, operation name, variables and rights
+(what decides which events they see and how each one looks) form a group, as Hasura
+multiplexes its live queries. Each subscription first reads the log on its own through its
+own execution, exactly as an unshared one (catch-up). Once it has caught up, the event hub
+offers it to the multiplexer, which parks it in its group (infrastructure.event_hub). A
+group runs the document once per event through the schema, with its rights but nobody's
+token, serializes the payload once and writes the same frame (only the operation id
+differs) straight to every member's socket.
+
+A group never waits for a socket. A frame the socket cannot take at once (the client reads
+too slowly and the transport's buffer is full) is not written: the member is dropped back
+to the hub at the last position it was sent, reads the log on its own again, with its
+own execution and the ordinary backpressure of its socket, and parks again when it has
+caught up. Its token's expiry is checked before every frame.
+
+A subscription resolver opts in by following `info.root_value`, the operation's `Member`,
+when there is one, instead of the hub: `(info.root_value or hub).subscribe(after, wants)`.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import strawberry
+from starlette.websockets import WebSocket
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
+from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+from strawberry.types import ExecutionResult
+
+from infrastructure.event_hub import EventHub, Filter, Subscriber
+from infrastructure.event_store import RecordedEvent
+
+log = logging.getLogger("orderstream.multiplex")
+
+
+@dataclass(frozen=True)
+class Rights:
+    """What decides what a caller's subscription delivers: `key` is equal for callers who see
+    the same, `context` is the context a group executes with (those rights, no token), and
+    `expires_at` (a Unix time) ends this caller's share."""
+
+    key: Hashable
+    context: Any
+    expires_at: float | None
+
+
+@dataclass(eq=False)
+class Member:
+    """One subscription of one socket, while it is shared. The root value of its operation."""
+
+    multiplexer: "Multiplexer"
+    key: tuple
+    query: str
+    variables: dict[str, Any] | None
+    operation_name: str | None
+    rights: Rights
+    websocket: WebSocket
+    # The frame up to the payload, e.g. '{"id":"1","type":"next","payload":'.
+    prefix: str
+    expires_at: float | None = None
+    position: int = 0  # the last event this subscription was sent
+    subscriber: Subscriber | None = None
+    # Set when its group failed: it goes on alone rather than start another one.
+    alone: bool = False
+
+    def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
+        """As EventHub.subscribe, parked with this subscription's group while caught up."""
+        return self._follow(after, wants)
+
+    async def _follow(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
+        try:
+            async for event in self.multiplexer.hub.subscribe(after, wants, park=self.park):
+                yield event
+        finally:
+            self.multiplexer.leave(self)
+
+    def park(self, subscriber: Subscriber) -> bool:
+        return self.multiplexer.park(self, subscriber)
+
+    def send_now(self, frame: str) -> bool:
+        """Writes `frame` if the socket takes it without waiting. False if it would have had
+        to wait (nothing is written then) or the socket is gone.
+
+        An ASGI server's send returns at once while the transport accepts data: uvicorn's
+        waits only while the transport has paused writing. The send is stepped once by
+        hand; if it did not finish, it is abandoned before it wrote anything."""
+        sending = self.websocket.send({"type": "websocket.send", "text": frame})
+        try:
+            sending.send(None)
+        except StopIteration:
+            return True
+        except Exception:  # the socket is gone; its own task ends the subscription
+            return False
+        sending.close()
+        return False
+
+
+@dataclass(eq=False)
+class Group:
+    """One execution per event for members with the same key."""
+
+    multiplexer: "Multiplexer"
+    key: tuple
+    # What the group executes: its members' document, operation, variables, and their rights.
+    query: str
+    operation_name: str | None
+    variables: dict[str, Any] | None
+    context: Any
+    start: int  # the hub's position when the group formed
+    members: dict[Member, None] = field(default_factory=dict)
+    position: int = 0  # the position of the event behind the result being delivered
+    executions: int = 0
+    task: asyncio.Task | None = None
+
+    def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
+        """The group's events: from where the hub stood when it formed, whatever `after` says,
+        because every member has read the log up to there on its own."""
+        return self._follow(wants)
+
+    async def _follow(self, wants: Filter) -> AsyncIterator[RecordedEvent]:
+        async for event in self.multiplexer.hub.feed(self.start, wants):
+            self.position = event.position
+            yield event
+
+    async def run(self) -> None:
+        failed = False
+        results = await self.multiplexer.schema.subscribe(
+            self.query, variable_values=self.variables, context_value=self.context, root_value=self,
+            operation_name=self.operation_name)
+        try:
+            async for result in results:
+                self.executions += 1
+                self.multiplexer.executions += 1
+                if result.errors and result.data is None:
+                    # The members' own executions meet the same error and report it their way.
+                    failed = True
+                    break
+                self.deliver(self.position, self.multiplexer.payload(result))
+                if not self.members:
+                    break
+        except Exception:
+            log.exception("a shared subscription failed; its members go on alone")
+            failed = True
+        finally:
+            await results.aclose()
+            self.multiplexer.disband(self, alone=failed)
+
+    def deliver(self, position: int, payload: str) -> None:
+        now = time.time()
+        frames: dict[str, str] = {}  # by prefix: most members of a group use the same id
+        sent = 0
+        for member in tuple(self.members):
+            if position <= member.position:
+                continue  # it had read this one from the log before it parked
+            if member.expires_at is not None and now >= member.expires_at:
+                self.drop(member)
+                continue
+            frame = frames.get(member.prefix)
+            if frame is None:
+                frame = frames[member.prefix] = member.prefix + payload + "}"
+            if not member.send_now(frame):
+                self.drop(member)
+                continue
+            member.position = position
+            sent += 1
+        self.multiplexer.deliveries += sent
+
+    def drop(self, member: Member, alone: bool = False) -> None:
+        """Hands `member` back to the hub, to read the log from the last event it was sent."""
+        self.members.pop(member, None)
+        member.alone = member.alone or alone
+        subscriber, member.subscriber = member.subscriber, None
+        if subscriber is not None:
+            subscriber.position = member.position
+            subscriber.detached = True
+            subscriber.woken.set()
+
+
+class Multiplexer:
+    """The groups of this process's shared subscriptions. `rights` gives a WebSocket
+    context's Rights, or None for a caller whose subscriptions are not to be shared."""
+
+    def __init__(self, schema: strawberry.Schema, hub: EventHub, rights: Callable[[Any], Rights | None]) -> None:
+        self.schema = schema
+        self.hub = hub
+        self.rights = rights
+        self.groups: dict[tuple, Group] = {}
+        self.executions = 0  # results the groups rendered, each once for all its members
+        self.deliveries = 0  # frames the groups wrote
+
+    def member(self, websocket: WebSocket, prefix: str, query: str, variables: dict[str, Any] | None,
+               operation_name: str | None, context: Any) -> Member | None:
+        rights = self.rights(context)
+        if rights is None:
+            return None
+        try:
+            canonical = json.dumps(variables, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError):
+            return None
+        key = (query, operation_name, canonical, rights.key)
+        return Member(self, key, query, variables, operation_name, rights, websocket, prefix, rights.expires_at)
+
+    def park(self, member: Member, subscriber: Subscriber) -> bool:
+        """Takes a caught-up member into its group, forming the group if need be."""
+        if member.alone or (member.expires_at is not None and time.time() >= member.expires_at):
+            return False
+        group = self.groups.get(member.key)
+        if group is None:
+            # The group reads from where the hub stands, at or before every member's position.
+            group = self.groups[member.key] = Group(self, member.key, member.query, member.operation_name,
+                                                    member.variables, member.rights.context, self.hub.position)
+            group.task = asyncio.get_running_loop().create_task(group.run())
+        member.position = subscriber.position
+        member.subscriber = subscriber
+        group.members[member] = None
+        return True
+
+    def leave(self, member: Member) -> None:
+        """The member's subscription ended: the last one out ends the group."""
+        group = self.groups.get(member.key)
+        if group is None or member not in group.members:
+            return
+        del group.members[member]
+        member.subscriber = None
+        if not group.members:
+            del self.groups[member.key]
+            if group.task is not None:
+                group.task.cancel()
+
+    def disband(self, group: Group, alone: bool) -> None:
+        if self.groups.get(group.key) is group:
+            del self.groups[group.key]
+        for member in tuple(group.members):
+            group.drop(member, alone)
+
+    def payload(self, result: ExecutionResult) -> str:
+        """The `payload` of a next (or data) message, as strawberry's handlers build it."""
+        payload: dict[str, Any] = {"data": result.data}
+        if result.errors:
+            payload["errors"] = [error.formatted for error in result.errors]
+        if result.extensions:
+            payload["extensions"] = result.extensions
+        return json.dumps(payload)
+
+
+class _SharingSchema:
+    """Stands in for the schema in a WebSocket handler: each operation gets its Member as
+    its root value (the handler itself passes none)."""
+
+    def __init__(self, multiplexer: Multiplexer, handler: "SharingTransportWS | SharingLegacyWS") -> None:
+        self.multiplexer = multiplexer
+        self.handler = handler
+
+    async def stream(self, query, variable_values=None, context_value=None, root_value=None, operation_name=None,
+                     **options):
+        root_value = self._member(query, variable_values, operation_name, context_value) or root_value
+        return await self.multiplexer.schema.stream(query, variable_values, context_value, root_value,
+                                                    operation_name, **options)
+
+    async def subscribe(self, query, variable_values=None, context_value=None, root_value=None, operation_name=None,
+                        **options):
+        root_value = self._member(query, variable_values, operation_name, context_value) or root_value
+        return await self.multiplexer.schema.subscribe(query, variable_values, context_value, root_value,
+                                                       operation_name, **options)
+
+    def _member(self, query, variables, operation_name, context) -> Member | None:
+        # The handler calls this first thing in the task it started for the operation.
+        id = self.handler.operation_id(asyncio.current_task())
+        if id is None or not isinstance(query, str):
+            return None
+        return self.multiplexer.member(self.handler.websocket.ws, self.handler.frame_prefix(id), query, variables,
+                                       operation_name, context)
+
+
+class SharingTransportWS(BaseGraphQLTransportWSHandler):
+    """graphql-transport-ws, with subscriptions shared through the view's `multiplexer`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema = _SharingSchema(self.view.multiplexer, self)
+
+    def operation_id(self, task: asyncio.Task | None) -> str | None:
+        return next((id for id, operation in self.operations.items() if operation.task is task), None)
+
+    def frame_prefix(self, id: str) -> str:
+        return '{"id":' + json.dumps(id) + ',"type":"next","payload":'
+
+
+class SharingLegacyWS(BaseGraphQLWSHandler):
+    """The legacy graphql-ws protocol, with subscriptions shared through the view's `multiplexer`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema = _SharingSchema(self.view.multiplexer, self)
+
+    def operation_id(self, task: asyncio.Task | None) -> str | None:
+        return next((id for id, running in self.tasks.items() if running is task), None)
+
+    def frame_prefix(self, id: str) -> str:
+        return '{"type":"data","id":' + json.dumps(id) + ',"payload":'
