@@ -71,9 +71,11 @@ class ConsistencyTimeout(PublicError):
 
 
 class ReadStore:
-    def __init__(self, url: str, consistency_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1) -> None:
         self.url = url
         self.consistency_timeout = consistency_timeout
+        # How often a waiting query re-reads the checkpoints, for projectors elsewhere.
+        self.poll_interval = poll_interval
         self.writer, self.reader = engine_pair(url)
         self._postgres = self.writer.dialect.name == "postgresql"
         self._positions: dict[str, int] = {}
@@ -156,7 +158,7 @@ class ReadStore:
 
         Woken by the projector of this process as soon as it commits, and on PostgreSQL
         by the notification of a projector in another process; besides, the checkpoints
-        are re-read every 100 ms. Raises
+        are re-read every `poll_interval` seconds. Raises
         ConsistencyTimeout after `timeout` seconds (the store's default if None). A
         `position` of None asks for no wait at all.
         """
@@ -174,7 +176,7 @@ class ReadStore:
                         "retry, or check projectionStatus"
                     )
                 try:
-                    await asyncio.wait_for(self._advanced.wait(), min(remaining, 0.1))
+                    await asyncio.wait_for(self._advanced.wait(), min(remaining, self.poll_interval))
                 except TimeoutError:
                     self._positions.update(await self._positions_in_database())
 

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from infrastructure.event_store import EventStore
-from tests.conftest import Api, bearer
+from tests.conftest import BACKENDS, Api, bearer
 from tests.test_mutations import (
     STAFF,
-    log_head,
     money,
     order_input,
     product_input,
@@ -20,11 +19,13 @@ from tests.test_mutations import (
     succeed,
 )
 
+pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+
 
 @pytest.fixture
 async def log(api: Api) -> AsyncIterator[EventStore]:
     """A second reader of the app's log."""
-    store = EventStore(f"sqlite+aiosqlite:///{api.data_dir / 'events.db'}")
+    store = EventStore(api.databases.event_store_url)
     yield store
     await store.close()
 
@@ -73,21 +74,21 @@ async def test_forty_orders_race_for_ten_units(api, log):
 # ---------------------------------------------------------------- idempotency
 
 
-async def test_retry_with_the_same_key_returns_the_first_result(api):
+async def test_retry_with_the_same_key_returns_the_first_result(api, log):
     await succeed(api, "addProduct", product_input("MUG"), STAFF)
     customer_id = await register(api)
     headers = bearer("customer", customer_id)
     input = order_input(customer_id, ("MUG", 2), idempotencyKey="order-1")
     first = await succeed(api, "placeOrder", input, headers)
-    head = log_head(api)
+    head = await log.head()
 
     assert await run(api, "placeOrder", input, headers) == first
-    assert log_head(api) == head
+    assert await log.head() == head
 
     reused = await run(api, "placeOrder", {**input, "items": [{"sku": "MUG", "quantity": 3}]}, headers)
     assert (reused["__typename"], reused["code"], reused["field"]) == (
         "ValidationError", "IDEMPOTENCY_KEY_REUSED", "idempotencyKey")
-    assert log_head(api) == head
+    assert await log.head() == head
 
     # A key is the caller's own: another customer's "order-1" is another command.
     other_id = await register(api, "Bob")
@@ -96,16 +97,16 @@ async def test_retry_with_the_same_key_returns_the_first_result(api):
     assert other["orderId"] != first["orderId"]
 
 
-async def test_retry_of_a_transition_with_the_same_key(api):
+async def test_retry_of_a_transition_with_the_same_key(api, log):
     await succeed(api, "addProduct", product_input("MUG"), STAFF)
     customer_id = await register(api)
     order_id = (await succeed(api, "placeOrder", order_input(customer_id, ("MUG", 1)), STAFF))["orderId"]
     pay = {"orderId": order_id, "amount": money("10.00"), "expectedVersion": 1, "idempotencyKey": "pay-1"}
     first = await succeed(api, "payOrder", pay, STAFF)
-    head = log_head(api)
+    head = await log.head()
     # The order is at version 2 now: the retry is answered from the record, not re-decided.
     assert await run(api, "payOrder", pay, STAFF) == first
-    assert log_head(api) == head
+    assert await log.head() == head
 
 
 @pytest.mark.parametrize("stock", [10, 1])
@@ -113,33 +114,33 @@ async def test_the_same_key_sent_ten_times_at_once_appends_once(api, log, stock)
     await succeed(api, "addProduct", product_input("MUG", stock=stock), STAFF)
     customer_id = await register(api)
     headers = bearer("customer", customer_id)
-    head = log_head(api)
+    head = await log.head()
     input = order_input(customer_id, ("MUG", 1), idempotencyKey="checkout-7")
 
     results = await asyncio.gather(*(run(api, "placeOrder", input, headers) for _ in range(10)))
 
     assert results[0]["__typename"] == "OrderSuccess"
     assert all(result == results[0] for result in results), results
-    assert log_head(api) == head + 2  # one StockReserved, one OrderPlaced
+    assert await log.head() == head + 2  # one StockReserved, one OrderPlaced
     assert (await stock_levels(log, "MUG"))[-1] == stock - 1
 
 
 # ---------------------------------------------------------------- expected versions
 
 
-async def test_stale_expected_version_names_stream_and_versions(api):
+async def test_stale_expected_version_names_stream_and_versions(api, log):
     await succeed(api, "addProduct", product_input("MUG"), STAFF)
     seen = (await succeed(api, "restockProduct", {"sku": "MUG", "quantity": 1, "expectedVersion": 1},
                           STAFF))["version"]
     await succeed(api, "changeProductPrice", {"sku": "MUG", "price": money("11.00")}, STAFF)
-    head = log_head(api)
+    head = await log.head()
 
     stale = await run(api, "restockProduct", {"sku": "MUG", "quantity": 5, "expectedVersion": seen}, STAFF)
     assert {k: stale[k] for k in ("__typename", "code", "streamId", "expectedVersion", "actualVersion")} == {
         "__typename": "ConcurrencyConflict", "code": "CONCURRENCY_CONFLICT", "streamId": "MUG",
         "expectedVersion": 2, "actualVersion": 3,
     }
-    assert log_head(api) == head
+    assert await log.head() == head
 
 
 async def test_concurrent_writers_of_one_expected_version_one_wins(api, log):
@@ -176,13 +177,13 @@ async def test_place_order_appends_nothing_when_a_later_line_lacks_stock(api, lo
     await succeed(api, "addProduct", product_input("MUG", stock=5), STAFF)
     await succeed(api, "addProduct", product_input("PEN", "1.00", stock=1), STAFF)
     customer_id = await register(api)
-    head = log_head(api)
+    head = await log.head()
 
     result = await run(api, "placeOrder", order_input(customer_id, ("MUG", 2), ("PEN", 3)), STAFF)
 
     assert {k: result[k] for k in ("__typename", "sku", "requested", "available")} == {
         "__typename": "InsufficientStockError", "sku": "PEN", "requested": 3, "available": 1}
-    assert log_head(api) == head
+    assert await log.head() == head
     assert [e.type for e in await log.load("MUG")] == ["ProductAdded"]
     assert [e.type for e in await log.read(after=head)] == []
 

@@ -140,6 +140,38 @@ async def _value(result: Any) -> Any:
     return await result if asyncio.iscoroutine(result) else result
 
 
+async def test_notifications_wake_other_services_without_polling(databases: Databases, tmp_path: Path):
+    # The waiting service polls once a minute: only a notification can wake it in time.
+    waiting, writing = Service(settings_on(databases, tmp_path)), Service(settings_on(databases, tmp_path))
+    waiting.read.poll_interval = waiting.hub.poll_interval = waiting.projector.poll_interval = 60
+    for service in (waiting, writing):
+        await service.open()
+    hub = asyncio.create_task(waiting.hub.run())
+    listening = asyncio.create_task(waiting.listen())
+    try:
+        await wait_for(lambda: all(listener.listening.is_set() for listener in waiting.listeners), 10,
+                       "the listeners did not start")
+        feed = waiting.hub.subscribe(None, lambda event: True)
+        first_live = asyncio.create_task(anext(feed))
+        await asyncio.sleep(0.2)  # the subscriber is attached and waits
+        product = ProductAdded("NOTIFY-1", "Mug", "9.50", "EUR", 3)
+        [appended] = await writing.store.append([StreamWrite("NOTIFY-1", "Product", 0, [new_event(product)])])
+        assert (await asyncio.wait_for(first_live, 10)).event_id == appended.event_id
+
+        read_your_write = asyncio.create_task(waiting.read.wait_for(appended.position, ["products"], timeout=10))
+        await asyncio.sleep(0.2)
+        assert not read_your_write.done()
+        await writing.projector.catch_up()
+        await asyncio.wait_for(read_your_write, 10)
+        await feed.aclose()
+    finally:
+        waiting.stop_listening()
+        waiting.hub.stop()
+        await asyncio.gather(listening, hub)
+        for service in (waiting, writing):
+            await service.close()
+
+
 # ---------------------------------------------------------------- three serve processes
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from infrastructure.settings import Settings
 from orderstream import Service, build_app
-from tests.conftest import SECRET, Api, bearer
+from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
 
 STAFF = bearer("staff")
 ADDRESS = {"name": "Ann", "line1": "Main St 1", "city": "Berlin", "postalCode": "10115", "country": "DE"}
@@ -66,6 +66,7 @@ async def query(api: Api, document: str, variables: dict, headers: dict | None =
     return result["data"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_every_write_is_visible_to_the_query_that_names_its_position(api: Api):
     rng = random.Random(20260308)
     skus = [f"RYW-{n}" for n in range(4)]
@@ -138,10 +139,12 @@ async def test_every_write_is_visible_to_the_query_that_names_its_position(api: 
     assert min(done.values()) >= 20, done
 
 
-async def test_the_query_waits_for_a_projector_in_another_process(tmp_path: Path):
-    # The app does not project; a second service on the same files does, later. The
-    # waiting query must notice the checkpoint moving in the database and then answer.
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET})
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_query_waits_for_a_projector_in_another_process(tmp_path: Path, databases: Databases):
+    # The app does not project; a second service on the same databases does, later. The
+    # waiting query must notice the checkpoint moving (polling on SQLite, notified on
+    # PostgreSQL) and then answer.
+    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **databases.environ})
     app = build_app(settings, run_projector=False)
     projecting = Service(settings)
     async with app.router.lifespan_context(app):
