@@ -30,7 +30,7 @@ from infrastructure.event_store import EventStore
 from infrastructure.projector import Projector
 from infrastructure.read_store import ReadStore
 from orderstream import projections
-from tests.test_projector import checkpoint_rows, open_stores, read_models, replayed, sqlite_url
+from tests.test_projector import checkpoints_at, models_at, open_stores, replayed, sqlite_url
 
 STAFF = Actor(subject="staff-1", role="staff")
 NAMES = [p.name for p in projections()]
@@ -291,8 +291,8 @@ async def play(directory: Path, batch_size: int, plan: list) -> Counter[str]:
             await shop.run(step)
         await shop.projector.catch_up()
         head = await shop.store.head()
-        incremental = read_models(directory / "read.db")
-        assert checkpoint_rows(directory / "read.db") == {name: (head, 0, None, None) for name in NAMES}
+        incremental = await models_at(sqlite_url(directory / "read.db"))
+        assert await checkpoints_at(shop.read.url) == {name: (head, 0, None, None) for name in NAMES}
 
         found = await aggregates(shop.store)
         assert_read_models_match(directory / "read.db", found)
@@ -305,12 +305,12 @@ async def play(directory: Path, batch_size: int, plan: list) -> Counter[str]:
             await Projector(shop.store, reference, projections(), batch_size=1000).catch_up()
         finally:
             await reference.close()
-        assert read_models(directory / "reference.db") == incremental
+        assert await models_at(sqlite_url(directory / "reference.db")) == incremental
 
         # ...and the same read database rebuilt in place, into shadow tables swapped in.
         assert await shop.projector.rebuild(NAMES) == head
-        assert read_models(directory / "read.db") == incremental
-        assert checkpoint_rows(directory / "read.db") == {name: (head, 0, None, None) for name in NAMES}
+        assert await models_at(sqlite_url(directory / "read.db")) == incremental
+        assert await checkpoints_at(shop.read.url) == {name: (head, 0, None, None) for name in NAMES}
     finally:
         await shop.store.close()
         await shop.read.close()

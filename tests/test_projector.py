@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import events
 from commands.customer import RegisterCustomer
@@ -28,6 +30,7 @@ from commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, Ship
 from commands.product import AddProduct, ChangeProductPrice, RestockProduct
 from domain.aggregate import Aggregate
 from domain.order import Order
+from infrastructure import event_store
 from infrastructure.auth import Actor
 from infrastructure.event_store import EventStore
 from infrastructure.projector import Projection, Projector
@@ -35,7 +38,7 @@ from infrastructure.read_store import ConsistencyTimeout, ReadStore
 from infrastructure.settings import Settings
 from orderstream import Service, build_app, projections
 from queries import customers
-from tests.conftest import SECRET, bearer
+from tests.conftest import BACKENDS, SECRET, Databases, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAFF = Actor(subject="staff-1", role="staff")
@@ -49,25 +52,6 @@ CLI = [sys.executable, "-c", "import orderstream; orderstream.main()"]
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
-
-
-def read_models(path: Path) -> dict[str, tuple[list[str], list[tuple]]]:
-    """Every table of every projection: its columns and all its rows, by primary key."""
-    with closing(sqlite3.connect(path)) as db:
-        dump = {}
-        for projection in projections():
-            for table in projection.tables:
-                keys = ", ".join(f'"{column.name}"' for column in table.primary_key.columns)
-                cursor = db.execute(f'SELECT * FROM "{table.name}" ORDER BY {keys}')
-                dump[table.name] = ([d[0] for d in cursor.description], cursor.fetchall())
-        return dump
-
-
-def checkpoint_rows(path: Path) -> dict[str, tuple]:
-    """(position, rebuilding, failed_position, error) by projection; updated_at is wall-clock time."""
-    with closing(sqlite3.connect(path)) as db:
-        rows = db.execute("SELECT name, position, rebuilding, failed_position, error FROM projection_checkpoints")
-        return {name: tuple(rest) for name, *rest in rows}
 
 
 def table_shapes(path: Path) -> dict[str, tuple]:
@@ -85,6 +69,57 @@ def table_shapes(path: Path) -> dict[str, tuple]:
         return shapes
 
 
+async def models_at(url: str) -> dict[str, list[tuple]]:
+    """Every row of every projection's tables, by primary key, as the column types read them
+    (so that SQLite and PostgreSQL databases compare equal when their contents are)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return {table.name: [row for row in await conn.execute(
+                        select(table).order_by(*table.primary_key.columns))]
+                    for projection in projections() for table in projection.tables}
+    finally:
+        await engine.dispose()
+
+
+async def checkpoints_at(url: str) -> dict[str, tuple]:
+    """(position, rebuilding, failed_position, error) by projection."""
+    read = ReadStore(url)
+    try:
+        return {name: (c.position, c.rebuilding, c.failed_position, c.error)
+                for name, c in (await read.checkpoints()).items()}
+    finally:
+        await read.close()
+
+
+async def copy_log(source: Path, url: str) -> None:
+    """The log of the SQLite file `source`, with its personal-data keys, into the event store at `url`."""
+    target = EventStore(url)
+    await target.open()
+    await target.close()
+    reading, writing = create_async_engine(sqlite_url(source)), create_async_engine(url)
+    try:
+        async with reading.connect() as src, writing.begin() as dst:
+            for table in (event_store.events, event_store.personal_keys):
+                rows = [dict(row) for row in (await src.execute(select(table))).mappings()]
+                await dst.execute(insert(table), rows)
+    finally:
+        await reading.dispose()
+        await writing.dispose()
+
+
+async def reference_models(events_url: str, directory: Path) -> dict[str, list[tuple]]:
+    """The read models projected from position 0 into a fresh SQLite read database."""
+    store, read = EventStore(events_url), ReadStore(sqlite_url(directory / "reference.db"))
+    await open_stores(store, read)
+    try:
+        await Projector(store, read, projections(), batch_size=1000).catch_up()
+    finally:
+        await store.close()
+        await read.close()
+    return await models_at(read.url)
+
+
 def copy_database(source: Path, target: Path) -> None:
     with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
         src.backup(dst)
@@ -99,18 +134,6 @@ def positions(path: Path) -> dict[str, int]:
             return dict(db.execute("SELECT name, position FROM projection_checkpoints"))
     except sqlite3.OperationalError:
         return {}
-
-
-async def clean_rebuild(events_db: Path, directory: Path) -> dict[str, tuple[list[str], list[tuple]]]:
-    """The read models projected from position 0 into a fresh read database."""
-    store, read = EventStore(sqlite_url(events_db)), ReadStore(sqlite_url(directory / "reference.db"))
-    await open_stores(store, read)
-    try:
-        await Projector(store, read, projections(), batch_size=1000).catch_up()
-    finally:
-        await store.close()
-        await read.close()
-    return read_models(directory / "reference.db")
 
 
 async def open_stores(store: EventStore, read: ReadStore) -> None:
@@ -269,9 +292,11 @@ def dying(projection: Projection, countdown: Countdown, seen: list[int]) -> Proj
     return Projection(projection.name, projection.tables, apply)
 
 
-async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_duplicates(tmp_path, small_log):
-    copy_database(small_log, tmp_path / "events.db")
-    events_url, read_url = sqlite_url(tmp_path / "events.db"), sqlite_url(tmp_path / "read.db")
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_duplicates(
+        tmp_path, small_log, databases: Databases):
+    await copy_log(small_log, databases.event_store_url)
+    events_url, read_url = databases.event_store_url, databases.read_store_url
     rng = random.Random(2024)
     crashes = 0
     for _ in range(12):
@@ -279,7 +304,7 @@ async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_du
         store, read = EventStore(events_url), DyingReadStore(read_url)
         await open_stores(store, read)
         head = await store.head()
-        before = checkpoint_rows(tmp_path / "read.db")
+        before = await checkpoints_at(read_url)
         # Die somewhere in the first third of what is left to do.
         batch_size = rng.randint(1, 40)
         events_left = head - min(row[0] for row in before.values())
@@ -296,7 +321,7 @@ async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_du
         finally:
             await store.close()
             await read.close()
-        after = checkpoint_rows(tmp_path / "read.db")
+        after = await checkpoints_at(read_url)
         assert all(row[2:] == (None, None) for row in after.values()), after
         assert all(before[name][0] <= after[name][0] <= head for name in NAMES)
         if seen:  # the victim took up the log right after its checkpoint
@@ -313,8 +338,8 @@ async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_du
         await store.close()
         await read.close()
     assert crashes >= 6
-    assert checkpoint_rows(tmp_path / "read.db") == {name: (head, 0, None, None) for name in NAMES}
-    assert read_models(tmp_path / "read.db") == await clean_rebuild(tmp_path / "events.db", tmp_path)
+    assert await checkpoints_at(read_url) == {name: (head, False, None, None) for name in NAMES}
+    assert await models_at(read_url) == await reference_models(events_url, tmp_path)
 
 
 def kill_while_projecting(directory: Path, delay: float) -> dict[str, int]:
@@ -356,9 +381,10 @@ async def test_a_killed_projector_process_resumes_without_loss_or_duplicates(tmp
     finally:
         await service.close()
 
-    assert checkpoint_rows(tmp_path / "read.db") == {name: (head, 0, None, None) for name in NAMES}
-    assert read_models(tmp_path / "read.db") == await clean_rebuild(tmp_path / "events.db", tmp_path)
-    assert read_models(tmp_path / "read.db") == read_models(large_shop / "read.db")
+    read_url = sqlite_url(tmp_path / "read.db")
+    assert await checkpoints_at(read_url) == {name: (head, 0, None, None) for name in NAMES}
+    assert await models_at(read_url) == await reference_models(sqlite_url(tmp_path / "events.db"), tmp_path)
+    assert await models_at(read_url) == await models_at(sqlite_url(large_shop / "read.db"))
 
 
 # ---------------------------------------------------------------- a projection that fails
@@ -402,9 +428,11 @@ async def projection_status(settings: Settings, headers: dict[str, str]) -> dict
     return response.json()
 
 
-async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoint_after_a_restart(tmp_path, small_log):
-    copy_database(small_log, tmp_path / "events.db")
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET})
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoint_after_a_restart(
+        tmp_path, small_log, databases: Databases):
+    await copy_log(small_log, databases.event_store_url)
+    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **databases.environ})
     service = Service(settings)
     await service.open()
     try:
@@ -424,10 +452,9 @@ async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoin
         assert all((s.position, s.failed_position, s.error) == (head, None, None)
                    for name, s in states.items() if name != "orders")
         # The orders read model holds exactly what its checkpoint says was applied.
-        with closing(sqlite3.connect(tmp_path / "read.db")) as db:
-            assert db.execute("SELECT count(*) FROM orders WHERE status != 'PENDING'").fetchone() == (0,)
-            assert db.execute("SELECT count(*) FROM orders").fetchone()[0] == sum(
-                e.type == "OrderPlaced" and e.position <= stopped.position for e in log)
+        statuses = [row.status for row in (await models_at(databases.read_store_url))["orders"]]
+        assert set(statuses) == {"PENDING"}
+        assert len(statuses) == sum(e.type == "OrderPlaced" and e.position <= stopped.position for e in log)
 
         # Never skipped: later events move the others on, the stopped one stays where it failed.
         customer_id = next(e.stream_id for e in log if e.type == "CustomerRegistered")
@@ -474,8 +501,9 @@ async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoin
     finally:
         await service.close()
 
-    assert checkpoint_rows(tmp_path / "read.db") == {name: (placed.position, 0, None, None) for name in NAMES}
-    assert read_models(tmp_path / "read.db") == await clean_rebuild(tmp_path / "events.db", tmp_path)
+    assert await checkpoints_at(databases.read_store_url) == {name: (placed.position, False, None, None)
+                                                              for name in NAMES}
+    assert await models_at(databases.read_store_url) == await reference_models(databases.event_store_url, tmp_path)
 
 
 async def test_a_database_error_is_recorded_without_the_statement_or_its_personal_data(tmp_path):
@@ -581,8 +609,8 @@ PROGRESS = re.compile(r"\[([#.]{30})\] (\d+)/(\d+) events ([\d,]+)/s, ([\d,]+) s
 async def test_rebuild_shows_progress_and_leaves_the_read_models_as_they_were(tmp_path, large_shop):
     for name in ("events.db", "read.db"):
         copy_database(large_shop / name, tmp_path / name)
-    before, shapes = read_models(tmp_path / "read.db"), table_shapes(tmp_path / "read.db")
-    head = max(row[0] for row in checkpoint_rows(tmp_path / "read.db").values())
+    before, shapes = await models_at(sqlite_url(tmp_path / "read.db")), table_shapes(tmp_path / "read.db")
+    head = max(row[0] for row in (await checkpoints_at(sqlite_url(tmp_path / "read.db"))).values())
 
     done = cli("rebuild", directory=tmp_path)
 
@@ -594,9 +622,9 @@ async def test_rebuild_shows_progress_and_leaves_the_read_models_as_they_were(tm
     assert bars[-1][:3] == ("#" * 30, str(head), str(head))
     assert bars[-1][4] == "0"
     assert all(int(rate.replace(",", "")) > 0 for *_, rate, _ in bars)
-    assert read_models(tmp_path / "read.db") == before
+    assert await models_at(sqlite_url(tmp_path / "read.db")) == before
     assert table_shapes(tmp_path / "read.db") == shapes  # no shadow table left, indexes kept
-    assert checkpoint_rows(tmp_path / "read.db") == {name: (head, 0, None, None) for name in NAMES}
+    assert await checkpoints_at(sqlite_url(tmp_path / "read.db")) == {name: (head, 0, None, None) for name in NAMES}
 
 
 async def test_rebuild_of_an_unknown_projection_changes_nothing(tmp_path, small_log):
@@ -606,4 +634,4 @@ async def test_rebuild_of_an_unknown_projection_changes_nothing(tmp_path, small_
 
     assert done.returncode != 0
     assert all(name in done.stderr for name in ["nonsense", *NAMES]), done.stderr
-    assert checkpoint_rows(tmp_path / "read.db") == {name: (0, 0, None, None) for name in NAMES}
+    assert await checkpoints_at(sqlite_url(tmp_path / "read.db")) == {name: (0, 0, None, None) for name in NAMES}
