@@ -83,14 +83,14 @@ class Member:
     def park(self, subscriber: Subscriber) -> bool:
         return self.multiplexer.park(self, subscriber)
 
-    def send_now(self, frame: str) -> bool:
-        """Writes `frame` if the socket takes it without waiting. False if it would have had
-        to wait (nothing is written then) or the socket is gone.
+    def send_now(self, message: dict[str, Any]) -> bool:
+        """Sends the ASGI `message` if the socket takes it without waiting. False if it would
+        have had to wait (nothing is written then) or the socket is gone.
 
         An ASGI server's send returns at once while the transport accepts data: uvicorn's
         waits only while the transport has paused writing. The send is stepped once by
         hand; if it did not finish, it is abandoned before it wrote anything."""
-        sending = self.websocket.send({"type": "websocket.send", "text": frame})
+        sending = self.websocket.send(message)
         try:
             sending.send(None)
         except StopIteration:
@@ -129,31 +129,34 @@ class Group:
             yield event
 
     async def run(self) -> None:
-        failed = False
-        results = await self.multiplexer.schema.subscribe(
-            self.query, variable_values=self.variables, context_value=self.context, root_value=self,
-            operation_name=self.operation_name)
+        """Executes the document once per event and writes each result to every member. A
+        group that fails hands its members back to go on alone: their own executions meet
+        the same error and report it as an unshared subscription does."""
+        failed, results = True, None
         try:
+            results = await self.multiplexer.schema.subscribe(
+                self.query, variable_values=self.variables, context_value=self.context, root_value=self,
+                operation_name=self.operation_name)
             async for result in results:
                 self.executions += 1
                 self.multiplexer.executions += 1
                 if result.errors and result.data is None:
-                    # The members' own executions meet the same error and report it their way.
-                    failed = True
                     break
                 self.deliver(self.position, self.multiplexer.payload(result))
                 if not self.members:
                     break
+            else:
+                failed = False  # the hub is stopping
         except Exception:
             log.exception("a shared subscription failed; its members go on alone")
-            failed = True
         finally:
-            await results.aclose()
+            if results is not None:
+                await results.aclose()
             self.multiplexer.disband(self, alone=failed)
 
     def deliver(self, position: int, payload: str) -> None:
         now = time.time()
-        frames: dict[str, str] = {}  # by prefix: most members of a group use the same id
+        messages: dict[str, dict[str, Any]] = {}  # by prefix: most members of a group use the same id
         sent = 0
         for member in tuple(self.members):
             if position <= member.position:
@@ -161,10 +164,10 @@ class Group:
             if member.expires_at is not None and now >= member.expires_at:
                 self.drop(member)
                 continue
-            frame = frames.get(member.prefix)
-            if frame is None:
-                frame = frames[member.prefix] = member.prefix + payload + "}"
-            if not member.send_now(frame):
+            message = messages.get(member.prefix)
+            if message is None:
+                message = messages[member.prefix] = {"type": "websocket.send", "text": member.prefix + payload + "}"}
+            if not member.send_now(message):
                 self.drop(member)
                 continue
             member.position = position
