@@ -4,8 +4,12 @@ The table and its queries live here, the engines (durable SQLite commits, one wr
 `infrastructure.database`. Callers speak in streams, versions and positions.
 """
 
+import asyncio
+import logging
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,12 +27,15 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    tuple_,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infrastructure import migrations, personal_data
 from infrastructure.database import UTCDateTime, engine_pair
+
+log = logging.getLogger("orderstream.event_store")
 
 metadata = MetaData()
 
@@ -168,6 +175,10 @@ class EventStore:
         self._writer, self._reader = engine_pair(url)
         self._postgres = self._writer.dialect.name == "postgresql"
         self._listeners: list[Callable[[int], None]] = []
+        self._queue: deque[_Append] = deque()
+        self._committer: asyncio.Task | None = None
+        # Transactions that appends have committed: fewer than appends when they share.
+        self.commits = 0
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.migrations)."""
@@ -191,53 +202,25 @@ class EventStore:
         """Append to several streams in one transaction, all or nothing.
 
         Raises WrongExpectedVersion if any stream moved, IdempotencyKeyTaken if the key
-        was used first by another command.
+        was used first by another command. Returns once the events are on disk.
+
+        Appends that arrive while a commit is under way wait and then share the next
+        transaction (group commit): one durable commit serves many commands. Each is
+        checked on its own and written inside a savepoint of its own, so it fails alone.
         """
         if not any(write.events for write in writes):
             raise ValueError("append needs at least one event")
-        now = self.clock()
+        request = _Append(writes, meta, idempotent, self.clock(), asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_queued())
         try:
-            async with self._writer.begin() as conn:
-                for write in writes:
-                    actual = await self._version(conn, write.stream_id)
-                    if actual != write.expected_version:
-                        raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
-                if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
-                    raise IdempotencyKeyTaken(idempotent.key)
-                rows = await self._rows(conn, writes, meta, now)
-                if self._postgres:
-                    # Appends take turns from here to their commit (SQLite's one writer
-                    # already does), so that positions are numbered and become visible in
-                    # order: a reader of "after N" can never pass an event that commits a
-                    # moment later, and a failed append leaves no hole. The checks above
-                    # still run side by side; a race they lose ends in IntegrityError.
-                    await conn.execute(select(func.pg_advisory_xact_lock(APPEND_LOCK)))
-                last = (await conn.execute(select(func.max(events.c.position)))).scalar() or 0
-                positions = list(range(last + 1, last + 1 + len(rows)))
-                for row, position in zip(rows, positions, strict=True):
-                    row["position"] = position
-                await conn.execute(insert(events), rows)
-                for subject in {new.shreds for write in writes for new in write.events} - {None}:
-                    await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
-                if idempotent:
-                    await conn.execute(
-                        insert(idempotency).values(
-                            scope=idempotent.scope, key=idempotent.key,
-                            request_hash=idempotent.request_hash, result=idempotent.result,
-                            position=positions[-1], recorded_at=now,
-                        )
-                    )
-                if self._postgres:
-                    # Delivered at commit, to every process listening (infrastructure.postgres).
-                    await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(positions[-1]))))
+            return await request.outcome
         except IntegrityError:
-            # Only reachable where appends run concurrently (not SQLite): someone else
-            # won the race. Report it the way the checks above would have.
+            # Only reachable where appends of other processes got in between (see
+            # _commit): someone else won the race. Report it the way the checks would have.
             await self._raise_lost_race(writes, idempotent)
             raise
-        for listener in self._listeners:
-            listener(positions[-1])
-        return [RecordedEvent(**{**row, "data": plain}) for row, plain in zip(rows, self._plain(writes), strict=True)]
 
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
                    limit: int | None = None) -> list[RecordedEvent]:
@@ -297,6 +280,99 @@ class EventStore:
             await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
 
     # ------------------------------------------------------------------ internals
+
+    async def _commit_queued(self) -> None:
+        """Commit what is queued, a batch at a time, until nothing is."""
+        try:
+            while self._queue:
+                batch = []
+                while self._queue and len(batch) < MAX_BATCH:
+                    request = self._queue.popleft()
+                    if not request.outcome.cancelled():  # its caller gave up before it was taken
+                        batch.append(request)
+                if batch:
+                    await self._commit(batch)
+        finally:
+            self._committer = None
+            while self._queue:  # only left behind when this task itself was cancelled
+                self._queue.popleft().outcome.cancel()
+
+    async def _commit(self, batch: list["_Append"]) -> None:
+        """One transaction for the whole batch; every request gets its events or its error."""
+        done: dict[int, list[RecordedEvent] | Exception] = {}
+        try:
+            async with self._writer.begin() as conn:
+                if self._postgres:
+                    # Batches take turns from here to their commit (SQLite's one writer
+                    # already does), so that positions are numbered and become visible in
+                    # order: a reader of "after N" can never pass an event that commits a
+                    # moment later, and a failed append leaves no hole. Taken before the
+                    # checks, so that they see every committed append.
+                    await conn.execute(select(func.pg_advisory_xact_lock(APPEND_LOCK)))
+                state = await _BatchState.read(conn, batch)
+                for index, request in enumerate(batch):
+                    try:
+                        # A lone request needs no savepoint: its failure rolls back the
+                        # transaction, which holds nothing else.
+                        async with conn.begin_nested() if len(batch) > 1 else nullcontext():
+                            done[index] = await self._write(conn, request, state)
+                    except Exception as error:
+                        if len(batch) == 1:
+                            raise
+                        done[index] = error
+                if self._postgres and state.position > state.head:
+                    # Delivered at commit, to every process listening (infrastructure.postgres).
+                    await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
+            self.commits += 1
+        except BaseException as error:
+            # Nothing of this batch is on disk: whoever has no error of its own gets this one.
+            for index, request in enumerate(batch):
+                own = done.get(index)
+                _settle(request.outcome, own if isinstance(own, Exception) else error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for index, request in enumerate(batch):
+            _settle(request.outcome, done[index])
+        if state.position > state.head:
+            for listener in self._listeners:
+                try:
+                    listener(state.position)
+                except Exception:
+                    log.exception("an append listener failed")
+
+    async def _write(self, conn: AsyncConnection, request: "_Append",
+                     state: "_BatchState") -> list[RecordedEvent]:
+        """Check one request against the batch so far and write it; `state` moves on success."""
+        writes, idempotent = request.writes, request.idempotent
+        for write in writes:
+            actual = state.versions.get(write.stream_id, 0)
+            if actual != write.expected_version:
+                raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
+        if idempotent and (idempotent.scope, idempotent.key) in state.keys:
+            raise IdempotencyKeyTaken(idempotent.key)
+        rows = await self._rows(conn, writes, request.meta, request.now)
+        positions = list(range(state.position + 1, state.position + 1 + len(rows)))
+        for row, position in zip(rows, positions, strict=True):
+            row["position"] = position
+        await conn.execute(insert(events), rows)
+        for subject in {new.shreds for write in writes for new in write.events} - {None}:
+            await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
+        if idempotent:
+            await conn.execute(
+                insert(idempotency).values(
+                    scope=idempotent.scope, key=idempotent.key,
+                    request_hash=idempotent.request_hash, result=idempotent.result,
+                    position=positions[-1], recorded_at=request.now,
+                )
+            )
+        # Only now, when nothing of this request can fail any more.
+        state.position = positions[-1]
+        for write in writes:
+            state.versions[write.stream_id] = write.expected_version + len(write.events)
+        if idempotent:
+            state.keys.add((idempotent.scope, idempotent.key))
+        return [RecordedEvent(**{**row, "data": plain}) for row, plain in zip(rows, self._plain(writes), strict=True)]
 
     async def _version(self, conn: AsyncConnection, stream_id: str) -> int:
         query = select(func.max(events.c.version)).where(events.c.stream_id == stream_id)
@@ -375,3 +451,58 @@ class EventStore:
                     raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
             if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
                 raise IdempotencyKeyTaken(idempotent.key)
+
+
+# Requests one transaction takes at most: bounds the time a batch holds the write lock.
+MAX_BATCH = 64
+
+
+@dataclass(eq=False)
+class _Append:
+    """One caller's append, queued for the next batch; `outcome` resolves after its commit."""
+
+    writes: Sequence[StreamWrite]
+    meta: Metadata
+    idempotent: IdempotencyRecord | None
+    now: datetime
+    outcome: asyncio.Future
+
+
+@dataclass
+class _BatchState:
+    """What a batch's checks compare against: the log as committed, plus the batch so far.
+
+    Read once per batch under the write lock, so nothing else changes it meanwhile.
+    """
+
+    versions: dict[str, int]
+    keys: set[tuple[str, str]]
+    position: int
+    head: int
+
+    @classmethod
+    async def read(cls, conn: AsyncConnection, batch: list[_Append]) -> "_BatchState":
+        streams = {write.stream_id for request in batch for write in request.writes}
+        versions = dict((await conn.execute(
+            select(events.c.stream_id, func.max(events.c.version))
+            .where(events.c.stream_id.in_(streams)).group_by(events.c.stream_id))).all())
+        wanted = {(r.idempotent.scope, r.idempotent.key) for r in batch if r.idempotent}
+        keys = set()
+        if wanted:
+            keys = {tuple(row) for row in await conn.execute(
+                select(idempotency.c.scope, idempotency.c.key)
+                .where(tuple_(idempotency.c.scope, idempotency.c.key).in_(wanted)))}
+        head = (await conn.execute(select(func.max(events.c.position)))).scalar() or 0
+        return cls(versions, keys, head, head)
+
+
+def _settle(future: asyncio.Future, outcome: Any) -> None:
+    if future.done():  # its caller was cancelled meanwhile
+        return
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.cancel()
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,215 @@
+"""Group commit on a real SQLite file and a real PostgreSQL server: concurrent appends share
+transactions, and yet each is checked on its own, fails alone, and is durable once
+acknowledged."""
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy.exc import StatementError
+
+from infrastructure.event_store import (
+    EventStore,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    Metadata,
+    NewEvent,
+    StreamWrite,
+    WrongExpectedVersion,
+)
+from tests.test_event_store import ROOT, write
+
+
+def keyed(key: str, **result) -> IdempotencyRecord:
+    return IdempotencyRecord("customer-1", key, "hash-1", result or {"ok": True})
+
+
+async def concurrently(store: EventStore, *appends) -> list:
+    """Start every append at once; each one's events or its own exception, in order."""
+    return await asyncio.gather(*(store.append(*arguments) for arguments in appends), return_exceptions=True)
+
+
+async def assert_gap_free(store: EventStore) -> list:
+    log = await store.read(limit=10_000)
+    assert [e.position for e in log] == list(range(1, len(log) + 1))
+    return log
+
+
+async def test_concurrent_appends_share_transactions_in_order(store):
+    commits = store.commits
+
+    results = await concurrently(store, *[([write(f"s{n}", 0, n, n + 100)],) for n in range(40)])
+
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert store.commits - commits == 1  # all forty were queued before the first commit began
+    log = await assert_gap_free(store)
+    assert log == [event for recorded in results for event in recorded]
+    # Each append's events stay together, in the order of its writes.
+    assert [(e.stream_id, e.version, e.data["n"]) for e in log] == [
+        (f"s{n}", version, number) for n in range(40) for version, number in ((1, n), (2, n + 100))]
+
+
+async def test_a_wrong_expected_version_fails_alone_in_a_batch(store):
+    await store.append([write("a", 0, 1)])
+    commits = store.commits
+
+    results = await concurrently(
+        store,
+        ([write("x", 0, 2)],),
+        ([write("y", 0, 3), write("a", 0, 4)],),  # "a" is at 1
+        ([write("z", 0, 5)],),
+        ([write("x", 0, 6)],),  # the first one in the batch took version 1 of "x"
+        ([write("x", 1, 7)],),  # and this one follows it
+    )
+
+    assert store.commits - commits == 1
+    assert isinstance(results[1], WrongExpectedVersion)
+    assert (results[1].stream_id, results[1].expected, results[1].actual) == ("a", 0, 1)
+    assert isinstance(results[3], WrongExpectedVersion)
+    assert (results[3].stream_id, results[3].expected, results[3].actual) == ("x", 0, 1)
+    log = await assert_gap_free(store)
+    assert [e.data["n"] for e in log] == [1, 2, 5, 7]
+    assert await store.load("y") == []
+    assert [e.version for e in await store.load("x")] == [1, 2]
+
+
+async def test_a_taken_idempotency_key_fails_alone_in_a_batch(store):
+    await store.append([write("a", 0, 1)], Metadata(), keyed("old"))
+    commits = store.commits
+
+    results = await concurrently(
+        store,
+        ([write("b", 0, 2)], Metadata(), keyed("new", stream="b")),
+        ([write("c", 0, 3)], Metadata(), keyed("old")),  # taken before the batch
+        ([write("d", 0, 4)], Metadata(), keyed("new", stream="d")),  # taken earlier in the batch
+        ([write("e", 0, 5)], Metadata(), keyed("other")),
+    )
+
+    assert store.commits - commits == 1
+    assert [type(r) for r in results] == [list, IdempotencyKeyTaken, IdempotencyKeyTaken, list]
+    log = await assert_gap_free(store)
+    assert [e.data["n"] for e in log] == [1, 2, 5]
+    assert await store.load("c") == await store.load("d") == []
+    assert (await store.find_idempotent("customer-1", "new")).result == {"stream": "b"}
+    assert (await store.find_idempotent("customer-1", "new")).position == 2
+    assert (await store.find_idempotent("customer-1", "other")).position == 3
+
+
+async def test_an_error_midway_through_a_request_leaves_nothing_of_it(store):
+    # Its events are inserted before its idempotency record fails to serialize: only the
+    # savepoint around it takes them out again, and the batch goes on.
+    results = await concurrently(
+        store,
+        ([write("a", 0, 1)],),
+        ([write("b", 0, 2, 3)], Metadata(), keyed("bad", unstorable=object())),
+        ([write("c", 0, 4)],),
+    )
+
+    assert isinstance(results[1], StatementError)
+    assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException)
+    log = await assert_gap_free(store)
+    assert [e.data["n"] for e in log] == [1, 4]
+    assert await store.load("b") == []
+    assert await store.find_idempotent("customer-1", "bad") is None
+    assert [e.position for e in await store.append([write("b", 0, 5)])] == [3]
+
+
+async def test_a_caller_that_gives_up_while_queued_writes_nothing(store):
+    tasks = [asyncio.create_task(store.append([write(f"s{n}", 0, n)])) for n in range(5)]
+    await asyncio.sleep(0)  # every one is queued; the committer has not started yet
+    tasks[2].cancel()
+
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert isinstance(results[2], asyncio.CancelledError)
+    log = await assert_gap_free(store)
+    assert [e.data["n"] for e in log] == [0, 1, 3, 4]
+    assert await store.load("s2") == []
+
+
+async def test_listeners_hear_each_commit_once_with_its_last_position(store):
+    heard = []
+    store.on_append(heard.append)
+    commits = store.commits
+
+    await concurrently(store, *[([write(f"s{n}", 0, n)],) for n in range(10)])
+    await store.append([write("s0", 1, 10)])
+
+    assert len(heard) == store.commits - commits < 11
+    assert heard[-1] == await store.head() == 11
+    assert heard == sorted(heard)
+
+
+# ---------------------------------------------------------------- durability
+
+APPEND_CONCURRENTLY = """
+import asyncio, sys
+from infrastructure.event_store import EventStore, NewEvent, StreamWrite
+
+async def writer(store, stream):
+    version = 0
+    while True:
+        write = StreamWrite(stream, "Counter", version, [NewEvent("Counted", {"n": version + 1})])
+        [recorded] = await store.append([write])
+        version = recorded.version
+        sys.stdout.write(f"{recorded.position} {stream} {version}\\n")
+        sys.stdout.flush()
+
+async def main(path):
+    store = EventStore(f"sqlite+aiosqlite:///{path}")
+    await store.open()
+    await asyncio.gather(*(writer(store, f"w{n}") for n in range(16)))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_killed_writer_of_concurrent_appends_loses_nothing_it_acknowledged(tmp_path):
+    path = tmp_path / "events.db"
+    writer = subprocess.Popen([sys.executable, "-c", APPEND_CONCURRENTLY, str(path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    output = b""
+    deadline = time.monotonic() + 15
+    try:
+        while output.count(b"\n") < 400:
+            assert time.monotonic() < deadline, "the writer acknowledged too little in time"
+            ready, _, _ = select.select([writer.stdout], [], [], 0.1)
+            if ready:
+                chunk = os.read(writer.stdout.fileno(), 65536)
+                assert chunk, writer.stderr.read().decode()
+                output += chunk
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    output += writer.stdout.read()
+    writer.stdout.close()
+    writer.stderr.close()
+    # A line cut short by the kill was never acknowledged.
+    acknowledged = [line.split() for line in output.decode().split("\n")[:-1]]
+
+    store = EventStore(f"sqlite+aiosqlite:///{path}")
+    await store.open()
+    try:
+        log = {e.position: e for e in await assert_gap_free(store)}
+        for position, stream, version in acknowledged:
+            event = log[int(position)]
+            assert (event.stream_id, event.version, event.data["n"]) == (stream, int(version), int(version))
+        assert len(log) >= len(acknowledged) >= 400
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("requests", [1, 64, 65, 200])
+async def test_batches_of_any_size_number_positions_consecutively(store, requests):
+    writes = [([StreamWrite(f"s{n}", "Counter", 0, [NewEvent("Counted", {"n": n})])],) for n in range(requests)]
+
+    results = await concurrently(store, *writes)
+
+    assert [r[0].position for r in results] == list(range(1, requests + 1))
+    assert [e.data["n"] for e in await assert_gap_free(store)] == list(range(requests))
+    assert -(-requests // 64) <= store.commits <= max(1, requests // 2)
