@@ -1,10 +1,15 @@
 """Engines and column types shared by the event store and the read store."""
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, TypeDecorator, event
+from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+T = TypeVar("T")
 
 
 class UTCDateTime(TypeDecorator):
@@ -35,8 +40,10 @@ def engine_pair(url: str) -> tuple[AsyncEngine, AsyncEngine]:
     read a snapshot and never wait for the writer.
     """
     if not url.startswith("sqlite"):
-        engine = create_async_engine(url, hide_parameters=True)
-        return engine, engine
+        # PostgreSQL: one pool. Readers see one snapshot per transaction, as on SQLite, so
+        # that a page and its total count agree (READ COMMITTED would re-read per statement).
+        engine = create_async_engine(url, hide_parameters=True, pool_pre_ping=True)
+        return engine, engine.execution_options(isolation_level="REPEATABLE READ")
     writer = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0, pool_timeout=60)
     return writer, _sqlite_engine(url, "BEGIN")
 
@@ -44,8 +51,78 @@ def engine_pair(url: str) -> tuple[AsyncEngine, AsyncEngine]:
 def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
     # hide_parameters: error messages and logs must not carry personal data from the values.
     engine = create_async_engine(url, hide_parameters=True, **options)
+    _configured(engine.sync_engine, begin)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+class Database:
+    """Runs units of work, plain functions of a Connection, on a writer or a reader.
+
+    On SQLite each unit of work runs whole in a worker thread on the standard sqlite3
+    module: one thread hop per transaction, where aiosqlite makes several per statement
+    and they, not SQLite, were most of a command's cost. The writer is one thread with
+    one connection (SQLite has one writer anyway), configured as in `engine_pair`.
+    Elsewhere (PostgreSQL) the async engines of `engine_pair` run the same function
+    through `run_sync`.
+    """
+
+    def __init__(self, url: str, readers: int = 4) -> None:
+        self.url = url
+        self.dialect = make_url(url).get_dialect().name
+        self._threads = None
+        if self.dialect == "sqlite":
+            sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+            self._writer = _configured(create_engine(
+                sync_url, hide_parameters=True, pool_size=1, max_overflow=0,
+                connect_args={"check_same_thread": False}), "BEGIN IMMEDIATE")
+            self._reader = _configured(create_engine(
+                sync_url, hide_parameters=True, pool_size=readers,
+                connect_args={"check_same_thread": False}), "BEGIN")
+            self._threads = ThreadPoolExecutor(1, "sqlite-writer"), ThreadPoolExecutor(readers, "sqlite-reader")
+        else:
+            self._writer, self._reader = engine_pair(url)
+
+    def async_writer(self) -> AsyncEngine:
+        """An async writer engine for what needs one (migrations); the caller disposes it
+        unless it is this database's own (PostgreSQL)."""
+        if self._threads is None:
+            return self._writer
+        return _sqlite_engine(self.url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in a write transaction, committed when it returns."""
+        if self._threads is None:
+            async with self._writer.begin() as conn:
+                return await conn.run_sync(work)
+        return await asyncio.get_running_loop().run_in_executor(self._threads[0], _in_transaction,
+                                                                self._writer, work)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` on a reader: on SQLite a snapshot of the last commit, never waiting
+        for the writer."""
+        if self._threads is None:
+            async with self._reader.connect() as conn:
+                return await conn.run_sync(work)
+        return await asyncio.get_running_loop().run_in_executor(self._threads[1], _in_transaction,
+                                                                self._reader, work)
+
+    async def dispose(self) -> None:
+        if self._threads is None:
+            await self._writer.dispose()
+            return
+        for threads in self._threads:
+            threads.shutdown(wait=True)
+        self._writer.dispose()
+        self._reader.dispose()
+
+
+def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.begin() as conn:
+        return work(conn)
+
+
+def _configured(engine: Engine, begin: str) -> Engine:
+    @event.listens_for(engine, "connect")
     def configure(dbapi_connection, _record) -> None:
         # Let the begin event below decide how a transaction starts.
         dbapi_connection.isolation_level = None
@@ -58,7 +135,7 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def start(connection) -> None:
         connection.exec_driver_sql(begin)
 

@@ -12,12 +12,14 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Connection,
     Integer,
     LargeBinary,
     MetaData,
@@ -30,10 +32,9 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infrastructure import migrations, personal_data
-from infrastructure.database import UTCDateTime, engine_pair
+from infrastructure.database import Database, UTCDateTime
 
 log = logging.getLogger("orderstream.event_store")
 
@@ -172,8 +173,8 @@ class EventStore:
         self.url = url
         # Where recorded_at comes from; tests that need events on given days pass their own.
         self.clock = clock
-        self._writer, self._reader = engine_pair(url)
-        self._postgres = self._writer.dialect.name == "postgresql"
+        self._db = Database(url)
+        self._postgres = self._db.dialect == "postgresql"
         self._listeners: list[Callable[[int], None]] = []
         self._queue: deque[_Append] = deque()
         self._committer: asyncio.Task | None = None
@@ -182,12 +183,15 @@ class EventStore:
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.migrations)."""
-        await migrations.upgrade(self._writer, "events")
+        engine = self._db.async_writer()
+        try:
+            await migrations.upgrade(engine, "events")
+        finally:
+            if not self._postgres:
+                await engine.dispose()
 
     async def close(self) -> None:
-        await self._writer.dispose()
-        if self._reader is not self._writer:
-            await self._reader.dispose()
+        await self._db.dispose()
 
     def on_append(self, listener: Callable[[int], None]) -> None:
         """Call `listener(last_position)` after every commit of this process."""
@@ -217,8 +221,9 @@ class EventStore:
         try:
             return await request.outcome
         except IntegrityError:
-            # Only reachable where appends of other processes got in between (see
-            # _commit): someone else won the race. Report it the way the checks would have.
+            # Only reachable where a write outside the append lock got in between (a
+            # personal key created at the same moment): someone else won the race.
+            # Report it the way the checks would have.
             await self._raise_lost_race(writes, idempotent)
             raise
 
@@ -233,51 +238,50 @@ class EventStore:
         )
         if until is not None:
             query = query.where(events.c.recorded_at <= until)
-        return await self._fetch(query)
+        return await self._db.read(partial(self._fetch, query))
 
     async def save_snapshot(self, stream_id: str, schema: str, version: int, state: dict[str, Any]) -> None:
         """Keep `state` as the stream's state at `version`, unless a newer snapshot exists."""
-        async with self._writer.begin() as conn:
-            current = (await conn.execute(
-                select(snapshots.c.version).where(snapshots.c.stream_id == stream_id))).scalar()
+        recorded_at = self.clock()
+
+        def save(conn: Connection) -> None:
+            current = conn.execute(select(snapshots.c.version).where(snapshots.c.stream_id == stream_id)).scalar()
             if current is not None and current >= version:
                 return
-            await conn.execute(snapshots.delete().where(snapshots.c.stream_id == stream_id))
-            await conn.execute(insert(snapshots).values(stream_id=stream_id, schema=schema, version=version,
-                                                        state=state, recorded_at=self.clock()))
+            conn.execute(snapshots.delete().where(snapshots.c.stream_id == stream_id))
+            conn.execute(insert(snapshots).values(stream_id=stream_id, schema=schema, version=version,
+                                                  state=state, recorded_at=recorded_at))
+
+        await self._db.write(save)
 
     async def load_snapshot(self, stream_id: str, schema: str) -> tuple[int, dict[str, Any]] | None:
         """(version, state) of the stream's snapshot in `schema`, if there is one."""
         query = select(snapshots.c.version, snapshots.c.state).where(
             snapshots.c.stream_id == stream_id, snapshots.c.schema == schema)
-        async with self._reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         return (row.version, row.state) if row else None
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events of the whole log after position `after`."""
         query = select(events).where(events.c.position > after).order_by(events.c.position)
-        return await self._fetch(query.limit(limit))
+        return await self._db.read(partial(self._fetch, query.limit(limit)))
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
-        async with self._reader.connect() as conn:
-            return (await conn.execute(select(func.max(events.c.position)))).scalar() or 0
+        return await self._db.read(lambda conn: conn.execute(select(func.max(events.c.position))).scalar() or 0)
 
     async def stream_version(self, stream_id: str) -> int:
-        async with self._reader.connect() as conn:
-            return await self._version(conn, stream_id)
+        return await self._db.read(lambda conn: self._version(conn, stream_id))
 
     async def find_idempotent(self, scope: str, key: str) -> IdempotencyRecord | None:
-        async with self._reader.connect() as conn:
-            row = await self._idempotency_row(conn, scope, key)
+        row = await self._db.read(lambda conn: self._idempotency_row(conn, scope, key))
         if row is None:
             return None
         return IdempotencyRecord(scope, key, row.request_hash, row.result, row.position)
 
     async def destroy_personal_key(self, subject: str) -> None:
-        async with self._writer.begin() as conn:
-            await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
+        await self._db.write(
+            lambda conn: conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject)))
 
     # ------------------------------------------------------------------ internals
 
@@ -299,50 +303,54 @@ class EventStore:
 
     async def _commit(self, batch: list["_Append"]) -> None:
         """One transaction for the whole batch; every request gets its events or its error."""
-        done: dict[int, list[RecordedEvent] | Exception] = {}
         try:
-            async with self._writer.begin() as conn:
-                if self._postgres:
-                    # Batches take turns from here to their commit (SQLite's one writer
-                    # already does), so that positions are numbered and become visible in
-                    # order: a reader of "after N" can never pass an event that commits a
-                    # moment later, and a failed append leaves no hole. Taken before the
-                    # checks, so that they see every committed append.
-                    await conn.execute(select(func.pg_advisory_xact_lock(APPEND_LOCK)))
-                state = await _BatchState.read(conn, batch)
-                for index, request in enumerate(batch):
-                    try:
-                        # A lone request needs no savepoint: its failure rolls back the
-                        # transaction, which holds nothing else.
-                        async with conn.begin_nested() if len(batch) > 1 else nullcontext():
-                            done[index] = await self._write(conn, request, state)
-                    except Exception as error:
-                        if len(batch) == 1:
-                            raise
-                        done[index] = error
-                if self._postgres and state.position > state.head:
-                    # Delivered at commit, to every process listening (infrastructure.postgres).
-                    await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
-            self.commits += 1
+            outcomes, last = await self._db.write(partial(self._write_batch, batch))
         except BaseException as error:
-            # Nothing of this batch is on disk: whoever has no error of its own gets this one.
-            for index, request in enumerate(batch):
-                own = done.get(index)
-                _settle(request.outcome, own if isinstance(own, Exception) else error)
+            # Nothing of this batch is on disk: every request of it fails with this.
+            for request in batch:
+                _settle(request.outcome, error)
             if not isinstance(error, Exception):
                 raise
             return
-        for index, request in enumerate(batch):
-            _settle(request.outcome, done[index])
-        if state.position > state.head:
+        self.commits += 1
+        for request, outcome in zip(batch, outcomes, strict=True):
+            _settle(request.outcome, outcome)
+        if last is not None:
             for listener in self._listeners:
                 try:
-                    listener(state.position)
+                    listener(last)
                 except Exception:
                     log.exception("an append listener failed")
 
-    async def _write(self, conn: AsyncConnection, request: "_Append",
-                     state: "_BatchState") -> list[RecordedEvent]:
+    def _write_batch(self, batch: list["_Append"], conn: Connection) -> tuple[list, int | None]:
+        """Each request's events or error, and the last position written (None if none was)."""
+        if self._postgres:
+            # Batches take turns from here to their commit (SQLite's one writer already
+            # does), so that positions are numbered and become visible in order: a reader
+            # of "after N" can never pass an event that commits a moment later, and a
+            # failed append leaves no hole. Taken before the checks, so that they see every
+            # committed append.
+            conn.execute(select(func.pg_advisory_xact_lock(APPEND_LOCK)))
+        state = _BatchState.read(conn, batch)
+        outcomes: list[list[RecordedEvent] | Exception] = []
+        for request in batch:
+            try:
+                # A lone request needs no savepoint: its failure rolls back the
+                # transaction, which holds nothing else.
+                with conn.begin_nested() if len(batch) > 1 else nullcontext():
+                    outcomes.append(self._write(conn, request, state))
+            except Exception as error:
+                if len(batch) == 1:
+                    raise
+                outcomes.append(error)
+        if state.position == state.head:
+            return outcomes, None
+        if self._postgres:
+            # Delivered at commit, to every process listening (infrastructure.postgres).
+            conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
+        return outcomes, state.position
+
+    def _write(self, conn: Connection, request: "_Append", state: "_BatchState") -> list[RecordedEvent]:
         """Check one request against the batch so far and write it; `state` moves on success."""
         writes, idempotent = request.writes, request.idempotent
         for write in writes:
@@ -351,15 +359,15 @@ class EventStore:
                 raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
         if idempotent and (idempotent.scope, idempotent.key) in state.keys:
             raise IdempotencyKeyTaken(idempotent.key)
-        rows = await self._rows(conn, writes, request.meta, request.now)
+        rows = self._rows(conn, writes, request.meta, request.now)
         positions = list(range(state.position + 1, state.position + 1 + len(rows)))
         for row, position in zip(rows, positions, strict=True):
             row["position"] = position
-        await conn.execute(insert(events), rows)
+        conn.execute(insert(events), rows)
         for subject in {new.shreds for write in writes for new in write.events} - {None}:
-            await conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
+            conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
         if idempotent:
-            await conn.execute(
+            conn.execute(
                 insert(idempotency).values(
                     scope=idempotent.scope, key=idempotent.key,
                     request_hash=idempotent.request_hash, result=idempotent.result,
@@ -374,18 +382,20 @@ class EventStore:
             state.keys.add((idempotent.scope, idempotent.key))
         return [RecordedEvent(**{**row, "data": plain}) for row, plain in zip(rows, self._plain(writes), strict=True)]
 
-    async def _version(self, conn: AsyncConnection, stream_id: str) -> int:
+    @staticmethod
+    def _version(conn: Connection, stream_id: str) -> int:
         query = select(func.max(events.c.version)).where(events.c.stream_id == stream_id)
-        return (await conn.execute(query)).scalar() or 0
+        return conn.execute(query).scalar() or 0
 
-    async def _idempotency_row(self, conn: AsyncConnection, scope: str, key: str):
+    @staticmethod
+    def _idempotency_row(conn: Connection, scope: str, key: str):
         query = select(idempotency).where(idempotency.c.scope == scope, idempotency.c.key == key)
-        return (await conn.execute(query)).first()
+        return conn.execute(query).first()
 
-    async def _rows(self, conn: AsyncConnection, writes: Sequence[StreamWrite], meta: Metadata,
-                    now: datetime) -> list[dict[str, Any]]:
+    def _rows(self, conn: Connection, writes: Sequence[StreamWrite], meta: Metadata,
+              now: datetime) -> list[dict[str, Any]]:
         subjects = {e.subject for w in writes for e in w.events if e.personal}
-        keys = await self._keys(conn, subjects, create=True)
+        keys = self._keys(conn, subjects, create=True)
         rows = []
         for write in writes:
             for offset, new in enumerate(write.events, start=1):
@@ -409,30 +419,29 @@ class EventStore:
     def _plain(writes: Sequence[StreamWrite]) -> list[dict[str, Any]]:
         return [new.data for write in writes for new in write.events]
 
-    async def _keys(self, conn: AsyncConnection, subjects: set[str],
-                    create: bool = False) -> dict[str, bytes]:
+    @staticmethod
+    def _keys(conn: Connection, subjects: set[str], create: bool = False) -> dict[str, bytes]:
         if not subjects:
             return {}
         query = select(personal_keys.c.subject_id, personal_keys.c.key).where(
             personal_keys.c.subject_id.in_(subjects)
         )
-        keys = {subject: key for subject, key in await conn.execute(query)}
+        keys = {subject: key for subject, key in conn.execute(query)}
         missing = subjects - keys.keys() if create else set()
         if missing:
             now = datetime.now(UTC)
             fresh = {subject: personal_data.new_key() for subject in missing}
-            await conn.execute(
+            conn.execute(
                 insert(personal_keys),
                 [{"subject_id": s, "key": k, "created_at": now} for s, k in fresh.items()],
             )
             keys.update(fresh)
         return keys
 
-    async def _fetch(self, query) -> list[RecordedEvent]:
-        async with self._reader.connect() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-            subjects = {personal_data.sealed_subject(row["data"]) for row in rows} - {None}
-            keys = await self._keys(conn, subjects)
+    def _fetch(self, query, conn: Connection) -> list[RecordedEvent]:
+        rows = conn.execute(query).mappings().all()
+        subjects = {personal_data.sealed_subject(row["data"]) for row in rows} - {None}
+        keys = self._keys(conn, subjects)
         recorded = []
         for row in rows:
             row = dict(row)
@@ -444,13 +453,15 @@ class EventStore:
 
     async def _raise_lost_race(self, writes: Sequence[StreamWrite],
                                idempotent: IdempotencyRecord | None) -> None:
-        async with self._reader.connect() as conn:
+        def check(conn: Connection) -> None:
             for write in writes:
-                actual = await self._version(conn, write.stream_id)
+                actual = self._version(conn, write.stream_id)
                 if actual != write.expected_version:
                     raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
-            if idempotent and await self._idempotency_row(conn, idempotent.scope, idempotent.key):
+            if idempotent and self._idempotency_row(conn, idempotent.scope, idempotent.key):
                 raise IdempotencyKeyTaken(idempotent.key)
+
+        await self._db.read(check)
 
 
 # Requests one transaction takes at most: bounds the time a batch holds the write lock.
@@ -481,18 +492,18 @@ class _BatchState:
     head: int
 
     @classmethod
-    async def read(cls, conn: AsyncConnection, batch: list[_Append]) -> "_BatchState":
+    def read(cls, conn: Connection, batch: list[_Append]) -> "_BatchState":
         streams = {write.stream_id for request in batch for write in request.writes}
-        versions = dict((await conn.execute(
+        versions = dict((conn.execute(
             select(events.c.stream_id, func.max(events.c.version))
             .where(events.c.stream_id.in_(streams)).group_by(events.c.stream_id))).all())
         wanted = {(r.idempotent.scope, r.idempotent.key) for r in batch if r.idempotent}
         keys = set()
         if wanted:
-            keys = {tuple(row) for row in await conn.execute(
+            keys = {tuple(row) for row in conn.execute(
                 select(idempotency.c.scope, idempotency.c.key)
                 .where(tuple_(idempotency.c.scope, idempotency.c.key).in_(wanted)))}
-        head = (await conn.execute(select(func.max(events.c.position)))).scalar() or 0
+        head = conn.execute(select(func.max(events.c.position))).scalar() or 0
         return cls(versions, keys, head, head)
 
 
