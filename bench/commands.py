@@ -245,6 +245,8 @@ def ratios(points: dict[str, dict[str, Any]], in_process: dict[str, dict[str, fl
         found[f"placeOrder x{clients}: throughput / trivial"] = mine["per_s"] / ceiling["per_s"]
         found[f"placeOrder x{clients}: p50 / trivial"] = mine["p50_ms"] / ceiling["p50_ms"]
         found[f"placeOrder x{clients}: p99 / trivial"] = mine["p99_ms"] / ceiling["p99_ms"]
+    found["placeOrder x32: server CPU per request / trivial"] = (of("placeOrder", 32, "orderstream")["server_cpu_ms"]
+                                                                / of("placeOrder", 32, "trivial")["server_cpu_ms"])
     found["mixed x32: operations/s / trivial"] = of("mixed", 32, "orderstream")["per_s"] / of(
         "mixed", 32, "trivial")["per_s"]
     found["readYourWrites: round trip p50 / trivial"] = of("readYourWrites", 1, "orderstream")["p50_ms"] / of(
@@ -469,6 +471,8 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
     figures.update(latency(main))
     figures["per_s"] = len(main) / window
     figures["samples"] = len(main)
+    # What one operation costs the server, whatever else keeps the machine busy.
+    figures["server_cpu_ms"] = used["server"] / figures["per_s"] * 1000
     # Each mutation of a mixed flow, and the two halves of a round trip, on their own too.
     kinds = {kind for kind, _ in in_window}
     for kind in sorted(kinds if len(headline) > 1 else kinds - set(headline)):
@@ -795,7 +799,8 @@ def note(message: str) -> None:
 
 def describe(figures: dict[str, Any]) -> str:
     text = (f"{figures['per_s']:,.0f}/s, p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms;"
-            f" server {figures['server_cores']:.2f} cores, client {figures['client_cores']:.2f},"
+            f" server {figures['server_cpu_ms']:.2f} ms CPU/op, {figures['server_cores']:.2f} cores,"
+            f" client {figures['client_cores']:.2f},"
             f" others {figures['other_cores']:.2f}")
     if figures["errors"]:
         text += f"; {figures['errors']} errors, the first: {figures['first_error']}"
@@ -804,7 +809,8 @@ def describe(figures: dict[str, Any]) -> str:
 
 def table(report: dict[str, Any]) -> str:
     sizes, host, points_ = report["sizes"], report["machine"], report["points"]
-    rows = [("workload", "clients", "server", "per s", "p50", "p99", "server cores", "client cores", "others")]
+    rows = [("workload", "clients", "server", "per s", "p50", "p99", "server CPU/op", "server cores", "client cores",
+             "others")]
     for point in points():
         figures = points_[point.key]
         # A hot-and-fresh point gives a row per product; the CPU figures are the server's.
@@ -812,11 +818,11 @@ def table(report: dict[str, Any]) -> str:
                 if point.workload == "hotFresh" else (("", point.workload),):
             rows.append((name, str(point.clients), point.server, f"{figures[f'{part}per_s']:,.0f}",
                          format_ms(figures[f"{part}p50_ms"]), format_ms(figures[f"{part}p99_ms"]),
-                         f"{figures['server_cores']:.2f}", f"{figures['client_cores']:.2f}",
-                         f"{figures['other_cores']:.2f}"))
+                         format_ms(figures["server_cpu_ms"]), f"{figures['server_cores']:.2f}",
+                         f"{figures['client_cores']:.2f}", f"{figures['other_cores']:.2f}"))
     for name, figures in report["in_process"].items():
         rows.append((name, "1", "in process", f"{figures['per_s']:,.0f}", format_ms(figures["p50_ms"]),
-                     format_ms(figures["p99_ms"]), "", "", ""))
+                     format_ms(figures["p99_ms"]), "", "", "", ""))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = [
         f"{NAME}: GraphQL commands over HTTP, one uvicorn worker, SQLite on {host['filesystem']} (WAL,"
@@ -844,6 +850,12 @@ def table(report: dict[str, Any]) -> str:
     errors = sum(figures["errors"] for figures in points_.values())
     if errors:
         lines.append(f"errors: {errors} requests failed over the run; see the JSON's rounds for the first ones")
+    windows = [figures for values in report["rounds"].values() for figures in values]
+    lines.append("other load during the windows: 1-minute load average {:.1f} to {:.1f}; other processes' CPU"
+                 " {:.2f} to {:.2f} cores (median {:.2f})".format(
+                     min(w["load_average_1m"] for w in windows), max(w["load_average_1m"] for w in windows),
+                     min(w["other_cores"] for w in windows), max(w["other_cores"] for w in windows),
+                     statistics.median(w["other_cores"] for w in windows)))
     others = report["other_processes_cpu_cores"]
     lines.append(f"machine: {host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB, Python {host['python']},"
                  f" SQLite {host['sqlite']}; other processes kept {others or 0:.2f} cores busy on average;"
