@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -94,6 +95,7 @@ class UnitOfWork:
         """The aggregate as of its latest event; a new, empty one if the stream is empty."""
         if id in self.seen:
             return self.seen[id]
+        await self.store.settled(id)
         aggregate = self.cache.get(cls, id) or await self._from_snapshot(cls, id)
         applied = 0
         # In pages, so that even a first load of a long stream holds one page in memory.
@@ -182,7 +184,8 @@ class Dispatcher:
         self.store = store
         self.handlers = handlers
         self.cache = cache or AggregateCache()
-        self._retry_turn = asyncio.Lock()
+        # One lock per contended stream, alive while a retry holds or awaits it.
+        self._retry_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def execute(self, command: Any, actor: Actor,
                       correlation_id: str | None = None) -> Accepted | DomainError:
@@ -206,7 +209,7 @@ class Dispatcher:
         meta = Metadata(correlation_id=correlation_id or str(uuid.uuid4()),
                         causation_id=str(uuid.uuid4()), actor=actor.subject, idempotency_key=key)
 
-        retrying = False
+        turn = None
         try:
             for attempt in range(MAX_ATTEMPTS):
                 uow = UnitOfWork(self.store, self.cache, actor)
@@ -227,11 +230,14 @@ class Dispatcher:
                             conflict.stream_id, uow.client_versions[conflict.stream_id],
                             conflict.actual,
                         ))
-                    if not retrying:
+                    if turn is None:
                         # Losers that all reload and retry at once mostly lose again, one
-                        # winner per round: in this process, retries take turns.
-                        await self._retry_turn.acquire()
-                        retrying = True
+                        # winner per round: in this process, retries on the same stream
+                        # take turns. Those on other streams go on side by side: with
+                        # group commit, a batch's losers are spread over many streams.
+                        lock = self._retry_turns.setdefault(conflict.stream_id, asyncio.Lock())
+                        await lock.acquire()
+                        turn = lock
                     await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                     continue
                 except IdempotencyKeyTaken:
@@ -240,8 +246,8 @@ class Dispatcher:
                 await uow.committed()
                 return Accepted(aggregate.id, aggregate.version, recorded[-1].position)
         finally:
-            if retrying:
-                self._retry_turn.release()
+            if turn is not None:
+                turn.release()
         raise TooMuchContention(
             f"the command lost {MAX_ATTEMPTS} races for the same data in a row; try again"
         )

@@ -66,7 +66,7 @@ class Database:
     through `run_sync`.
     """
 
-    def __init__(self, url: str, readers: int = 4) -> None:
+    def __init__(self, url: str, readers: int = 2) -> None:
         self.url = url
         self.dialect = make_url(url).get_dialect().name
         self._threads = None

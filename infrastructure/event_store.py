@@ -178,6 +178,8 @@ class EventStore:
         self._listeners: list[Callable[[int], None]] = []
         self._queue: deque[_Append] = deque()
         self._committer: asyncio.Task | None = None
+        # The newest append of this process to each stream that has not landed yet.
+        self._in_flight: dict[str, asyncio.Future] = {}
         # Transactions that appends have committed: fewer than appends when they share.
         self.commits = 0
 
@@ -216,6 +218,9 @@ class EventStore:
             raise ValueError("append needs at least one event")
         request = _Append(writes, meta, idempotent, self.clock(), asyncio.get_running_loop().create_future())
         self._queue.append(request)
+        for write in writes:
+            self._in_flight[write.stream_id] = request.outcome
+        request.outcome.add_done_callback(partial(self._landed, writes))
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_queued())
         try:
@@ -226,6 +231,16 @@ class EventStore:
             # Report it the way the checks would have.
             await self._raise_lost_race(writes, idempotent)
             raise
+
+    async def settled(self, stream_id: str) -> None:
+        """Wait until no append of this process to the stream is in flight, however it ends.
+
+        A command about to load a stream it will write waits here rather than read the
+        version an append in flight is about to replace, and then lose to it.
+        """
+        pending = self._in_flight.get(stream_id)
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
 
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
                    limit: int | None = None) -> list[RecordedEvent]:
@@ -284,6 +299,11 @@ class EventStore:
             lambda conn: conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject)))
 
     # ------------------------------------------------------------------ internals
+
+    def _landed(self, writes: Sequence[StreamWrite], outcome: asyncio.Future) -> None:
+        for write in writes:
+            if self._in_flight.get(write.stream_id) is outcome:
+                del self._in_flight[write.stream_id]
 
     async def _commit_queued(self) -> None:
         """Commit what is queued, a batch at a time, until nothing is."""

@@ -213,3 +213,18 @@ async def test_batches_of_any_size_number_positions_consecutively(store, request
     assert [r[0].position for r in results] == list(range(1, requests + 1))
     assert [e.data["n"] for e in await assert_gap_free(store)] == list(range(requests))
     assert -(-requests // 64) <= store.commits <= max(1, requests // 2)
+
+
+async def test_settled_waits_for_the_streams_append_in_flight(store):
+    await store.append([write("a", 0, 1)])
+    appending = asyncio.create_task(store.append([write("a", 1, 2)]))
+    failing = asyncio.create_task(store.append([write("b", 5, 3)]))
+    await asyncio.sleep(0)  # both queued, not yet committed
+
+    await store.settled("a")
+    await store.settled("b")  # an append that fails has landed too
+
+    assert appending.done() and failing.done()
+    assert await store.stream_version("a") == 2
+    assert isinstance(failing.exception(), WrongExpectedVersion)
+    await store.settled("never-written")
