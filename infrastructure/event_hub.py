@@ -53,6 +53,7 @@ class EventHub:
         self.queue_size = queue_size
         self.poll_interval = poll_interval
         self.position = 0  # the last event fanned out
+        self.overflows = 0  # times a live subscriber's queue overflowed and it went back to the log
         self._live: set[Subscriber] = set()
         self._parked: set[Subscriber] = set()
         self._wake = asyncio.Event()
@@ -101,6 +102,7 @@ class EventHub:
                 except asyncio.QueueFull:
                     self._live.discard(subscriber)
                     subscriber.detached = True
+                    self.overflows += 1
                     break
             subscriber.woken.set()
         self.position = batch[-1].position
