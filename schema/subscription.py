@@ -64,7 +64,9 @@ class Subscription:
             view = await orders.order(context.read, actor, order_id, consistent_with=placed[0].position)
         yield Order.of(view)
         # Each later state is the previous one with the event's change applied, not a fresh
-        # read: the read model may be further on already, and each change is sent.
+        # read: the read model may be further on already, and each change is sent. Folded
+        # from this subscription's own first read, its states are not shared with others
+        # (it follows the hub, not info.root_value).
         order_id = view.row.order_id
         async for event in context.hub.subscribe(since, lambda e: e.stream_id == order_id):
             actor.require_unexpired()
