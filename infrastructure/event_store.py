@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    bindparam,
     func,
     insert,
     select,
@@ -245,6 +246,11 @@ class EventStore:
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
                    limit: int | None = None) -> list[RecordedEvent]:
         """The stream's events after `after_version`, oldest first (up to `until`, at most `limit`)."""
+        params = {"stream_id": stream_id, "after_version": after_version}
+        if until is None and limit is not None:
+            # The loads of every command: a statement built once, as building one costs
+            # more than running it.
+            return await self._db.read(partial(self._fetch, _STREAM_PAGE, {**params, "limit": limit}))
         query = (
             select(events)
             .where(events.c.stream_id == stream_id, events.c.version > after_version)
@@ -253,7 +259,7 @@ class EventStore:
         )
         if until is not None:
             query = query.where(events.c.recorded_at <= until)
-        return await self._db.read(partial(self._fetch, query))
+        return await self._db.read(partial(self._fetch, query, {}))
 
     async def save_snapshot(self, stream_id: str, schema: str, version: int, state: dict[str, Any]) -> None:
         """Keep `state` as the stream's state at `version`, unless a newer snapshot exists."""
@@ -279,7 +285,7 @@ class EventStore:
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events of the whole log after position `after`."""
         query = select(events).where(events.c.position > after).order_by(events.c.position)
-        return await self._db.read(partial(self._fetch, query.limit(limit)))
+        return await self._db.read(partial(self._fetch, query.limit(limit), {}))
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
@@ -458,8 +464,8 @@ class EventStore:
             keys.update(fresh)
         return keys
 
-    def _fetch(self, query, conn: Connection) -> list[RecordedEvent]:
-        rows = conn.execute(query).mappings().all()
+    def _fetch(self, query, params: dict[str, Any], conn: Connection) -> list[RecordedEvent]:
+        rows = conn.execute(query, params).mappings().all()
         subjects = {personal_data.sealed_subject(row["data"]) for row in rows} - {None}
         keys = self._keys(conn, subjects)
         recorded = []
@@ -482,6 +488,13 @@ class EventStore:
                 raise IdempotencyKeyTaken(idempotent.key)
 
         await self._db.read(check)
+
+_STREAM_PAGE = (
+    select(events)
+    .where(events.c.stream_id == bindparam("stream_id"), events.c.version > bindparam("after_version"))
+    .order_by(events.c.version)
+    .limit(bindparam("limit"))
+)
 
 
 # Requests one transaction takes at most: bounds the time a batch holds the write lock.
