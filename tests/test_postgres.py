@@ -258,8 +258,14 @@ async def subscribe_until(url: str, head: asyncio.Future) -> list[dict]:
         await socket_.send(json.dumps(init))
         assert json.loads(await socket_.recv())["type"] == "connection_ack"
         await socket_.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": EVENTS}}))
+        deadline = time.monotonic() + 60
         while not (head.done() and received and int(received[-1]["position"]) >= head.result()):
-            message = json.loads(await asyncio.wait_for(socket_.recv(), 30))
+            assert time.monotonic() < deadline, f"received up to {received[-1:]}, head {head}"
+            try:
+                # Short waits: the head may become known after the last event arrived.
+                message = json.loads(await asyncio.wait_for(socket_.recv(), 0.2))
+            except TimeoutError:
+                continue
             if message["type"] == "ping":
                 await socket_.send(json.dumps({"type": "pong"}))
                 continue
