@@ -73,10 +73,14 @@ class Projector:
     async def run(self) -> None:
         """Project until stopped: right after every wake-up, and every `poll_interval` anyway."""
         self._stopping = False
-        await self._retry_failed()
+        retried = False
         while not self._stopping:
             self._wake.clear()
             try:
+                # In the loop: a database that is not there yet is waited for, not fatal.
+                if not retried:
+                    await self._retry_failed()
+                    retried = True
                 progressed = await self.step()
             except Exception:
                 log.exception("projector step failed; retrying in %.1f s", self.poll_interval)
