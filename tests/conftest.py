@@ -68,6 +68,14 @@ def postgres() -> Iterator[Postgres]:
     async def create() -> None:
         connection = await asyncpg.connect(dsn(server), timeout=5)
         try:
+            if make_url(server).host in ("127.0.0.1", "localhost"):
+                # Databases of earlier runs on this machine that were killed before they
+                # could drop their own.
+                for (name,) in await connection.fetch(
+                        "SELECT datname FROM pg_database WHERE datname LIKE 'orderstream\\_test\\_%'"):
+                    pid = name.split("_")[2]
+                    if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             for name in names:
                 await connection.execute(f'CREATE DATABASE "{name}"')
         finally:
