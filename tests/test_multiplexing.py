@@ -147,7 +147,8 @@ async def test_a_slow_member_does_not_hold_up_its_group_and_later_gets_everythin
         version = await restock(server, sku, version, 500)
     head = server.head()
     # The fast ones get every event while the stalled one has not read a single frame.
-    await wait_until(lambda: all(into and into[-1] == head for into in positions), watching=tuple(reading))
+    await wait_until(lambda: all(into and into[-1] == head for into in positions), timeout=120,
+                     watching=tuple(reading))
     for task in reading:
         task.cancel()
     assert all(into == list(range(after + 1, head + 1)) for into in positions)
