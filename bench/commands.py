@@ -272,14 +272,20 @@ def goals(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     mine = points[Point("placeOrder", "orderstream", 32).key]
     trivial = points[Point("placeOrder", "trivial", 32).key]
     both = points[Point("hotFresh", "orderstream", 32).key]
+    alone = points[Point("hotFresh", "orderstream", 1).key]
     ryw = points[Point("readYourWrites", "orderstream", 1).key]
     share = mine["per_s"] / trivial["per_s"]
     hot_ratio = both["hot per_s"] / both["fresh per_s"]
+    hot_latency = alone["hot p50_ms"] / alone["fresh p50_ms"]
     return [
         {"goal": "placeOrder x32: throughput >= 0.5 x trivial", "measured": share, "met": share >= 0.5},
         {"goal": "placeOrder x32: p99 < 50 ms", "measured": mine["p99_ms"], "met": mine["p99_ms"] < 50},
         {"goal": "hot product x32: throughput within 20% of fresh", "measured": hot_ratio,
          "met": abs(hot_ratio - 1) <= 0.2},
+        # With 32 clients the two products' orders share transactions (group commit), and
+        # what one costs the other pays too: one client at a time tells them apart.
+        {"goal": "hot product x1: p50 within 20% of fresh", "measured": hot_latency,
+         "met": abs(hot_latency - 1) <= 0.2},
         {"goal": "read-your-writes round trip p50 < 5 ms", "measured": ryw["p50_ms"], "met": ryw["p50_ms"] < 5},
     ]
 
