@@ -526,10 +526,13 @@ class _BatchState:
 
     @classmethod
     def read(cls, conn: Connection, batch: list[_Append]) -> "_BatchState":
-        streams = {write.stream_id for request in batch for write in request.writes}
-        versions = dict((conn.execute(
-            select(events.c.stream_id, func.max(events.c.version))
-            .where(events.c.stream_id.in_(streams)).group_by(events.c.stream_id))).all())
+        streams = list({write.stream_id for request in batch for write in request.writes})
+        # One max() per stream, each a single index probe; `stream_id IN (...) GROUP BY`
+        # would read every version of a long stream instead.
+        found = conn.execute(select(*(
+            select(func.max(events.c.version)).where(events.c.stream_id == stream).scalar_subquery()
+            for stream in streams))).one()
+        versions = {stream: version for stream, version in zip(streams, found, strict=True) if version}
         wanted = {(r.idempotent.scope, r.idempotent.key) for r in batch if r.idempotent}
         keys = set()
         if wanted:
