@@ -1,11 +1,12 @@
-"""`python -m bench [--quick]`: run every benchmark, print its table, save its figures."""
+"""`python -m bench [--quick] [NAME ...]`: run the benchmarks (every one by default), print their
+tables, save their figures."""
 
 import argparse
 import sys
 import traceback
 from pathlib import Path
 
-from bench import commands, hot_aggregate, read_latency, rebuild, subscriptions
+from bench import commands, hot_aggregate, read_latency, rebuild, scale_out, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
@@ -14,6 +15,7 @@ BENCHMARKS = {
     "rebuild": rebuild.run,
     "read_latency": read_latency.run,
     "subscriptions": subscriptions.run,
+    "scale_out": scale_out.run,
 }
 
 
@@ -24,12 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true",
                         help="smaller data sets, for a check in a minute rather than a measurement")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
     args = parser.parse_args(argv)
+    if unknown := set(args.names) - set(BENCHMARKS):
+        parser.error(f"no benchmark {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    chosen = {name: run for name, run in BENCHMARKS.items() if not args.names or name in args.names}
     results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
 
     failed = []
-    for name, run in BENCHMARKS.items():
+    for name, run in chosen.items():
         try:
             print(run(quick=args.quick, results_dir=results_dir), flush=True)
         except Exception as error:
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"bench: {name} failed: {type(error).__name__}: {error}\n")
             failed.append(name)
     if failed:
-        sys.stderr.write(f"bench: {len(failed)} of {len(BENCHMARKS)} benchmarks failed: "
+        sys.stderr.write(f"bench: {len(failed)} of {len(chosen)} benchmarks failed: "
                          f"{', '.join(failed)}\n")
         return 1
     return 0
