@@ -864,7 +864,8 @@ def table(report: dict[str, Any]) -> str:
                      statistics.median(w["other_cores"] for w in windows)))
     others = report["other_processes_cpu_cores"]
     lines.append(f"machine: {host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB, Python {host['python']},"
-                 f" SQLite {host['sqlite']}; other processes kept {others or 0:.2f} cores busy on average;"
+                 f" SQLite {host['sqlite']}; processes other than this one (its servers and clients included)"
+                 f" kept {others or 0:.2f} cores busy on average;"
                  f" run took {report['duration_s']:.0f} s")
     return "\n".join(lines)
 
