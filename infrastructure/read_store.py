@@ -21,10 +21,10 @@ from sqlalchemy import (
     Table,
     Text,
     func,
-    insert,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import conv
 
@@ -85,11 +85,12 @@ class ReadStore:
         """Migrate the read database to the newest revision and start new projections at 0."""
         await migrations.upgrade(self.writer, "read")
         async with self.writer.begin() as conn:
-            known = set((await conn.execute(select(checkpoints.c.name))).scalars())
+            # Processes starting together on a new database all try this: on PostgreSQL,
+            # the first insert wins and the others' are skipped.
+            fresh = (postgresql.insert if self._postgres else sqlite.insert)(checkpoints).on_conflict_do_nothing()
             for name in projection_names:
-                if name not in known:
-                    await conn.execute(insert(checkpoints).values(
-                        name=name, position=0, rebuilding=False, updated_at=datetime.now(UTC)))
+                await conn.execute(fresh.values(name=name, position=0, rebuilding=False,
+                                                updated_at=datetime.now(UTC)))
         await self.refresh()
 
     async def close(self) -> None:

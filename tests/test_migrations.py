@@ -12,8 +12,9 @@ from sqlalchemy import MetaData, inspect
 from infrastructure import event_store, migrations
 from infrastructure.database import engine_pair
 from infrastructure.read_store import _checkpoint_metadata
-from orderstream import projections
-from tests.conftest import BACKENDS, Databases
+from infrastructure.settings import Settings
+from orderstream import Service, projections
+from tests.conftest import BACKENDS, SECRET, Databases
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -74,3 +75,16 @@ async def test_a_database_made_before_migrations_is_adopted(databases, tree):
         assert await migrations.upgrade(writer, tree) == migrations.head(tree)
     finally:
         await writer.dispose()
+
+
+async def test_services_starting_together_on_empty_databases_all_start(databases, tmp_path):
+    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **databases.environ})
+    services = [Service(settings) for _ in range(4)]
+    try:
+        await asyncio.gather(*(service.open() for service in services))
+        for service in services:
+            assert {name: c.position for name, c in (await service.read.checkpoints()).items()} == {
+                p.name: 0 for p in projections()}
+    finally:
+        for service in services:
+            await service.close()

@@ -7,7 +7,9 @@ the newest one; `tests/test_migrations.py` fails while the tables that the code 
 and the tables that the revisions make differ.
 """
 
+import asyncio
 import logging
+import threading
 from pathlib import Path
 
 from alembic import command, context
@@ -35,13 +37,23 @@ def config(tree: str) -> Config:
     return cfg
 
 
+# Alembic keeps the migration in progress in module-level proxies (alembic.op and
+# alembic.context), so this process runs one upgrade at a time, whatever the event loop.
+_one_at_a_time = threading.Lock()
+
+
 async def upgrade(engine: AsyncEngine, tree: str) -> str:
     """Bring the database of `tree` to the newest revision; returns that revision."""
-    async with engine.begin() as conn:
-        # On SQLite the writer's BEGIN IMMEDIATE already keeps other processes out.
-        if conn.dialect.name == "postgresql":
-            await conn.execute(select(func.pg_advisory_xact_lock(MIGRATE_LOCK)))
-        return await conn.run_sync(_upgrade, tree)
+    while not _one_at_a_time.acquire(blocking=False):
+        await asyncio.sleep(0.01)
+    try:
+        async with engine.begin() as conn:
+            # Other processes: on SQLite the writer's BEGIN IMMEDIATE already keeps them out.
+            if conn.dialect.name == "postgresql":
+                await conn.execute(select(func.pg_advisory_xact_lock(MIGRATE_LOCK)))
+            return await conn.run_sync(_upgrade, tree)
+    finally:
+        _one_at_a_time.release()
 
 
 def _upgrade(connection: Connection, tree: str) -> str:
