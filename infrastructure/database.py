@@ -42,7 +42,9 @@ def engine_pair(url: str) -> tuple[AsyncEngine, AsyncEngine]:
     if not url.startswith("sqlite"):
         # PostgreSQL: one pool. Readers see one snapshot per transaction, as on SQLite, so
         # that a page and its total count agree (READ COMMITTED would re-read per statement).
-        engine = create_async_engine(url, hide_parameters=True, pool_pre_ping=True)
+        # Ten kept open: with the default five, concurrent requests kept opening and closing
+        # overflow connections, about one per command under load.
+        engine = create_async_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
         return engine, engine.execution_options(isolation_level="REPEATABLE READ")
     writer = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0, pool_timeout=60)
     return writer, _sqlite_engine(url, "BEGIN")
