@@ -1,4 +1,3 @@
-import uuid
 from dataclasses import dataclass
 
 from commands.dispatcher import UnitOfWork
@@ -23,7 +22,7 @@ class ForgetCustomer:
 
 async def register_customer(command: RegisterCustomer, uow: UnitOfWork) -> Customer:
     # Anyone may sign up: no role check.
-    customer = await uow.load(Customer, str(uuid.uuid4()))
+    customer = uow.create(Customer)
     customer.register(command.name, command.email, command.country, command.locale)
     return customer
 

@@ -126,6 +126,14 @@ class UnitOfWork:
         await self.store.save_snapshot(aggregate.id, snapshot_schema(type(aggregate)), aggregate.version,
                                        aggregate.snapshot())
 
+    def create(self, cls: type[A]) -> A:
+        """A new aggregate under a new random id: nothing to read, the append at expected
+        version 0 is the check that the stream is new."""
+        aggregate = cls(str(uuid.uuid4()))
+        self.seen[aggregate.id] = aggregate
+        self.loaded_versions[aggregate.id] = 0
+        return aggregate
+
     async def get(self, cls: type[A], id: str) -> A:
         """An existing aggregate, or NotFoundError."""
         aggregate = await self.load(cls, id)

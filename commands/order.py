@@ -1,4 +1,3 @@
-import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -68,7 +67,7 @@ async def place_order(command: PlaceOrder, uow: UnitOfWork) -> Order:
         sku_syntax(sku, f"items.{index}.sku")
     customer = await uow.get(Customer, customer_id)
     products = {sku: await uow.get(Product, sku) for sku, _ in command.items}
-    order = await uow.load(Order, str(uuid.uuid4()))
+    order = uow.create(Order)
     order.place(customer, products, list(command.items), address)
     return order
 
