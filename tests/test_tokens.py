@@ -393,6 +393,19 @@ def test_a_token_accepted_within_the_leeway_expires_for_this_server_at_exp_plus_
     assert actor.require_unexpired() is None
 
 
+
+def test_a_verified_token_is_remembered_until_it_expires_and_no_longer(tmp_path):
+    verifier = TokenVerifier.load(TokenSettings.from_environ({"ORDERSTREAM_JWT_SECRET": SECRET,
+                                                              "ORDERSTREAM_JWT_LEEWAY": "0"}), tmp_path)
+    now = int(time.time())
+    token = jwt.encode({"sub": "staff-1", "role": "staff", "iat": now, "exp": now + 2}, SECRET, algorithm="HS256")
+    first = verifier.verify(token)
+
+    assert verifier.verify(token) is first  # remembered, not decoded again
+    time.sleep(max(0.0, first.expires_at.timestamp() - time.time()) + 0.1)
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(token)
+
 # ---------------------------------------------------------------- WebSocket connection_init
 
 
