@@ -406,6 +406,7 @@ def test_a_verified_token_is_remembered_until_it_expires_and_no_longer(tmp_path)
     with pytest.raises(Unauthenticated, match="expired"):
         verifier.verify(token)
 
+
 # ---------------------------------------------------------------- WebSocket connection_init
 
 
