@@ -74,7 +74,15 @@ class EventHub:
         self._wake.set()
 
     async def run(self) -> None:
-        self.position = await self.store.head()
+        # Subscriptions wait for this: a log not reachable yet is waited for, not fatal.
+        while not self._stopping:
+            try:
+                self.position = await self.store.head()
+                break
+            except Exception:
+                log.exception("reading the log's head failed; retrying in %.1f s", self.poll_interval)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         self._started.set()
         while not self._stopping:
             self._wake.clear()
