@@ -40,6 +40,18 @@ def _run(coroutine) -> Any:
         return thread.submit(asyncio.run, coroutine).result()
 
 
+def fetch(url: str, query: str, *arguments: Any) -> list[tuple]:
+    """Rows of `query` on the PostgreSQL database at `url`, from synchronous test code."""
+    async def rows() -> list[tuple]:
+        connection = await asyncpg.connect(dsn(url))
+        try:
+            return [tuple(row) for row in await connection.fetch(query, *arguments)]
+        finally:
+            await connection.close()
+
+    return _run(rows())
+
+
 @dataclass(frozen=True)
 class Postgres:
     """The two databases of this test run on the PostgreSQL server."""

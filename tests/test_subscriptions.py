@@ -2,7 +2,8 @@
 
 gql's websockets transport for the ordinary flows, `websockets` itself for the protocol
 edges and the legacy graphql-ws protocol. Every delivered position is checked against
-the positions in events.db: no gap, no duplicate, strictly increasing.
+the positions in the database: no gap, no duplicate, strictly increasing. The tests of
+what is delivered run on SQLite and on PostgreSQL.
 """
 
 import asyncio
@@ -35,7 +36,7 @@ from infrastructure.multiplex import Multiplexer
 from infrastructure.settings import Settings
 from orderstream import build_app
 from schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp
-from tests.conftest import SECRET
+from tests.conftest import BACKENDS, SECRET, Databases, fetch
 
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"
@@ -109,20 +110,27 @@ class Server:
         return result
 
     def log(self, after: int = 0) -> list[tuple[int, str, str, int]]:
-        """(position, stream id, type, version) of every event after `after`, read from events.db."""
-        with closing(sqlite3.connect(self.data_dir / "events.db")) as db:
-            return db.execute("SELECT position, stream_id, type, version FROM events WHERE position > ? "
-                              "ORDER BY position", (after,)).fetchall()
+        """(position, stream id, type, version) of every event after `after`, read from the
+        database itself."""
+        return self._fetch("SELECT position, stream_id, type, version FROM events WHERE position > $1 "
+                           "ORDER BY position", after)
 
     def head(self) -> int:
-        with closing(sqlite3.connect(self.data_dir / "events.db")) as db:
-            return db.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        return self._fetch("SELECT coalesce(max(position), 0) FROM events")[0][0]
+
+    def _fetch(self, query: str, *arguments: Any) -> list[tuple]:
+        url = self.store.url
+        if url.startswith("sqlite"):
+            with closing(sqlite3.connect(url.removeprefix("sqlite+aiosqlite:///"))) as db:
+                return db.execute(query.replace("$1", "?"), arguments).fetchall()
+        return fetch(url, query, *arguments)
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
+async def server(tmp_path: Path, databases: Databases) -> AsyncIterator[Server]:
     # No clock-skew leeway: the expiry tests count on the tokens' own exp.
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, "ORDERSTREAM_JWT_LEEWAY": "0"})
+    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, "ORDERSTREAM_JWT_LEEWAY": "0",
+                                                     **databases.environ})
     app = build_app(settings)
     graphql = next(route.endpoint for route in app.routes if isinstance(getattr(route, "endpoint", None), GraphQLApp))
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
@@ -294,6 +302,7 @@ async def finish(ws: websockets.ClientConnection, id: str, protocol: str) -> Non
 # ---------------------------------------------------------------- no gap, no duplicate
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_hand_over_from_the_log_to_live_under_load(server):
     customer_id = await register(server)
     for sku in WRITERS:
@@ -333,6 +342,7 @@ async def test_hand_over_from_the_log_to_live_under_load(server):
         assert rows(delivered[id]) == server.log(after), f"subscription {id} after {after}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_subscribers_that_keep_falling_behind_miss_nothing(server):
     """With room for five events, every batch of eight overflows the queues: each subscriber
     (here, the shared execution each one is parked with) falls back to the log and is handed
@@ -367,12 +377,14 @@ async def test_subscribers_that_keep_falling_behind_miss_nothing(server):
         assert rows(delivered[id]) == server.log(after), f"subscription {id} after {after}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_events_of_writers_in_other_processes_arrive_once(server):
-    """Another process's commits do not wake this hub: it finds them by polling, so
-    catch-ups read past the hub's position and the hand-over must skip what they read."""
+    """Another process's commits do not wake this hub on SQLite (it finds them by polling)
+    and wake it by notification on PostgreSQL; either way catch-ups may read past the hub's
+    position, and the hand-over must skip what they read."""
     sku = "MUG"
     await add_product(server, sku)
-    other_process = EventStore(f"sqlite+aiosqlite:///{server.data_dir / 'events.db'}")
+    other_process = EventStore(server.store.url)
 
     async def write_elsewhere() -> None:
         version = 1
@@ -404,6 +416,7 @@ async def test_events_of_writers_in_other_processes_arrive_once(server):
         assert rows(delivered[id]) == server.log(after), f"subscription {id} after {after}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_reconnecting_with_the_last_position_seen_misses_nothing(server):
     customer_id = await register(server)
     for sku in WRITERS[:2]:
@@ -431,6 +444,7 @@ async def test_reconnecting_with_the_last_position_seen_misses_nothing(server):
 # ---------------------------------------------------------------- slow readers
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_reader_that_stops_reading_falls_back_to_the_log_and_misses_nothing(server):
     sku = "MUG"
     await add_product(server, sku)
@@ -477,6 +491,7 @@ async def test_a_reader_that_stops_reading_falls_back_to_the_log_and_misses_noth
 # ---------------------------------------------------------------- many readers
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_thousand_subscribers_in_one_process_all_get_every_event(server):
     customer_id = await register(server)
     await add_product(server, "MUG")
@@ -508,6 +523,7 @@ async def test_a_thousand_subscribers_in_one_process_all_get_every_event(server)
 # ---------------------------------------------------------------- who sees what
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_customer_sees_their_own_customer_and_order_streams_only(server):
     ann, bob = await register(server, "Ann Example"), await register(server, "Bob Other")
     ann_token = token("customer", ann)
@@ -545,6 +561,7 @@ STATUS_AFTER = {"OrderPlaced": "PENDING", "OrderPaid": "PAID", "OrderShipped": "
                 "OrderDelivered": "DELIVERED", "OrderCancelled": "CANCELLED"}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_order_updated_sends_the_order_then_each_change(server):
     ann = await register(server, "Ann Example")
     ann_token = token("customer", ann)
@@ -563,6 +580,7 @@ async def test_order_updated_sends_the_order_then_each_change(server):
     assert [row[3] for row in server.log() if row[1] == order_id] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_order_updated_keeps_up_with_changes_in_quick_succession(server):
     ann = await register(server, "Ann Example")
     await add_product(server, "MUG")
