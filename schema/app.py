@@ -68,6 +68,18 @@ def shared_rights(context: Context) -> Rights | None:
                   expires_at=actor.expires_at.timestamp() if actor.expires_at is not None else None)
 
 
+def connection_authorization(params: object) -> object | None:
+    """The `authorization` entry of a connection_init payload, its key in any case, as in an
+    HTTP header: GraphiQL sends its Headers tab there as typed, `{"Authorization": "Bearer ..."}`.
+    The lowercase key wins if both are there."""
+    if not isinstance(params, dict):
+        return None
+    if "authorization" in params:
+        return params["authorization"]
+    return next((value for key, value in params.items()
+                 if isinstance(key, str) and key.lower() == "authorization"), None)
+
+
 class GraphQLApp(GraphQLOverHTTP):
     """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET, and
     subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws).
@@ -117,7 +129,7 @@ class GraphQLApp(GraphQLOverHTTP):
 
     async def on_ws_connect(self, context: Context) -> None:
         """Browsers cannot set headers on a WebSocket: the token comes in connection_init."""
-        authorization = (context.connection_params or {}).get("authorization")
+        authorization = connection_authorization(context.connection_params)
         if authorization is None:
             return None
         try:

@@ -35,7 +35,7 @@ from infrastructure.event_store import EventStore, StreamWrite
 from infrastructure.multiplex import Multiplexer
 from infrastructure.settings import Settings
 from orderstream import build_app
-from schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp
+from schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp, connection_authorization
 from tests.conftest import BACKENDS, SECRET, Databases, fetch
 
 TRANSPORT_WS = "graphql-transport-ws"
@@ -652,6 +652,35 @@ async def test_a_bad_token_on_the_legacy_protocol_gets_a_connection_error(server
     assert refused["payload"]["code"] == "UNAUTHENTICATED"
     with pytest.raises(websockets.ConnectionClosed):
         await receive(ws)
+
+
+@pytest.mark.parametrize("protocol", [TRANSPORT_WS, LEGACY_WS])
+async def test_the_token_is_found_under_a_capitalised_key_as_graphiql_sends_it(server, protocol):
+    """GraphiQL sends its Headers tab as the connection_init payload, as typed: the README's
+    {"Authorization": "Bearer ..."} arrives with a capital A."""
+    customer_id = await register(server)
+    ws = await websockets.connect(server.ws_url, subprotocols=[protocol])
+    await ws.send(json.dumps({"type": "connection_init", "payload": {"Authorization": f"Bearer {STAFF}"}}))
+    assert (await receive(ws))["type"] == "connection_ack"
+    await start(ws, "1", EVENTS, {"after": "0"}, protocol)
+    [registered] = await receive_events(ws, 1)
+    assert registered["streamId"] == customer_id
+    await ws.close()
+    await wait_until(lambda: server.hub.subscribers == 0)
+
+
+async def test_a_bad_token_under_a_capitalised_key_is_refused_not_ignored(server):
+    ws = await websockets.connect(server.ws_url, subprotocols=[TRANSPORT_WS])
+    await ws.send(json.dumps({"type": "connection_init", "payload": {"AUTHORIZATION": "Bearer not-a-token"}}))
+    with pytest.raises(websockets.ConnectionClosed):
+        await receive(ws)
+    assert ws.close_code == 4403
+
+
+def test_the_lowercase_key_wins_and_a_payload_without_one_is_anonymous():
+    assert connection_authorization({"Authorization": "Bearer a", "authorization": "Bearer b"}) == "Bearer b"
+    assert connection_authorization({"authorizationX": "Bearer a", "other": 1}) is None
+    assert connection_authorization(None) is None
 
 
 @pytest.mark.parametrize("protocol", [TRANSPORT_WS, LEGACY_WS])
