@@ -22,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
+from strawberry.exceptions import MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.http.parse_content_type import parse_content_type
-from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
@@ -158,12 +159,22 @@ class GraphQLOverHTTP(GraphQL):
                                   extensions=extensions)
 
     async def execute_single(self, request, request_adapter, sub_response, context, root_value, request_data):
+        # Queries over GET and POST, mutations over POST. Subscriptions only over WebSocket:
+        # strawberry would otherwise run one over HTTP as if it were a query, and fail.
+        allowed = {OperationType.QUERY} if request_adapter.method == "GET" else {OperationType.QUERY,
+                                                                                 OperationType.MUTATION}
         try:
-            return await super().execute_single(request, request_adapter, sub_response, context, root_value,
-                                                request_data)
-        except HTTPException as error:
-            refused = error.__cause__
-            if isinstance(refused, InvalidOperationTypeError) and refused.operation_type == OperationType.MUTATION:
+            return await self.schema.execute(
+                request_data.query, root_value=root_value, variable_values=request_data.variables,
+                context_value=context, operation_name=request_data.operation_name,
+                allowed_operation_types=allowed, operation_extensions=request_data.extensions)
+        except InvalidOperationTypeError as refused:
+            if refused.operation_type == OperationType.MUTATION:
                 raise Refusal(405, "mutations are not allowed over GET: send them with POST",
                               headers={"Allow": "POST"}) from None
-            raise
+            raise Refusal(400, "subscriptions are served over WebSocket: open ws(s)://<host>/graphql with the "
+                               "graphql-transport-ws protocol") from None
+        except CannotGetOperationTypeError as error:
+            raise HTTPException(400, error.as_http_error_reason()) from None
+        except MissingQueryError:
+            raise HTTPException(400, "the request has no `query`: send the GraphQL document as `query`") from None

@@ -198,6 +198,23 @@ async def test_a_mutation_over_get_is_refused_with_405_and_appends_nothing(api, 
     assert log_head(api) == 0
 
 
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("accept", [None, "application/json", GRAPHQL_RESPONSE])
+async def test_a_subscription_over_http_is_refused_with_a_pointer_to_websocket(api, method, accept, caplog):
+    document = "subscription { events { position type } }"
+    headers = {**STAFF, "Accept": accept} if accept else STAFF
+    if method == "GET":
+        response = await api.http.get("/graphql", params={"query": document}, headers=headers)
+    else:
+        response = await api.http.post("/graphql", json={"query": document}, headers=headers)
+
+    assert response.status_code == 400
+    assert code_of(response) == "BAD_REQUEST"
+    assert "WebSocket" in response.json()["errors"][0]["message"]
+    assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
 # ---------------------------------------------------------------- GraphiQL and security headers
 
 
