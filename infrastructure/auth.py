@@ -79,7 +79,8 @@ class Actor:
 
     def require_signed_in(self) -> None:
         if self.role is None:
-            raise Unauthenticated("sign in: send 'Authorization: Bearer <token>'")
+            raise Unauthenticated("sign in: send 'Authorization: Bearer <token>' (over WebSocket: as "
+                                  "\"authorization\" in the connection_init payload)")
 
 
 ANONYMOUS = Actor(subject=None, role=None)
