@@ -91,6 +91,13 @@ class Database:
             return self._writer
         return _sqlite_engine(self.url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
 
+    def async_reader(self) -> AsyncEngine:
+        """An async reader engine for queries not written as units of work; the caller
+        disposes it unless it is this database's own (PostgreSQL)."""
+        if self._threads is None:
+            return self._reader
+        return _sqlite_engine(self.url, "BEGIN")
+
     async def write(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` in a write transaction, committed when it returns."""
         if self._threads is None:

@@ -1,7 +1,8 @@
 """Tails the event log and applies it to the read models, exactly once.
 
-Each batch runs in one read-database transaction; every projection applies its share in
-a savepoint and moves its checkpoint inside it, so a crash at any point resumes with
+Each batch runs in one read-database transaction, a unit of work of `ReadStore.write` (on
+SQLite one thread hop for the whole batch); every projection applies its share in a
+savepoint and moves its checkpoint inside it, so a crash at any point resumes with
 nothing lost and nothing applied twice. An event a projection cannot apply stops that
 projection (logged, and visible in its checkpoint row); the others go on.
 """
@@ -9,13 +10,13 @@ projection (logged, and visible in its checkpoint row); the others go on.
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 
-from sqlalchemy import Table
+from sqlalchemy import Connection, MetaData, Table
 from sqlalchemy.exc import StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infrastructure.event_store import EventStore, RecordedEvent
 from infrastructure.read_store import ReadStore, read_model_metadata, shadow_copy
@@ -36,7 +37,7 @@ class Projection:
 
     name: str
     tables: tuple[Table, ...]
-    apply: Callable[[AsyncConnection, RecordedEvent, Tables], Awaitable[None]]
+    apply: Callable[[Connection, RecordedEvent, Tables], None]
 
     @property
     def live(self) -> Tables:
@@ -104,30 +105,33 @@ class Projector:
         batch = await self.store.read(after=start, limit=self.batch_size)
         if not batch:
             return False
-        moved: dict[str, int] = {}
-        async with self.read_store.writer.begin() as conn:
-            # Re-read under the write lock: a rebuild may have swapped tables meanwhile,
-            # or (PostgreSQL) another projector applied this batch already.
-            states = await self.read_store.checkpoints(conn, lock=True)
-            for projection in active:
-                state = states[projection.name]
-                if state.failed_position is not None or state.position < start:
-                    continue  # the batch does not start where this projection stands
-                todo = [e for e in batch if e.position > state.position]
-                if todo and await self._apply(conn, projection, todo):
-                    moved[projection.name] = todo[-1].position
-            await self.read_store.announce(conn, moved)
+        moved = await self.read_store.write(partial(self._apply_batch, active, start, batch))
         await self.read_store.advanced(moved)
         return True
 
-    async def _apply(self, conn: AsyncConnection, projection: Projection,
-                     todo: list[RecordedEvent]) -> bool:
+    def _apply_batch(self, active: list[Projection], start: int, batch: list[RecordedEvent],
+                     conn: Connection) -> dict[str, int]:
+        # Re-read under the write lock: a rebuild may have swapped tables meanwhile,
+        # or (PostgreSQL) another projector applied this batch already.
+        states = self.read_store.checkpoints_in(conn, lock=True)
+        moved: dict[str, int] = {}
+        for projection in active:
+            state = states[projection.name]
+            if state.failed_position is not None or state.position < start:
+                continue  # the batch does not start where this projection stands
+            todo = [e for e in batch if e.position > state.position]
+            if todo and self._apply(conn, projection, todo):
+                moved[projection.name] = todo[-1].position
+        self.read_store.announce(conn, moved)
+        return moved
+
+    def _apply(self, conn: Connection, projection: Projection, todo: list[RecordedEvent]) -> bool:
         current = todo[0]
         try:
-            async with conn.begin_nested():
+            with conn.begin_nested():
                 for current in todo:
-                    await projection.apply(conn, current, projection.live)
-                await self.read_store.move(conn, projection.name, todo[-1].position)
+                    projection.apply(conn, current, projection.live)
+                self.read_store.move(conn, projection.name, todo[-1].position)
             return True
         except Exception as error:
             log.error("projection %s stopped at event %d (%s of %s): %s", projection.name,
@@ -137,72 +141,88 @@ class Projector:
             # first line of the driver's message only.
             cause = error.orig if isinstance(error, StatementError) and error.orig is not None else error
             reason = str(cause).partition("\n")[0]
-            await self.read_store.mark(
+            self.read_store.mark(
                 conn, projection.name, failed_position=current.position,
                 error=f"{current.type} at position {current.position}: {type(cause).__name__}: {reason}",
             )
             return False
 
     async def _retry_failed(self) -> None:
+        await self.read_store.write(self._clear_failures)
+
+    def _clear_failures(self, conn: Connection) -> None:
         # A restart (with fixed code, or after a passing fault) tries a stopped projection
         # again from its checkpoint.
-        states = await self.read_store.checkpoints()
-        async with self.read_store.writer.begin() as conn:
-            for name, state in states.items():
-                if state.failed_position is not None:
-                    log.warning("retrying projection %s, stopped at %d: %s", name,
-                                state.failed_position, state.error)
-                    await self.read_store.mark(conn, name, failed_position=None, error=None)
+        for name, state in self.read_store.checkpoints_in(conn, lock=True).items():
+            if state.failed_position is not None:
+                log.warning("retrying projection %s, stopped at %d: %s", name,
+                            state.failed_position, state.error)
+                self.read_store.mark(conn, name, failed_position=None, error=None)
 
     async def rebuild(self, names: Sequence[str], progress: Progress | None = None) -> int:
         """Replay the whole log into shadow tables and swap them in atomically.
 
         Queries keep reading the live tables meanwhile, and the live projector keeps
         applying new events to them; the swap happens under the read database's write
-        lock after the shadows caught up, and moves the checkpoints to where the shadows
-        stand, so nothing that arrived during the rebuild is lost. Returns that position.
+        lock once the shadows stand at least where the live checkpoints do, and moves the
+        checkpoints to where the shadows stand, so nothing that arrived during the rebuild
+        is lost and no checkpoint moves back. Returns that position.
         """
         chosen = [p for p in self.projections if p.name in names]
         suffix = f"{SHADOW}{int(time.time() * 1000)}"
         metadata = read_model_metadata()
         shadows = {p.name: {t.name: shadow_copy(t, suffix, metadata) for t in p.tables}
                    for p in chosen}
-        await self.read_store.drop_leftovers_of([t.name for p in chosen for t in p.tables], SHADOW)
-        async with self.read_store.writer.begin() as conn:
-            for p in chosen:
-                await self.read_store.mark(conn, p.name, rebuilding=True)
-            await conn.run_sync(metadata.create_all)
+        await self.read_store.write(partial(self._start_rebuild, chosen, metadata))
         try:
             position, head = 0, await self.store.head()
             while batch := await self.store.read(after=position, limit=self.batch_size):
-                async with self.read_store.writer.begin() as conn:
-                    position = await self._replay(conn, chosen, shadows, batch)
+                position = await self.read_store.write(partial(self._replay, chosen, shadows, batch))
                 if position >= head:
                     head = await self.store.head()
                 if progress:
                     progress(position, max(head, position))
-            async with self.read_store.writer.begin() as conn:
-                await self.read_store.checkpoints(conn, lock=True)
-                while batch := await self.store.read(after=position, limit=self.batch_size):
-                    position = await self._replay(conn, chosen, shadows, batch)
-                for p in chosen:
-                    await self.read_store.swap(conn, shadows[p.name])
-                    await self.read_store.move(conn, p.name, position, rebuilding=False,
-                                               failed_position=None, error=None)
-                await self.read_store.announce(conn, {p.name: position for p in chosen})
+            swapped = False
+            while not swapped:
+                tail = await self.store.read(after=position, limit=self.batch_size)
+                position, swapped = await self.read_store.write(
+                    partial(self._swap_in, chosen, shadows, position, tail))
         except BaseException:
-            async with self.read_store.writer.begin() as conn:
-                for p in chosen:
-                    await self.read_store.mark(conn, p.name, rebuilding=False)
-            await self.read_store.drop_leftovers_of([t.name for p in chosen for t in p.tables], SHADOW)
+            await self.read_store.write(partial(self._abandon_rebuild, chosen))
             raise
         await self.read_store.advanced({p.name: position for p in chosen})
         return position
 
+    def _start_rebuild(self, chosen: Sequence[Projection], metadata: MetaData, conn: Connection) -> None:
+        self.read_store.drop_leftovers_of(conn, [t.name for p in chosen for t in p.tables], SHADOW)
+        for p in chosen:
+            self.read_store.mark(conn, p.name, rebuilding=True)
+        metadata.create_all(conn)
+
+    def _swap_in(self, chosen: Sequence[Projection], shadows: Mapping[str, Tables], position: int,
+                 tail: list[RecordedEvent], conn: Connection) -> tuple[int, bool]:
+        """Apply `tail` to the shadows; swap them in if they now stand at least where the
+        live checkpoints do. (position, swapped)."""
+        states = self.read_store.checkpoints_in(conn, lock=True)
+        if tail:
+            position = self._replay(chosen, shadows, tail, conn)
+        if any(states[p.name].position > position for p in chosen):
+            return position, False  # the live projector went further meanwhile: catch up first
+        for p in chosen:
+            self.read_store.swap(conn, shadows[p.name])
+            self.read_store.move(conn, p.name, position, rebuilding=False, failed_position=None, error=None)
+        self.read_store.announce(conn, {p.name: position for p in chosen})
+        return position, True
+
+    def _abandon_rebuild(self, chosen: Sequence[Projection], conn: Connection) -> None:
+        for p in chosen:
+            self.read_store.mark(conn, p.name, rebuilding=False)
+        self.read_store.drop_leftovers_of(conn, [t.name for p in chosen for t in p.tables], SHADOW)
+
     @staticmethod
-    async def _replay(conn: AsyncConnection, chosen: Sequence[Projection],
-                      shadows: Mapping[str, Tables], batch: list[RecordedEvent]) -> int:
+    def _replay(chosen: Sequence[Projection], shadows: Mapping[str, Tables], batch: list[RecordedEvent],
+                conn: Connection) -> int:
         for event in batch:
             for p in chosen:
-                await p.apply(conn, event, shadows[p.name])
+                p.apply(conn, event, shadows[p.name])
         return batch[-1].position

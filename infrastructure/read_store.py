@@ -8,14 +8,17 @@ projections it reads have reached a position.
 import asyncio
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     MetaData,
     String,
     Table,
@@ -25,13 +28,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import conv
 
 from infrastructure import migrations
-from infrastructure.database import UTCDateTime, engine_pair
+from infrastructure.database import Database, UTCDateTime
 from infrastructure.errors import PublicError
 from infrastructure.postgres import CHECKPOINTS_CHANNEL
+
+T = TypeVar("T")
 
 # Indexes of read-model tables carry their table's name, so a shadow copy built during a
 # rebuild gets indexes of its own.
@@ -71,34 +75,55 @@ class ConsistencyTimeout(PublicError):
 
 
 class ReadStore:
+    """The read database: its writes are units of work (plain functions of a Connection,
+    see `Database`) run by `write`; queries read through `reader`."""
+
     def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1) -> None:
         self.url = url
         self.consistency_timeout = consistency_timeout
         # How often a waiting query re-reads the checkpoints, for projectors elsewhere.
         self.poll_interval = poll_interval
-        self.writer, self.reader = engine_pair(url)
-        self._postgres = self.writer.dialect.name == "postgresql"
+        self._db = Database(url)
+        self._postgres = self._db.dialect == "postgresql"
+        # On PostgreSQL the pool of `_db` itself: one pool per read database.
+        self.reader = self._db.async_reader()
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()
 
     async def open(self, projection_names: Iterable[str]) -> None:
         """Migrate the read database to the newest revision and start new projections at 0."""
-        await migrations.upgrade(self.writer, "read")
-        async with self.writer.begin() as conn:
-            # Processes starting together on a new database all try this: on PostgreSQL,
-            # the first insert wins and the others' are skipped.
-            fresh = (postgresql.insert if self._postgres else sqlite.insert)(checkpoints).on_conflict_do_nothing()
-            for name in projection_names:
-                await conn.execute(fresh.values(name=name, position=0, rebuilding=False,
-                                                updated_at=datetime.now(UTC)))
+        engine = self._db.async_writer()
+        try:
+            await migrations.upgrade(engine, "read")
+        finally:
+            if not self._postgres:
+                await engine.dispose()
+        await self.write(partial(self._start_at_zero, list(projection_names)))
         await self.refresh()
 
-    async def close(self) -> None:
-        await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+    def _start_at_zero(self, projection_names: list[str], conn: Connection) -> None:
+        # Processes starting together on a new database all try this: on PostgreSQL,
+        # the first insert wins and the others' are skipped.
+        fresh = (postgresql.insert if self._postgres else sqlite.insert)(checkpoints).on_conflict_do_nothing()
+        for name in projection_names:
+            conn.execute(fresh.values(name=name, position=0, rebuilding=False, updated_at=datetime.now(UTC)))
 
-    async def checkpoints(self, conn: AsyncConnection | None = None, lock: bool = False) -> dict[str, Checkpoint]:
+    async def close(self) -> None:
+        if not self._postgres:
+            await self.reader.dispose()
+        await self._db.dispose()
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in one write transaction of the read database, committed when it
+        returns; the helpers below that take a `conn` are meant for it."""
+        return await self._db.write(work)
+
+    async def checkpoints(self) -> dict[str, Checkpoint]:
+        """Every projection's checkpoint, as last committed."""
+        return await self._db.read(self.checkpoints_in)
+
+    @staticmethod
+    def checkpoints_in(conn: Connection, lock: bool = False) -> dict[str, Checkpoint]:
         """Every projection's checkpoint; with `lock`, held until `conn` commits.
 
         The lock matters on PostgreSQL, where two projectors (a leader and one that has
@@ -109,27 +134,22 @@ class ReadStore:
                        checkpoints.c.failed_position, checkpoints.c.error)
         if lock:
             query = query.with_for_update()
-        if conn is not None:
-            rows = (await conn.execute(query)).all()
-        else:
-            async with self.reader.connect() as reader:
-                rows = (await reader.execute(query)).all()
-        return {row.name: Checkpoint(*row) for row in rows}
+        return {row.name: Checkpoint(*row) for row in conn.execute(query)}
 
     @staticmethod
-    async def move(conn: AsyncConnection, name: str, position: int, **fields) -> None:
-        await conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
+    def move(conn: Connection, name: str, position: int, **fields) -> None:
+        conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
             position=position, updated_at=datetime.now(UTC), **fields))
 
     @staticmethod
-    async def mark(conn: AsyncConnection, name: str, **fields) -> None:
-        await conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
+    def mark(conn: Connection, name: str, **fields) -> None:
+        conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
             updated_at=datetime.now(UTC), **fields))
 
-    async def announce(self, conn: AsyncConnection, moved: Mapping[str, int]) -> None:
+    def announce(self, conn: Connection, moved: Mapping[str, int]) -> None:
         """Tell other processes, at `conn`'s commit, where the checkpoints moved (PostgreSQL)."""
         if self._postgres and moved:
-            await conn.execute(select(func.pg_notify(CHECKPOINTS_CHANNEL, json.dumps(dict(moved)))))
+            conn.execute(select(func.pg_notify(CHECKPOINTS_CHANNEL, json.dumps(dict(moved)))))
 
     async def on_notification(self, payload: str | None) -> None:
         """A projector in another process moved checkpoints (None: notifications were lost)."""
@@ -181,20 +201,20 @@ class ReadStore:
                 except TimeoutError:
                     self._positions.update(await self._positions_in_database())
 
-    async def swap(self, conn: AsyncConnection, shadow: Mapping[str, Table]) -> None:
+    @staticmethod
+    def swap(conn: Connection, shadow: Mapping[str, Table]) -> None:
         """Replace live tables by their rebuilt shadows, inside the caller's transaction."""
         for live_name, table in shadow.items():
-            await conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{live_name}"')
-            await conn.exec_driver_sql(f'ALTER TABLE "{table.name}" RENAME TO "{live_name}"')
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{live_name}"')
+            conn.exec_driver_sql(f'ALTER TABLE "{table.name}" RENAME TO "{live_name}"')
 
-    async def drop_leftovers_of(self, live_names: Iterable[str], marker: str) -> None:
+    @staticmethod
+    def drop_leftovers_of(conn: Connection, live_names: Iterable[str], marker: str) -> None:
         """Drop the shadow copies of these tables that a crashed rebuild left behind."""
         prefixes = tuple(f"{name}{marker}" for name in live_names)
-        async with self.writer.begin() as conn:
-            names = await conn.run_sync(lambda sync: sync.dialect.get_table_names(sync))
-            for name in names:
-                if name.startswith(prefixes):
-                    await conn.exec_driver_sql(f'DROP TABLE "{name}"')
+        for name in conn.dialect.get_table_names(conn):
+            if name.startswith(prefixes):
+                conn.exec_driver_sql(f'DROP TABLE "{name}"')
 
 
 def shadow_copy(table: Table, suffix: str, metadata: MetaData) -> Table:

@@ -1,6 +1,6 @@
 """Customers: one row per registered customer."""
 
-from sqlalchemy import Boolean, Column, String, Table, insert, select, update
+from sqlalchemy import Boolean, Column, Connection, String, Table, insert, select, update
 from sqlalchemy.engine import Row
 
 import events
@@ -25,16 +25,16 @@ customers = Table(
 )
 
 
-async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     table = t["customers"]
     match events.from_data(recorded.type, recorded.schema_version, recorded.data):
         case events.CustomerRegistered() as e:
-            await conn.execute(insert(table).values(
+            conn.execute(insert(table).values(
                 customer_id=e.customer_id, name=e.name, email=e.email, country=e.country,
                 locale=e.locale, registered_at=recorded.recorded_at, forgotten=False))
         case events.CustomerForgotten() as e:
-            await conn.execute(update(table).where(table.c.customer_id == e.customer_id)
-                               .values(name=None, email=None, forgotten=True))
+            conn.execute(update(table).where(table.c.customer_id == e.customer_id)
+                         .values(name=None, email=None, forgotten=True))
 
 
 PROJECTION = Projection("customers", (customers,), project)

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Index,
     Integer,
     PrimaryKeyConstraint,
@@ -110,22 +111,22 @@ def changes(recorded: RecordedEvent, event: events.Event) -> dict[str, Any] | No
 SHIPPING_ADDRESS = ("ship_name", "ship_line1", "ship_line2", "ship_city", "ship_postal_code", "ship_country")
 
 
-async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     if recorded.type == "CustomerForgotten":
         table = t["orders"]
-        await conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
-                           .values(dict.fromkeys(SHIPPING_ADDRESS)))
+        conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
+                     .values(dict.fromkeys(SHIPPING_ADDRESS)))
         return
     if recorded.stream_type != "Order":
         return
     event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
     if isinstance(event, events.OrderPlaced):
         row, lines = placed(recorded, event)
-        await conn.execute(insert(t["orders"]).values(**row))
-        await conn.execute(insert(t["order_lines"]), lines)
+        conn.execute(insert(t["orders"]).values(**row))
+        conn.execute(insert(t["order_lines"]), lines)
     elif (change := changes(recorded, event)) is not None:
         table = t["orders"]
-        await conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
+        conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
 
 
 PROJECTION = Projection("orders", (orders, order_lines), project)

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Integer, String, Table, func, insert, select, update
+from sqlalchemy import Column, Connection, Integer, String, Table, func, insert, select, update
 from sqlalchemy.engine import Row
 
 import events
@@ -33,11 +33,11 @@ products = Table(
 MAX_SEARCH_WORDS = 10
 
 
-async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     table = t["products"]
     event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
     if isinstance(event, events.ProductAdded):
-        await conn.execute(insert(table).values(
+        conn.execute(insert(table).values(
             sku=event.sku, name=event.name, name_folded=event.name.casefold(), price=event.price,
             currency=event.currency, stock_available=event.initial_stock, stock_reserved=0,
             version=recorded.version, updated_at=recorded.recorded_at))
@@ -55,7 +55,7 @@ async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
                        "stock_reserved": table.c.stock_reserved - event.quantity}
         case _:
             return
-    await conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
+    conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
         version=recorded.version, updated_at=recorded.recorded_at, **changes))
 
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import get_currency_precision, list_currencies
-from sqlalchemy import BigInteger, Column, Integer, String, Table, delete, insert, select, update
+from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, delete, insert, select, update
 
 import events
 from infrastructure.auth import Actor
@@ -57,29 +57,29 @@ def bucket_of(moment: datetime) -> datetime:
     return moment.replace(minute=moment.minute - moment.minute % 15, second=0, microsecond=0)
 
 
-async def _add(conn, t: Tables, moment: datetime, currency: str, orders: int, revenue: int) -> None:
+def _add(conn: Connection, t: Tables, moment: datetime, currency: str, orders: int, revenue: int) -> None:
     table = t["sales_buckets"]
     key = (table.c.bucket_start == bucket_of(moment), table.c.currency == currency)
-    updated = await conn.execute(update(table).where(*key).values(
+    updated = conn.execute(update(table).where(*key).values(
         orders=table.c.orders + orders, revenue_minor=table.c.revenue_minor + revenue))
     if updated.rowcount == 0:
-        await conn.execute(insert(table).values(bucket_start=bucket_of(moment), currency=currency,
-                                                orders=orders, revenue_minor=revenue))
+        conn.execute(insert(table).values(bucket_start=bucket_of(moment), currency=currency,
+                                          orders=orders, revenue_minor=revenue))
 
 
-async def project(conn, recorded: RecordedEvent, t: Tables) -> None:
+def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     paid = t["sales_paid_orders"]
     match events.from_data(recorded.type, recorded.schema_version, recorded.data):
         case events.OrderPaid() as e:
             amount = minor_units(e.amount, e.currency)
-            await conn.execute(insert(paid).values(order_id=e.order_id, currency=e.currency,
-                                                   amount_minor=amount))
-            await _add(conn, t, recorded.recorded_at, e.currency, 1, amount)
+            conn.execute(insert(paid).values(order_id=e.order_id, currency=e.currency,
+                                             amount_minor=amount))
+            _add(conn, t, recorded.recorded_at, e.currency, 1, amount)
         case events.OrderCancelled() as e:
-            row = (await conn.execute(select(paid).where(paid.c.order_id == e.order_id))).first()
+            row = conn.execute(select(paid).where(paid.c.order_id == e.order_id)).first()
             if row is not None:
-                await _add(conn, t, recorded.recorded_at, row.currency, -1, -row.amount_minor)
-                await conn.execute(delete(paid).where(paid.c.order_id == e.order_id))
+                _add(conn, t, recorded.recorded_at, row.currency, -1, -row.amount_minor)
+                conn.execute(delete(paid).where(paid.c.order_id == e.order_id))
 
 
 PROJECTION = Projection("sales", (sales_buckets, sales_paid_orders), project)

@@ -272,9 +272,9 @@ class DyingReadStore(ReadStore):
 
     countdown = Countdown("nowhere", 0)
 
-    async def move(self, conn, name: str, position: int, **fields) -> None:
+    def move(self, conn, name: str, position: int, **fields) -> None:
         self.countdown.tick("move")
-        await super().move(conn, name, position, **fields)
+        super().move(conn, name, position, **fields)
 
     async def advanced(self, positions: dict[str, int]) -> None:
         await super().advanced(positions)
@@ -284,10 +284,10 @@ class DyingReadStore(ReadStore):
 def dying(projection: Projection, countdown: Countdown, seen: list[int]) -> Projection:
     """`projection`, noting the positions it is given in `seen`; dies as `countdown` says."""
 
-    async def apply(conn, recorded, tables) -> None:
+    def apply(conn, recorded, tables) -> None:
         seen.append(recorded.position)
         countdown.tick("apply")
-        await projection.apply(conn, recorded, tables)
+        projection.apply(conn, recorded, tables)
 
     return Projection(projection.name, projection.tables, apply)
 
@@ -393,20 +393,20 @@ async def test_a_killed_projector_process_resumes_without_loss_or_duplicates(tmp
 def failing_on(projection: Projection, event_type: str, attempts: list[int] | None = None) -> Projection:
     """`projection`, raising on every event of `event_type`; `attempts` gets their positions."""
 
-    async def apply(conn, recorded, tables) -> None:
+    def apply(conn, recorded, tables) -> None:
         if recorded.type == event_type:
             if attempts is not None:
                 attempts.append(recorded.position)
             raise RuntimeError(f"cannot make sense of {event_type}")
-        await projection.apply(conn, recorded, tables)
+        projection.apply(conn, recorded, tables)
 
     return Projection(projection.name, projection.tables, apply)
 
 
 def recording(projection: Projection, seen: list[int]) -> Projection:
-    async def apply(conn, recorded, tables) -> None:
+    def apply(conn, recorded, tables) -> None:
         seen.append(recorded.position)
-        await projection.apply(conn, recorded, tables)
+        projection.apply(conn, recorded, tables)
 
     return Projection(projection.name, projection.tables, apply)
 
@@ -512,9 +512,9 @@ async def test_a_database_error_is_recorded_without_the_statement_or_its_persona
     try:
         await succeed(service.dispatcher, RegisterCustomer("Ann Secret", "ann.secret@example.com", "DE"))
 
-        async def twice(conn, recorded, tables) -> None:  # e.g. an event applied a second time
-            await customers.project(conn, recorded, tables)
-            await customers.project(conn, recorded, tables)
+        def twice(conn, recorded, tables) -> None:  # e.g. an event applied a second time
+            customers.project(conn, recorded, tables)
+            customers.project(conn, recorded, tables)
 
         chosen = [Projection(p.name, p.tables, twice) if p.name == "customers" else p for p in projections()]
         await Projector(service.store, service.read, chosen).catch_up()
