@@ -68,7 +68,9 @@ class Database:
     through `run_sync`.
     """
 
-    def __init__(self, url: str, readers: int = 2) -> None:
+    def __init__(self, url: str, readers: int = 2, durable: bool = True) -> None:
+        """`durable=False` (SQLite): a commit may be lost with the machine's power, never
+        half-applied; for data that can be made again, such as read models."""
         self.url = url
         self.dialect = make_url(url).get_dialect().name
         self._threads = None
@@ -76,7 +78,8 @@ class Database:
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
             self._writer = _configured(create_engine(
                 sync_url, hide_parameters=True, pool_size=1, max_overflow=0,
-                connect_args={"check_same_thread": False}), "BEGIN IMMEDIATE")
+                connect_args={"check_same_thread": False}), "BEGIN IMMEDIATE",
+                synchronous="FULL" if durable else "NORMAL")
             self._reader = _configured(create_engine(
                 sync_url, hide_parameters=True, pool_size=readers,
                 connect_args={"check_same_thread": False}), "BEGIN")
@@ -130,7 +133,7 @@ def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
         return work(conn)
 
 
-def _configured(engine: Engine, begin: str) -> Engine:
+def _configured(engine: Engine, begin: str, synchronous: str = "FULL") -> Engine:
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection, _record) -> None:
         # Let the begin event below decide how a transaction starts.
@@ -140,8 +143,10 @@ def _configured(engine: Engine, begin: str) -> Engine:
         # at the same moment may hold.
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before it returns, even in WAL mode.
-        cursor.execute("PRAGMA synchronous=FULL")
+        # FULL: a commit is on disk before it returns, even in WAL mode. NORMAL: in WAL
+        # mode a commit is atomic and survives the process, but the last ones may be lost
+        # with the power.
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -83,7 +83,10 @@ class ReadStore:
         self.consistency_timeout = consistency_timeout
         # How often a waiting query re-reads the checkpoints, for projectors elsewhere.
         self.poll_interval = poll_interval
-        self._db = Database(url)
+        # Read models are made from the log: a projector commit lost with the power is
+        # applied again from the checkpoint, which moves in the same transaction. So the
+        # read database skips the wait for the disk that the log's commits make.
+        self._db = Database(url, durable=False)
         self._postgres = self._db.dialect == "postgresql"
         # On PostgreSQL the pool of `_db` itself: one pool per read database.
         self.reader = self._db.async_reader()

@@ -635,3 +635,15 @@ async def test_rebuild_of_an_unknown_projection_changes_nothing(tmp_path, small_
     assert done.returncode != 0
     assert all(name in done.stderr for name in ["nonsense", *NAMES]), done.stderr
     assert await checkpoints_at(sqlite_url(tmp_path / "read.db")) == {name: (0, 0, None, None) for name in NAMES}
+
+
+async def test_the_log_waits_for_the_disk_and_the_read_models_need_not(tmp_path):
+    # SQLite's codes: 2 is FULL (every commit on disk before it returns), 1 NORMAL.
+    service = Service(Settings.load(str(tmp_path), environ={}))
+    await service.open()
+    try:
+        log = await service.store._db.write(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+        read = await service.read.write(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+    finally:
+        await service.close()
+    assert (log, read) == (2, 1)
