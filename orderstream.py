@@ -23,9 +23,8 @@ from starlette.routing import Route, WebSocketRoute
 
 from commands.dispatcher import Dispatcher
 from commands.handlers import COMMAND_HANDLERS
-from infrastructure import migrations
 from infrastructure.auth import ROLES, TokenVerifier
-from infrastructure.database import engine_pair
+from infrastructure.database import Database
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EVENTS_CHANNEL, EventStore
 from infrastructure.http import BodyLimit, SecurityHeaders
@@ -63,12 +62,13 @@ class Service:
         self.store.on_append(self.projector.wake)
         self.store.on_append(self.hub.wake)
         self.listeners: list[Listener] = []
+        self.leadership: Leadership | None = None
         if is_postgres(settings.event_store_url):
             self.listeners.append(Listener(settings.event_store_url, {EVENTS_CHANNEL: self._commit_elsewhere}))
         if is_postgres(settings.read_store_url):
             self.listeners.append(Listener(settings.read_store_url, {CHECKPOINTS_CHANNEL: self.read.on_notification}))
-        # Several processes on one PostgreSQL read database: one of them projects at a time.
-        self.leadership = Leadership(settings.read_store_url) if is_postgres(settings.read_store_url) else None
+            # Several processes on one PostgreSQL read database: one of them projects at a time.
+            self.leadership = Leadership(settings.read_store_url)
 
     def _commit_elsewhere(self, _payload: str | None) -> None:
         self.projector.wake()
@@ -233,12 +233,11 @@ async def _migrate(args: argparse.Namespace) -> None:
     settings = Settings.load(args.data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for tree, url in (("events", settings.event_store_url), ("read", settings.read_store_url)):
-        writer, reader = engine_pair(url)
+        database = Database(url)
         try:
-            revision = await migrations.upgrade(writer, tree)
+            revision = await database.migrate(tree)
         finally:
-            await writer.dispose()
-            await reader.dispose()
+            await database.dispose()
         sys.stdout.write(f"{tree}: {make_url(url).render_as_string()} at revision {revision}\n")
 
 

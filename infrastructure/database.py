@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from infrastructure import migrations
+
 T = TypeVar("T")
 
 
@@ -30,24 +32,13 @@ class UTCDateTime(TypeDecorator):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def engine_pair(url: str) -> tuple[AsyncEngine, AsyncEngine]:
-    """(writer, reader) engines for `url`.
-
-    On SQLite the writer is one connection whose transactions start with BEGIN IMMEDIATE:
-    SQLite has one writer anyway, queueing in the pool is cheaper than spinning on the
-    file lock, and taking the lock up front means a transaction's checks and its writes
-    see the same state. Readers start plain (deferred) transactions: in WAL mode they
-    read a snapshot and never wait for the writer.
-    """
-    if not url.startswith("sqlite"):
-        # PostgreSQL: one pool. Readers see one snapshot per transaction, as on SQLite, so
-        # that a page and its total count agree (READ COMMITTED would re-read per statement).
-        # Ten kept open: with the default five, concurrent requests kept opening and closing
-        # overflow connections, about one per command under load.
-        engine = create_async_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
-        return engine, engine.execution_options(isolation_level="REPEATABLE READ")
-    writer = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0, pool_timeout=60)
-    return writer, _sqlite_engine(url, "BEGIN")
+def _postgres_engines(url: str) -> tuple[AsyncEngine, AsyncEngine]:
+    """(writer, reader) for PostgreSQL: one pool. Readers see one snapshot per transaction,
+    as on SQLite, so that a page and its total count agree (READ COMMITTED would re-read per
+    statement). Ten connections kept open: with the default five, concurrent requests kept
+    opening and closing overflow connections, about one per command under load."""
+    engine = create_async_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return engine, engine.execution_options(isolation_level="REPEATABLE READ")
 
 
 def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
@@ -63,9 +54,11 @@ class Database:
     On SQLite each unit of work runs whole in a worker thread on the standard sqlite3
     module: one thread hop per transaction, where aiosqlite makes several per statement
     and they, not SQLite, were most of a command's cost. The writer is one thread with
-    one connection (SQLite has one writer anyway), configured as in `engine_pair`.
-    Elsewhere (PostgreSQL) the async engines of `engine_pair` run the same function
-    through `run_sync`.
+    one connection whose transactions start with BEGIN IMMEDIATE: SQLite has one writer
+    anyway, queueing is cheaper than spinning on the file lock, and taking the lock up
+    front means a transaction's checks and its writes see the same state. Readers start
+    plain (deferred) transactions: in WAL mode they read a snapshot and never wait for
+    the writer. On PostgreSQL async engines run the same function through `run_sync`.
     """
 
     def __init__(self, url: str, readers: int = 2, durable: bool = True) -> None:
@@ -74,6 +67,7 @@ class Database:
         self.url = url
         self.dialect = make_url(url).get_dialect().name
         self._threads = None
+        self._async_reader: AsyncEngine | None = None
         if self.dialect == "sqlite":
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
             self._writer = _configured(create_engine(
@@ -85,21 +79,27 @@ class Database:
                 connect_args={"check_same_thread": False}), "BEGIN")
             self._threads = ThreadPoolExecutor(1, "sqlite-writer"), ThreadPoolExecutor(readers, "sqlite-reader")
         else:
-            self._writer, self._reader = engine_pair(url)
+            self._writer, self._reader = _postgres_engines(url)
 
-    def async_writer(self) -> AsyncEngine:
-        """An async writer engine for what needs one (migrations); the caller disposes it
-        unless it is this database's own (PostgreSQL)."""
+    async def migrate(self, tree: str) -> str:
+        """Bring this database to the newest revision of `tree` (infrastructure.migrations);
+        returns that revision. Alembic runs on an async engine: on SQLite one made for it."""
         if self._threads is None:
-            return self._writer
-        return _sqlite_engine(self.url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
+            return await migrations.upgrade(self._writer, tree)
+        engine = _sqlite_engine(self.url, "BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
+        try:
+            return await migrations.upgrade(engine, tree)
+        finally:
+            await engine.dispose()
 
     def async_reader(self) -> AsyncEngine:
-        """An async reader engine for queries not written as units of work; the caller
-        disposes it unless it is this database's own (PostgreSQL)."""
+        """An async reader engine for queries not written as units of work, disposed with
+        this database: on PostgreSQL its own pool, on SQLite an aiosqlite engine."""
         if self._threads is None:
             return self._reader
-        return _sqlite_engine(self.url, "BEGIN")
+        if self._async_reader is None:
+            self._async_reader = _sqlite_engine(self.url, "BEGIN")
+        return self._async_reader
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` in a write transaction, committed when it returns."""
@@ -122,6 +122,8 @@ class Database:
         if self._threads is None:
             await self._writer.dispose()
             return
+        if self._async_reader is not None:
+            await self._async_reader.dispose()
         for threads in self._threads:
             threads.shutdown(wait=True)
         self._writer.dispose()

@@ -32,9 +32,8 @@ from sqlalchemy import (
     select,
     tuple_,
 )
-from sqlalchemy.exc import IntegrityError
 
-from infrastructure import migrations, personal_data
+from infrastructure import personal_data
 from infrastructure.database import Database, UTCDateTime
 
 log = logging.getLogger("orderstream.event_store")
@@ -186,12 +185,7 @@ class EventStore:
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.migrations)."""
-        engine = self._db.async_writer()
-        try:
-            await migrations.upgrade(engine, "events")
-        finally:
-            if not self._postgres:
-                await engine.dispose()
+        await self._db.migrate("events")
 
     async def close(self) -> None:
         await self._db.dispose()
@@ -224,14 +218,7 @@ class EventStore:
         request.outcome.add_done_callback(partial(self._landed, writes))
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_queued())
-        try:
-            return await request.outcome
-        except IntegrityError:
-            # Only reachable where a write outside the append lock got in between (a
-            # personal key created at the same moment): someone else won the race.
-            # Report it the way the checks would have.
-            await self._raise_lost_race(writes, idempotent)
-            raise
+        return await request.outcome
 
     async def settled(self, stream_id: str) -> None:
         """Wait until no append of this process to the stream is in flight, however it ends.
@@ -477,17 +464,6 @@ class EventStore:
             recorded.append(RecordedEvent(**row))
         return recorded
 
-    async def _raise_lost_race(self, writes: Sequence[StreamWrite],
-                               idempotent: IdempotencyRecord | None) -> None:
-        def check(conn: Connection) -> None:
-            for write in writes:
-                actual = self._version(conn, write.stream_id)
-                if actual != write.expected_version:
-                    raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
-            if idempotent and self._idempotency_row(conn, idempotent.scope, idempotent.key):
-                raise IdempotencyKeyTaken(idempotent.key)
-
-        await self._db.read(check)
 
 _STREAM_PAGE = (
     select(events)

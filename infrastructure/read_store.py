@@ -30,7 +30,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import conv
 
-from infrastructure import migrations
 from infrastructure.database import Database, UTCDateTime
 from infrastructure.errors import PublicError
 from infrastructure.postgres import CHECKPOINTS_CHANNEL
@@ -88,19 +87,14 @@ class ReadStore:
         # read database skips the wait for the disk that the log's commits make.
         self._db = Database(url, durable=False)
         self._postgres = self._db.dialect == "postgresql"
-        # On PostgreSQL the pool of `_db` itself: one pool per read database.
+        # For the query handlers; on PostgreSQL the pool of `_db` itself.
         self.reader = self._db.async_reader()
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()
 
     async def open(self, projection_names: Iterable[str]) -> None:
         """Migrate the read database to the newest revision and start new projections at 0."""
-        engine = self._db.async_writer()
-        try:
-            await migrations.upgrade(engine, "read")
-        finally:
-            if not self._postgres:
-                await engine.dispose()
+        await self._db.migrate("read")
         await self.write(partial(self._start_at_zero, list(projection_names)))
         await self.refresh()
 
@@ -112,8 +106,6 @@ class ReadStore:
             conn.execute(fresh.values(name=name, position=0, rebuilding=False, updated_at=datetime.now(UTC)))
 
     async def close(self) -> None:
-        if not self._postgres:
-            await self.reader.dispose()
         await self._db.dispose()
 
     async def write(self, work: Callable[[Connection], T]) -> T:

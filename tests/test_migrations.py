@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, inspect
 
 from infrastructure import event_store, migrations
-from infrastructure.database import engine_pair
+from infrastructure.database import Database
 from infrastructure.read_store import _checkpoint_metadata
 from infrastructure.settings import Settings
 from orderstream import Service, projections
@@ -41,40 +41,36 @@ def differences(connection, tree: str) -> list:
 
 @pytest.mark.parametrize("tree", ["events", "read"])
 async def test_the_revisions_make_the_tables_the_code_declares(databases, tree):
-    writer, reader = engine_pair(url_of(databases, tree))
+    database = Database(url_of(databases, tree))
     try:
-        assert await migrations.upgrade(writer, tree) == migrations.head(tree)
-        async with reader.connect() as conn:
-            assert await conn.run_sync(differences, tree) == []
+        assert await database.migrate(tree) == migrations.head(tree)
+        assert await database.read(lambda conn: differences(conn, tree)) == []
     finally:
-        await writer.dispose()
-        await reader.dispose()
+        await database.dispose()
 
 
 @pytest.mark.parametrize("tree", ["events", "read"])
 async def test_starting_together_migrates_once(databases, tree):
-    engines = [engine_pair(url_of(databases, tree))[0] for _ in range(4)]
+    started = [Database(url_of(databases, tree)) for _ in range(4)]
     try:
-        revisions = await asyncio.gather(*(migrations.upgrade(engine, tree) for engine in engines))
+        revisions = await asyncio.gather(*(database.migrate(tree) for database in started))
         assert revisions == [migrations.head(tree)] * 4
-        async with engines[0].connect() as conn:
-            names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+        names = await started[0].read(lambda conn: inspect(conn).get_table_names())
         assert set(names) == {*declared(tree).tables, migrations.TREES[tree]}
     finally:
-        for engine in engines:
-            await engine.dispose()
+        for database in started:
+            await database.dispose()
 
 
 @pytest.mark.parametrize("tree", ["events", "read"])
 async def test_a_database_made_before_migrations_is_adopted(databases, tree):
-    writer, _ = engine_pair(url_of(databases, tree))
+    database = Database(url_of(databases, tree))
     try:
-        async with writer.begin() as conn:
-            await conn.run_sync(declared(tree).create_all)
-        assert await migrations.upgrade(writer, tree) == migrations.head(tree)
-        assert await migrations.upgrade(writer, tree) == migrations.head(tree)
+        await database.write(declared(tree).create_all)
+        assert await database.migrate(tree) == migrations.head(tree)
+        assert await database.migrate(tree) == migrations.head(tree)
     finally:
-        await writer.dispose()
+        await database.dispose()
 
 
 async def test_services_starting_together_on_empty_databases_all_start(databases, tmp_path):
