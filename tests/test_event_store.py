@@ -329,9 +329,11 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-def acknowledged_until_killed(path: Path, at_least: int, timeout: float = 15.0) -> list[int]:
-    """Positions a writer process acknowledged before it got SIGKILL."""
-    writer = subprocess.Popen([sys.executable, "-c", APPEND_FOREVER, str(path)], cwd=ROOT,
+def acknowledged_until_killed(path: Path, at_least: int, timeout: float = 15.0,
+                              script: str = APPEND_FOREVER) -> list[str]:
+    """The lines a writer process (`script`, given `path`) printed, one per acknowledged
+    append, before it got SIGKILL after at least `at_least` of them."""
+    writer = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     output = b""
     deadline = time.monotonic() + timeout
@@ -350,13 +352,13 @@ def acknowledged_until_killed(path: Path, at_least: int, timeout: float = 15.0) 
     writer.stdout.close()
     writer.stderr.close()
     # A line cut short by the kill was never acknowledged.
-    return [int(line) for line in output.decode().split("\n")[:-1]]
+    return output.decode().split("\n")[:-1]
 
 
 async def test_a_killed_writer_loses_nothing_it_acknowledged(tmp_path):
     path = tmp_path / "events.db"
 
-    acknowledged = acknowledged_until_killed(path, at_least=40)
+    acknowledged = [int(line) for line in acknowledged_until_killed(path, at_least=40)]
 
     assert len(acknowledged) >= 40
     store = EventStore(f"sqlite+aiosqlite:///{path}")

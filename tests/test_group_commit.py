@@ -3,12 +3,6 @@ transactions, and yet each is checked on its own, fails alone, and is durable on
 acknowledged."""
 
 import asyncio
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from sqlalchemy.exc import StatementError
@@ -22,7 +16,7 @@ from infrastructure.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
-from tests.test_event_store import ROOT, write
+from tests.test_event_store import acknowledged_until_killed, write
 
 
 def keyed(key: str, **result) -> IdempotencyRecord:
@@ -171,26 +165,8 @@ asyncio.run(main(sys.argv[1]))
 
 async def test_a_killed_writer_of_concurrent_appends_loses_nothing_it_acknowledged(tmp_path):
     path = tmp_path / "events.db"
-    writer = subprocess.Popen([sys.executable, "-c", APPEND_CONCURRENTLY, str(path)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    output = b""
-    deadline = time.monotonic() + 15
-    try:
-        while output.count(b"\n") < 400:
-            assert time.monotonic() < deadline, "the writer acknowledged too little in time"
-            ready, _, _ = select.select([writer.stdout], [], [], 0.1)
-            if ready:
-                chunk = os.read(writer.stdout.fileno(), 65536)
-                assert chunk, writer.stderr.read().decode()
-                output += chunk
-    finally:
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-    output += writer.stdout.read()
-    writer.stdout.close()
-    writer.stderr.close()
-    # A line cut short by the kill was never acknowledged.
-    acknowledged = [line.split() for line in output.decode().split("\n")[:-1]]
+    lines = acknowledged_until_killed(path, at_least=400, script=APPEND_CONCURRENTLY)
+    acknowledged = [line.split() for line in lines]
 
     store = EventStore(f"sqlite+aiosqlite:///{path}")
     await store.open()
