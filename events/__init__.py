@@ -6,6 +6,7 @@ before they reach the log (see ``infrastructure.personal_data``); an event with 
 destroys that key as it is appended, and from then on those fields read back as ``None``.
 """
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -146,15 +147,26 @@ def to_data(event: Event) -> dict[str, Any]:
     return asdict(event)
 
 
-def from_data(type_name: str, schema_version: int, data: dict[str, Any]) -> Event:
-    """Rebuild an event from its stored form.
+# Upcasters, by (event type, the schema version they read): each turns a stored payload of
+# that version into the next version's shape. When an event's fields change, raise its
+# SCHEMA_VERSION and add the step from the old version here; old logs then replay as they
+# are. None yet: every event type is at version 1.
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
-    ``schema_version`` is where upcasters hook in once an event's shape changes; every
-    event type is still at version 1, so stored payloads map onto the classes as they are.
-    """
-    cls = EVENT_TYPES[type_name]
-    if schema_version != cls.SCHEMA_VERSION:
-        raise ValueError(
-            f"{type_name} v{schema_version} has no upcaster to v{cls.SCHEMA_VERSION}"
-        )
+
+def from_data(type_name: str, schema_version: int, data: dict[str, Any],
+              types: Mapping[str, type[Event]] = EVENT_TYPES,
+              upcasters: Mapping[tuple[str, int], Upcaster] = UPCASTERS) -> Event:
+    """Rebuild an event from its stored form, upcast step by step to its current version."""
+    cls = types[type_name]
+    version = schema_version
+    while version < cls.SCHEMA_VERSION:
+        step = upcasters.get((type_name, version))
+        if step is None:
+            raise ValueError(f"{type_name} v{version} has no upcaster to v{version + 1}")
+        data, version = step(data), version + 1
+    if version != cls.SCHEMA_VERSION:
+        raise ValueError(f"{type_name} v{schema_version} is newer than this code's v{cls.SCHEMA_VERSION}: "
+                         "deploy the newer code")
     return cls(**data)
