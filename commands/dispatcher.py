@@ -7,7 +7,6 @@ in one transaction.
 """
 
 import asyncio
-import copy
 import hashlib
 import json
 import random
@@ -73,7 +72,7 @@ class AggregateCache:
         if entry is None:
             return None
         self._entries.move_to_end((cls, id))
-        return copy.deepcopy(entry)
+        return entry.copy()
 
     def put(self, aggregate: Aggregate) -> None:
         key = (type(aggregate), aggregate.id)

@@ -1,4 +1,5 @@
-from typing import ClassVar
+import copy
+from typing import ClassVar, Self
 
 from events import Event
 
@@ -7,7 +8,8 @@ class Aggregate:
     """State rebuilt from a stream of events.
 
     Every change goes through ``_record``, which applies the event exactly as a replay
-    would, so live changes and replays run the same code.
+    would, so live changes and replays run the same code. ``apply`` assigns attributes and
+    never changes in place what one holds (a list, a dict), so that ``copy`` is cheap.
     """
 
     STREAM_TYPE: ClassVar[str]
@@ -22,6 +24,12 @@ class Aggregate:
         self.id = id
         self.version = 0
         self.pending: list[Event] = []
+
+    def copy(self) -> Self:
+        """A separate aggregate in the same state, with nothing pending."""
+        clone = copy.copy(self)
+        clone.pending = []
+        return clone
 
     def replay(self, event: Event) -> None:
         self.apply(event)

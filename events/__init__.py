@@ -6,8 +6,9 @@ before they reach the log (see ``infrastructure.personal_data``); an event with 
 destroys that key as it is appended, and from then on those fields read back as ``None``.
 """
 
+import functools
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 
@@ -144,7 +145,14 @@ def event_type(event: Event) -> str:
 
 
 def to_data(event: Event) -> dict[str, Any]:
-    return asdict(event)
+    # Field by field rather than dataclasses.asdict, which deep-copies every value and
+    # was a tenth of a command's CPU: an event's values are never changed in place.
+    return {name: getattr(event, name) for name in _field_names(type(event))}
+
+
+@functools.cache
+def _field_names(cls: type[Event]) -> tuple[str, ...]:
+    return tuple(field.name for field in fields(cls))
 
 
 # Upcasters, by (event type, the schema version they read): each turns a stored payload of

@@ -5,11 +5,11 @@ The table and its queries live here, the engines (durable SQLite commits, one wr
 """
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -343,19 +343,26 @@ class EventStore:
             # of "after N" can never pass an event that commits a moment later, and a
             # failed append leaves no hole. Taken before the checks, so that they see every
             # committed append.
-            conn.execute(select(func.pg_advisory_xact_lock(APPEND_LOCK)))
+            conn.execute(_APPEND_LOCK)
         state = _BatchState.read(conn, batch)
-        outcomes: list[list[RecordedEvent] | Exception] = []
-        for request in batch:
+        if any(new.shreds for request in batch for write in request.writes for new in write.events):
+            outcomes = self._write_each(conn, batch, state)
+        elif len(batch) == 1:
+            outcomes = self._write_together(conn, batch, state)
+        else:
+            trial = state.copy()
             try:
-                # A lone request needs no savepoint: its failure rolls back the
-                # transaction, which holds nothing else.
-                with conn.begin_nested() if len(batch) > 1 else nullcontext():
-                    outcomes.append(self._write(conn, request, state))
-            except Exception as error:
-                if len(batch) == 1:
-                    raise
-                outcomes.append(error)
+                with conn.begin_nested():
+                    outcomes = self._write_together(conn, batch, trial)
+                state = trial
+            except Exception:
+                # A statement failed for a reason no check foresees (a value that does not
+                # serialize, say): the batch again, request by request, so that only the
+                # culprit fails.
+                outcomes = self._write_each(conn, batch, state)
+        if len(batch) == 1 and isinstance(outcomes[0], Exception):
+            # A lone request's failure rolls back the transaction, which holds nothing else.
+            raise outcomes[0]
         if state.position == state.head:
             return outcomes, None
         if self._postgres:
@@ -363,37 +370,84 @@ class EventStore:
             conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
         return outcomes, state.position
 
-    def _write(self, conn: Connection, request: "_Append", state: "_BatchState") -> list[RecordedEvent]:
-        """Check one request against the batch so far and write it; `state` moves on success."""
-        writes, idempotent = request.writes, request.idempotent
-        for write in writes:
+    def _write_together(self, conn: Connection, batch: list["_Append"], state: "_BatchState") -> list:
+        """The batch with one statement per table: each request checked in turn against the
+        log and the requests before it; `state` moves with each one that passes.
+
+        Statements, not rows, are what a transaction here costs: in the writer thread each
+        one gives up Python's lock and waits to take it back.
+        """
+        keys = self._keys(conn, {subject for request in batch for subject in _subjects(request)})
+        fresh: dict[str, bytes] = {}
+        outcomes: list[list[RecordedEvent] | Exception] = []
+        rows: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
+        for request in batch:
+            try:
+                self._check(request, state)
+            except (WrongExpectedVersion, IdempotencyKeyTaken) as refused:
+                outcomes.append(refused)
+                continue
+            for subject in _subjects(request) - keys.keys():
+                keys[subject] = fresh[subject] = personal_data.new_key()
+            mine = self._rows(request, keys, state.position)
+            rows += mine
+            if request.idempotent:
+                records.append(self._record(request, mine[-1]["position"]))
+            state.accept(request, mine[-1]["position"])
+            outcomes.append(self._recorded(request, mine))
+        self._add_keys(conn, fresh)
+        if rows:
+            conn.execute(_INSERT_EVENT, rows)
+        if records:
+            conn.execute(_INSERT_IDEMPOTENCY, records)
+        return outcomes
+
+    def _write_each(self, conn: Connection, batch: list["_Append"], state: "_BatchState") -> list:
+        """The batch request by request, each in a savepoint of its own: slower, but a
+        failing statement takes only its own request with it."""
+        outcomes: list[list[RecordedEvent] | Exception] = []
+        for request in batch:
+            try:
+                with conn.begin_nested():
+                    self._check(request, state)
+                    subjects = _subjects(request)
+                    keys = self._keys(conn, subjects)
+                    fresh = {subject: personal_data.new_key() for subject in subjects - keys.keys()}
+                    self._add_keys(conn, fresh)
+                    rows = self._rows(request, keys | fresh, state.position)
+                    conn.execute(_INSERT_EVENT, rows)
+                    for subject in {new.shreds for write in request.writes for new in write.events} - {None}:
+                        conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
+                    if request.idempotent:
+                        conn.execute(_INSERT_IDEMPOTENCY, self._record(request, rows[-1]["position"]))
+            except Exception as error:
+                outcomes.append(error)
+                continue
+            # Only now, when nothing of this request can fail any more.
+            state.accept(request, rows[-1]["position"])
+            outcomes.append(self._recorded(request, rows))
+        return outcomes
+
+    @staticmethod
+    def _check(request: "_Append", state: "_BatchState") -> None:
+        for write in request.writes:
             actual = state.versions.get(write.stream_id, 0)
             if actual != write.expected_version:
                 raise WrongExpectedVersion(write.stream_id, write.expected_version, actual)
-        if idempotent and (idempotent.scope, idempotent.key) in state.keys:
-            raise IdempotencyKeyTaken(idempotent.key)
-        rows = self._rows(conn, writes, request.meta, request.now)
-        positions = list(range(state.position + 1, state.position + 1 + len(rows)))
-        for row, position in zip(rows, positions, strict=True):
-            row["position"] = position
-        conn.execute(insert(events), rows)
-        for subject in {new.shreds for write in writes for new in write.events} - {None}:
-            conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
-        if idempotent:
-            conn.execute(
-                insert(idempotency).values(
-                    scope=idempotent.scope, key=idempotent.key,
-                    request_hash=idempotent.request_hash, result=idempotent.result,
-                    position=positions[-1], recorded_at=request.now,
-                )
-            )
-        # Only now, when nothing of this request can fail any more.
-        state.position = positions[-1]
-        for write in writes:
-            state.versions[write.stream_id] = write.expected_version + len(write.events)
-        if idempotent:
-            state.keys.add((idempotent.scope, idempotent.key))
-        return [RecordedEvent(**{**row, "data": plain}) for row, plain in zip(rows, self._plain(writes), strict=True)]
+        if request.idempotent and (request.idempotent.scope, request.idempotent.key) in state.keys:
+            raise IdempotencyKeyTaken(request.idempotent.key)
+
+    @staticmethod
+    def _record(request: "_Append", position: int) -> dict[str, Any]:
+        idempotent = request.idempotent
+        return {"scope": idempotent.scope, "key": idempotent.key, "request_hash": idempotent.request_hash,
+                "result": idempotent.result, "position": position, "recorded_at": request.now}
+
+    @staticmethod
+    def _recorded(request: "_Append", rows: list[dict[str, Any]]) -> list[RecordedEvent]:
+        plain = (new.data for write in request.writes for new in write.events)
+        return [RecordedEvent(**{**row, "data": data}) for row, data in zip(rows, plain, strict=True)]
 
     @staticmethod
     def _version(conn: Connection, stream_id: str) -> int:
@@ -405,51 +459,40 @@ class EventStore:
         query = select(idempotency).where(idempotency.c.scope == scope, idempotency.c.key == key)
         return conn.execute(query).first()
 
-    def _rows(self, conn: Connection, writes: Sequence[StreamWrite], meta: Metadata,
-              now: datetime) -> list[dict[str, Any]]:
-        subjects = {e.subject for w in writes for e in w.events if e.personal}
-        keys = self._keys(conn, subjects, create=True)
-        rows = []
-        for write in writes:
+    @staticmethod
+    def _rows(request: "_Append", keys: dict[str, bytes], after: int) -> list[dict[str, Any]]:
+        """The request's rows, numbered on from position `after`."""
+        meta, rows = request.meta, []
+        for write in request.writes:
             for offset, new in enumerate(write.events, start=1):
                 event_id = str(uuid.uuid4())
                 data = new.data
                 if new.personal:
-                    data = personal_data.seal(data, new.personal, new.subject, keys[new.subject],
-                                              event_id)
+                    data = personal_data.seal(data, new.personal, new.subject, keys[new.subject], event_id)
                 rows.append({
+                    "position": after + len(rows) + 1,
                     "event_id": event_id, "stream_id": write.stream_id,
                     "stream_type": write.stream_type,
                     "version": write.expected_version + offset, "type": new.type,
                     "schema_version": new.schema_version, "data": data,
                     "correlation_id": meta.correlation_id, "causation_id": meta.causation_id,
                     "actor": meta.actor, "idempotency_key": meta.idempotency_key,
-                    "recorded_at": now,
+                    "recorded_at": request.now,
                 })
         return rows
 
     @staticmethod
-    def _plain(writes: Sequence[StreamWrite]) -> list[dict[str, Any]]:
-        return [new.data for write in writes for new in write.events]
-
-    @staticmethod
-    def _keys(conn: Connection, subjects: set[str], create: bool = False) -> dict[str, bytes]:
+    def _keys(conn: Connection, subjects: set[str]) -> dict[str, bytes]:
         if not subjects:
             return {}
-        query = select(personal_keys.c.subject_id, personal_keys.c.key).where(
-            personal_keys.c.subject_id.in_(subjects)
-        )
-        keys = {subject: key for subject, key in conn.execute(query)}
-        missing = subjects - keys.keys() if create else set()
-        if missing:
+        return {subject: key for subject, key in conn.execute(_KEYS, {"subjects": list(subjects)})}
+
+    @staticmethod
+    def _add_keys(conn: Connection, fresh: dict[str, bytes]) -> None:
+        if fresh:
             now = datetime.now(UTC)
-            fresh = {subject: personal_data.new_key() for subject in missing}
-            conn.execute(
-                insert(personal_keys),
-                [{"subject_id": s, "key": k, "created_at": now} for s, k in fresh.items()],
-            )
-            keys.update(fresh)
-        return keys
+            conn.execute(insert(personal_keys), [{"subject_id": s, "key": k, "created_at": now}
+                                                 for s, k in fresh.items()])
 
     def _fetch(self, query, params: dict[str, Any], conn: Connection) -> list[RecordedEvent]:
         rows = conn.execute(query, params).mappings().all()
@@ -465,6 +508,18 @@ class EventStore:
         return recorded
 
 
+def _subjects(request: "_Append") -> set[str]:
+    """The data subjects whose keys seal the request's events."""
+    return {new.subject for write in request.writes for new in write.events if new.personal}
+
+
+# The statements of every append, built once: building one costs more than running it.
+_APPEND_LOCK = select(func.pg_advisory_xact_lock(APPEND_LOCK))
+_HEAD = select(func.max(events.c.position))
+_INSERT_EVENT = insert(events)
+_INSERT_IDEMPOTENCY = insert(idempotency)
+_KEYS = select(personal_keys.c.subject_id, personal_keys.c.key).where(
+    personal_keys.c.subject_id.in_(bindparam("subjects", expanding=True)))
 _STREAM_PAGE = (
     select(events)
     .where(events.c.stream_id == bindparam("stream_id"), events.c.version > bindparam("after_version"))
@@ -488,6 +543,15 @@ class _Append:
     outcome: asyncio.Future
 
 
+@functools.cache
+def _versions(streams: int):
+    """The current versions of `streams` streams, bound as s0, s1, ...: one max() per
+    stream, each a single index probe (`stream_id IN (...) GROUP BY` would read every
+    version of a long stream instead)."""
+    return select(*(select(func.max(events.c.version)).where(events.c.stream_id == bindparam(f"s{n}"))
+                    .scalar_subquery() for n in range(streams)))
+
+
 @dataclass
 class _BatchState:
     """What a batch's checks compare against: the log as committed, plus the batch so far.
@@ -503,11 +567,7 @@ class _BatchState:
     @classmethod
     def read(cls, conn: Connection, batch: list[_Append]) -> "_BatchState":
         streams = list({write.stream_id for request in batch for write in request.writes})
-        # One max() per stream, each a single index probe; `stream_id IN (...) GROUP BY`
-        # would read every version of a long stream instead.
-        found = conn.execute(select(*(
-            select(func.max(events.c.version)).where(events.c.stream_id == stream).scalar_subquery()
-            for stream in streams))).one()
+        found = conn.execute(_versions(len(streams)), {f"s{n}": s for n, s in enumerate(streams)}).one()
         versions = {stream: version for stream, version in zip(streams, found, strict=True) if version}
         wanted = {(r.idempotent.scope, r.idempotent.key) for r in batch if r.idempotent}
         keys = set()
@@ -515,8 +575,19 @@ class _BatchState:
             keys = {tuple(row) for row in conn.execute(
                 select(idempotency.c.scope, idempotency.c.key)
                 .where(tuple_(idempotency.c.scope, idempotency.c.key).in_(wanted)))}
-        head = conn.execute(select(func.max(events.c.position))).scalar() or 0
+        head = conn.execute(_HEAD).scalar() or 0
         return cls(versions, keys, head, head)
+
+    def copy(self) -> "_BatchState":
+        return _BatchState(dict(self.versions), set(self.keys), self.position, self.head)
+
+    def accept(self, request: _Append, last_position: int) -> None:
+        """The request is written: what follows it in the batch is checked against it."""
+        self.position = last_position
+        for write in request.writes:
+            self.versions[write.stream_id] = write.expected_version + len(write.events)
+        if request.idempotent:
+            self.keys.add((request.idempotent.scope, request.idempotent.key))
 
 
 def _settle(future: asyncio.Future, outcome: Any) -> None:
