@@ -6,6 +6,7 @@ The table and its queries live here, the engines (durable SQLite commits, one wr
 
 import asyncio
 import functools
+import itertools
 import logging
 import uuid
 from collections import deque
@@ -182,6 +183,10 @@ class EventStore:
         self._in_flight: dict[str, asyncio.Future] = {}
         # Transactions that appends have committed: fewer than appends when they share.
         self.commits = 0
+        # The latest events this process committed, consecutive positions: `read` serves
+        # the projector and the event hub from here, right after a commit, without a trip
+        # to the database.
+        self._recent: deque[RecordedEvent] = deque(maxlen=RECENT_EVENTS)
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.migrations)."""
@@ -271,6 +276,13 @@ class EventStore:
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events of the whole log after position `after`."""
+        recent = self._recent
+        if recent and recent[0].position - 1 <= after < recent[-1].position:
+            # Every position is taken by one event, so the ones kept here from `after` on
+            # are the log's own (perhaps not all of it: another process may have
+            # appended since; the caller reads on from the last one).
+            start = after + 1 - recent[0].position
+            return list(itertools.islice(recent, start, start + limit))
         query = select(events).where(events.c.position > after).order_by(events.c.position)
         return await self._db.read(partial(self._fetch, query.limit(limit), {}))
 
@@ -288,6 +300,7 @@ class EventStore:
         return IdempotencyRecord(scope, key, row.request_hash, row.result, row.position)
 
     async def destroy_personal_key(self, subject: str) -> None:
+        self._recent.clear()  # what it holds is unsealed
         await self._db.write(
             lambda conn: conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject)))
 
@@ -326,6 +339,7 @@ class EventStore:
                 raise
             return
         self.commits += 1
+        self._keep_recent(batch, outcomes)
         for request, outcome in zip(batch, outcomes, strict=True):
             _settle(request.outcome, outcome)
         if last is not None:
@@ -334,6 +348,20 @@ class EventStore:
                     listener(last)
                 except Exception:
                     log.exception("an append listener failed")
+
+    def _keep_recent(self, batch: list["_Append"], outcomes: list) -> None:
+        recent = self._recent
+        if _shreds(batch):
+            # Events kept here hold personal data unsealed: a key this commit destroyed
+            # must leave it unreadable here too, as in the log.
+            recent.clear()
+            return
+        committed = [event for outcome in outcomes if isinstance(outcome, list) for event in outcome]
+        if not committed:
+            return
+        if recent and recent[-1].position + 1 != committed[0].position:
+            recent.clear()  # another process appended in between: keep the run consecutive
+        recent.extend(committed)
 
     def _write_batch(self, batch: list["_Append"], conn: Connection) -> tuple[list, int | None]:
         """Each request's events or error, and the last position written (None if none was)."""
@@ -345,7 +373,7 @@ class EventStore:
             # committed append.
             conn.execute(_APPEND_LOCK)
         state = _BatchState.read(conn, batch)
-        if any(new.shreds for request in batch for write in request.writes for new in write.events):
+        if _shreds(batch):
             outcomes = self._write_each(conn, batch, state)
         elif len(batch) == 1:
             outcomes = self._write_together(conn, batch, state)
@@ -508,6 +536,10 @@ class EventStore:
         return recorded
 
 
+def _shreds(batch: list["_Append"]) -> bool:
+    return any(new.shreds for request in batch for write in request.writes for new in write.events)
+
+
 def _subjects(request: "_Append") -> set[str]:
     """The data subjects whose keys seal the request's events."""
     return {new.subject for write in request.writes for new in write.events if new.personal}
@@ -530,6 +562,9 @@ _STREAM_PAGE = (
 
 # Requests one transaction takes at most: bounds the time a batch holds the write lock.
 MAX_BATCH = 64
+# Events of this process's latest commits kept for `read`: a few batches of the projector
+# and the event hub.
+RECENT_EVENTS = 4096
 
 
 @dataclass(eq=False)

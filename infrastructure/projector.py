@@ -19,7 +19,7 @@ from sqlalchemy import Connection, MetaData, Table
 from sqlalchemy.exc import StatementError
 
 from infrastructure.event_store import EventStore, RecordedEvent
-from infrastructure.read_store import ReadStore, read_model_metadata, shadow_copy
+from infrastructure.read_store import Checkpoint, ReadStore, read_model_metadata, shadow_copy
 
 log = logging.getLogger("orderstream.projector")
 
@@ -57,6 +57,11 @@ class Projector:
         self.poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._stopping = False
+        # The checkpoints as the last batch left them, read in its transaction: the next
+        # step starts from them without a read of its own. Checkpoints only move forward,
+        # so stale ones (moved by a rebuild elsewhere) start a batch early, and the batch
+        # skips what was applied.
+        self._states: dict[str, Checkpoint] | None = None
 
     def wake(self, _position: int = 0) -> None:
         """Called after each commit to the log: project now instead of at the next poll."""
@@ -74,6 +79,7 @@ class Projector:
     async def run(self) -> None:
         """Project until stopped: right after every wake-up, and every `poll_interval` anyway."""
         self._stopping = False
+        self._states = None
         retried = False
         while not self._stopping:
             self._wake.clear()
@@ -85,6 +91,7 @@ class Projector:
                 progressed = await self.step()
             except Exception:
                 log.exception("projector step failed; retrying in %.1f s", self.poll_interval)
+                self._states = None
                 progressed = False
             if not progressed:
                 with suppress(TimeoutError):
@@ -97,7 +104,7 @@ class Projector:
 
     async def step(self) -> bool:
         """Apply one batch; False when there was nothing to apply."""
-        states = await self.read_store.checkpoints()
+        states = self._states or await self.read_store.checkpoints()
         active = [p for p in self.projections if states[p.name].failed_position is None]
         if not active:
             return False
@@ -105,25 +112,38 @@ class Projector:
         batch = await self.store.read(after=start, limit=self.batch_size)
         if not batch:
             return False
-        moved = await self.read_store.write(partial(self._apply_batch, active, start, batch))
+        moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
         await self.read_store.advanced(moved)
         return True
 
     def _apply_batch(self, active: list[Projection], start: int, batch: list[RecordedEvent],
-                     conn: Connection) -> dict[str, int]:
+                     conn: Connection) -> tuple[dict[str, int], dict[str, Checkpoint]]:
+        """(where the checkpoints moved, every checkpoint as this transaction leaves it)"""
         # Re-read under the write lock: a rebuild may have swapped tables meanwhile,
         # or (PostgreSQL) another projector applied this batch already.
         states = self.read_store.checkpoints_in(conn, lock=True)
-        moved: dict[str, int] = {}
+        due = {}
         for projection in active:
             state = states[projection.name]
             if state.failed_position is not None or state.position < start:
                 continue  # the batch does not start where this projection stands
-            todo = [e for e in batch if e.position > state.position]
-            if todo and self._apply(conn, projection, todo):
-                moved[projection.name] = todo[-1].position
+            if todo := [e for e in batch if e.position > state.position]:
+                due[projection] = todo
+        try:
+            # All projections in one savepoint and their checkpoints in one statement:
+            # the fixed cost of a batch, which small batches pay again and again.
+            with conn.begin_nested():
+                for projection, todo in due.items():
+                    for event in todo:
+                        projection.apply(conn, event, projection.live)
+                moved = {projection.name: todo[-1].position for projection, todo in due.items()}
+                self.read_store.move_all(conn, moved)
+        except Exception:
+            # One of them failed: again one by one, so that it stops alone.
+            moved = {projection.name: todo[-1].position for projection, todo in due.items()
+                     if self._apply(conn, projection, todo)}
         self.read_store.announce(conn, moved)
-        return moved
+        return moved, self.read_store.checkpoints_in(conn)
 
     def _apply(self, conn: Connection, projection: Projection, todo: list[RecordedEvent]) -> bool:
         current = todo[0]
@@ -149,6 +169,7 @@ class Projector:
 
     async def _retry_failed(self) -> None:
         await self.read_store.write(self._clear_failures)
+        self._states = None
 
     def _clear_failures(self, conn: Connection) -> None:
         # A restart (with fixed code, or after a passing fault) tries a stopped projection
@@ -190,6 +211,8 @@ class Projector:
         except BaseException:
             await self.read_store.write(partial(self._abandon_rebuild, chosen))
             raise
+        finally:
+            self._states = None
         await self.read_store.advanced({p.name: position for p in chosen})
         return position
 

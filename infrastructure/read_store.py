@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     func,
     select,
     update,
@@ -137,6 +138,13 @@ class ReadStore:
             position=position, updated_at=datetime.now(UTC), **fields))
 
     @staticmethod
+    def move_all(conn: Connection, positions: Mapping[str, int]) -> None:
+        """`move` for several checkpoints, in one statement."""
+        if positions:
+            now = datetime.now(UTC)
+            conn.execute(_MOVE, [{"moved": name, "to": position, "at": now} for name, position in positions.items()])
+
+    @staticmethod
     def mark(conn: Connection, name: str, **fields) -> None:
         conn.execute(update(checkpoints).where(checkpoints.c.name == name).values(
             updated_at=datetime.now(UTC), **fields))
@@ -210,6 +218,10 @@ class ReadStore:
         for name in conn.dialect.get_table_names(conn):
             if name.startswith(prefixes):
                 conn.exec_driver_sql(f'DROP TABLE "{name}"')
+
+
+_MOVE = update(checkpoints).where(checkpoints.c.name == bindparam("moved")).values(
+    position=bindparam("to"), updated_at=bindparam("at"))
 
 
 def shadow_copy(table: Table, suffix: str, metadata: MetaData) -> Table:

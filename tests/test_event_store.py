@@ -149,6 +149,48 @@ async def test_read_pages_through_the_whole_log_once_in_order(store):
     assert [e.data["n"] for e in await store.read(after=10, limit=3)] == [11, 12, 13]
 
 
+async def test_reads_right_after_commits_are_the_logs_own(store):
+    """Events just committed are read back from memory: they must be exactly what the
+    database holds, personal fields, metadata and time included."""
+    await append_personal_events(store)
+    for round in range(3):
+        await asyncio.gather(*(store.append([write(f"s{n}", round, round * 10 + n)], Metadata(actor=f"a{n}"))
+                               for n in range(5)))
+    fresh = EventStore(store.url)  # nothing in memory: every read goes to the database
+    try:
+        for after in range(19):
+            for limit in (1, 4, 1000):
+                assert await store.read(after, limit) == await fresh.read(after, limit), (after, limit)
+    finally:
+        await fresh.close()
+    assert decoded((await store.read(after=0, limit=1))[0]) == ANN_REGISTERED
+
+
+async def test_reads_see_the_appends_of_another_process_in_between(store):
+    other = EventStore(store.url)
+    try:
+        await store.append([write("a", 0, 1, 2)])
+        await other.append([write("b", 0, 3)])
+        await store.append([write("a", 2, 4)])
+        assert [e.data["n"] for e in await store.read(after=0)] == [1, 2, 3, 4]
+        assert [e.data["n"] for e in await store.read(after=1)] == [2, 3, 4]
+        assert [e.data["n"] for e in await store.read(after=2)] == [3, 4]
+    finally:
+        await other.close()
+
+
+async def test_an_append_that_destroys_a_key_leaves_nothing_readable_in_memory(store):
+    await append_personal_events(store)
+    forgotten = NewEvent("CustomerForgotten", {"customer_id": ANN}, shreds=ANN)
+
+    await store.append([StreamWrite(ANN, "Customer", 1, [forgotten])])
+
+    ann, bob, order, _ = await store.read()
+    assert decoded(ann) == CustomerRegistered(ANN, None, None, "DE", "de-DE")
+    assert decoded(bob) == BOB_REGISTERED
+    assert order.data["shipping_address"] is None
+
+
 async def test_load_after_a_version(store):
     await store.append([write("a", 0, 1, 2)])
     await store.append([write("other", 0, 99)])

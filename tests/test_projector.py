@@ -276,6 +276,11 @@ class DyingReadStore(ReadStore):
         self.countdown.tick("move")
         super().move(conn, name, position, **fields)
 
+    def move_all(self, conn, positions: dict[str, int]) -> None:
+        for _ in positions:
+            self.countdown.tick("move")
+        super().move_all(conn, positions)
+
     async def advanced(self, positions: dict[str, int]) -> None:
         await super().advanced(positions)
         self.countdown.tick("committed")
