@@ -67,7 +67,6 @@ class Database:
         self.url = url
         self.dialect = make_url(url).get_dialect().name
         self._threads = None
-        self._async_reader: AsyncEngine | None = None
         if self.dialect == "sqlite":
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
             self._writer = _configured(create_engine(
@@ -92,15 +91,6 @@ class Database:
         finally:
             await engine.dispose()
 
-    def async_reader(self) -> AsyncEngine:
-        """An async reader engine for queries not written as units of work, disposed with
-        this database: on PostgreSQL its own pool, on SQLite an aiosqlite engine."""
-        if self._threads is None:
-            return self._reader
-        if self._async_reader is None:
-            self._async_reader = _sqlite_engine(self.url, "BEGIN")
-        return self._async_reader
-
     async def write(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` in a write transaction, committed when it returns."""
         if self._threads is None:
@@ -122,8 +112,6 @@ class Database:
         if self._threads is None:
             await self._writer.dispose()
             return
-        if self._async_reader is not None:
-            await self._async_reader.dispose()
         for threads in self._threads:
             threads.shutdown(wait=True)
         self._writer.dispose()

@@ -75,8 +75,8 @@ class ConsistencyTimeout(PublicError):
 
 
 class ReadStore:
-    """The read database: its writes are units of work (plain functions of a Connection,
-    see `Database`) run by `write`; queries read through `reader`."""
+    """The read database: its writes and reads are units of work (plain functions of a
+    Connection, see `Database`), run by `write` and `read`."""
 
     def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1) -> None:
         self.url = url
@@ -86,10 +86,8 @@ class ReadStore:
         # Read models are made from the log: a projector commit lost with the power is
         # applied again from the checkpoint, which moves in the same transaction. So the
         # read database skips the wait for the disk that the log's commits make.
-        self._db = Database(url, durable=False)
+        self._db = Database(url, readers=4, durable=False)
         self._postgres = self._db.dialect == "postgresql"
-        # For the query handlers; on PostgreSQL the pool of `_db` itself.
-        self.reader = self._db.async_reader()
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()
 
@@ -113,6 +111,10 @@ class ReadStore:
         """`work(conn)` in one write transaction of the read database, committed when it
         returns; the helpers below that take a `conn` are meant for it."""
         return await self._db.write(work)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in one read transaction: one snapshot of the read models."""
+        return await self._db.read(work)
 
     async def checkpoints(self) -> dict[str, Checkpoint]:
         """Every projection's checkpoint, as last committed."""

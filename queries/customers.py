@@ -45,6 +45,5 @@ async def customer(read: ReadStore, actor: Actor, customer_id: str,
     """Staff, or the customer themself."""
     actor.require_owner_or_staff(customer_id)
     await read.wait_for(consistent_with, ("customers",))
-    async with read.reader.connect() as conn:
-        query = select(customers).where(customers.c.customer_id == customer_id)
-        return (await conn.execute(query)).first()
+    query = select(customers).where(customers.c.customer_id == customer_id)
+    return await read.read(lambda conn: conn.execute(query).first())

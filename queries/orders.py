@@ -14,6 +14,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    bindparam,
     func,
     insert,
     select,
@@ -148,6 +149,10 @@ class Page:
     has_next: bool
 
 
+# The query behind every order(id) and read-your-writes check: built once.
+_ORDER = select(orders).where(orders.c.order_id == bindparam("order_id"))
+
+
 def _order_id(value: str) -> str:
     try:
         return str(uuid.UUID(value))
@@ -161,8 +166,7 @@ async def order(read: ReadStore, actor: Actor, order_id: str,
     actor.require_signed_in()
     order_id = _order_id(order_id)
     await read.wait_for(consistent_with, ("orders",))
-    async with read.reader.connect() as conn:
-        row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
+    row = await read.read(lambda conn: conn.execute(_ORDER, {"order_id": order_id}).first())
     if row is None:
         return None
     actor.require_owner_or_staff(row.customer_id)
@@ -189,22 +193,25 @@ async def customer_orders(read: ReadStore, actor: Actor, customer_id: str, first
     if status is not None:
         where.append(orders.c.status == status)
     await read.wait_for(consistent_with, ("orders",))
-    async with read.reader.begin() as conn:
-        total = (await conn.execute(select(func.count()).select_from(orders).where(*where))).scalar_one()
-        query = select(orders).where(*where).order_by(orders.c.placed_position.desc()).limit(first + 1)
-        if before_position is not None:
-            query = query.where(orders.c.placed_position < before_position)
-        rows = (await conn.execute(query)).all()
+    query = select(orders).where(*where).order_by(orders.c.placed_position.desc()).limit(first + 1)
+    if before_position is not None:
+        query = query.where(orders.c.placed_position < before_position)
+
+    def page(conn: Connection) -> tuple[int, list[Row]]:
+        # One snapshot: the count and the page agree.
+        return (conn.execute(select(func.count()).select_from(orders).where(*where)).scalar_one(),
+                conn.execute(query).all())
+
+    total, rows = await read.read(page)
     return Page([OrderView(row) for row in rows[:first]],
                 [encode_cursor(row.placed_position) for row in rows[:first]], total, len(rows) > first)
 
 
 async def lines_of(read: ReadStore, order_ids: list[str]) -> list[list[Row]]:
     """The lines of many orders in one query (the DataLoader's batch function)."""
-    async with read.reader.connect() as conn:
-        query = (select(order_lines).where(order_lines.c.order_id.in_(order_ids))
-                 .order_by(order_lines.c.order_id, order_lines.c.line_no))
-        rows = (await conn.execute(query)).all()
+    query = (select(order_lines).where(order_lines.c.order_id.in_(order_ids))
+             .order_by(order_lines.c.order_id, order_lines.c.line_no))
+    rows = await read.read(lambda conn: conn.execute(query).all())
     by_order: dict[str, list[Row]] = {order_id: [] for order_id in order_ids}
     for row in rows:
         by_order[row.order_id].append(row)

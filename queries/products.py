@@ -72,8 +72,8 @@ class Page:
 
 async def product(read: ReadStore, sku: str, consistent_with: int | None = None) -> Row | None:
     await read.wait_for(consistent_with, ("products",))
-    async with read.reader.connect() as conn:
-        return (await conn.execute(select(products).where(products.c.sku == sku))).first()
+    query = select(products).where(products.c.sku == sku)
+    return await read.read(lambda conn: conn.execute(query).first())
 
 
 async def search_products(read: ReadStore, first: int, after: str | None, search: str | None,
@@ -86,12 +86,15 @@ async def search_products(read: ReadStore, first: int, after: str | None, search
         raise BadUserInput(f"search takes at most {MAX_SEARCH_WORDS} words of up to 100 characters")
     matching = [products.c.name_folded.contains(word, autoescape=True) for word in words]
     await read.wait_for(consistent_with, ("products",))
-    async with read.reader.begin() as conn:
-        total = (await conn.execute(
-            select(func.count()).select_from(products).where(*matching))).scalar_one()
-        query = select(products).where(*matching).order_by(products.c.sku).limit(first + 1)
-        if after_sku is not None:
-            query = query.where(products.c.sku > after_sku)
-        rows = (await conn.execute(query)).all()
+    query = select(products).where(*matching).order_by(products.c.sku).limit(first + 1)
+    if after_sku is not None:
+        query = query.where(products.c.sku > after_sku)
+
+    def page(conn: Connection) -> tuple[int, list[Row]]:
+        # One snapshot: the count and the page agree.
+        return (conn.execute(select(func.count()).select_from(products).where(*matching)).scalar_one(),
+                conn.execute(query).all())
+
+    total, rows = await read.read(page)
     return Page(rows[:first], [encode_cursor(row.sku) for row in rows[:first]], total,
                 len(rows) > first)

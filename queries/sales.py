@@ -122,8 +122,7 @@ async def sales_report(read: ReadStore, actor: Actor, first_day: date, last_day:
         sales_buckets.c.currency == currency,
         sales_buckets.c.bucket_start >= start, sales_buckets.c.bucket_start < end,
     )
-    async with read.reader.connect() as conn:
-        buckets = (await conn.execute(query)).all()
+    buckets = await read.read(lambda conn: conn.execute(query).all())
     totals = {first_day + timedelta(days=n): [0, 0] for n in range(days)}
     for bucket in buckets:
         day = totals[bucket.bucket_start.astimezone(zone).date()]
