@@ -128,11 +128,7 @@ class ReadStore:
         not noticed it lost the lead, or a rebuild) may write at once: the second waits,
         then sees where the first left the checkpoints. SQLite has one writer anyway.
         """
-        query = select(checkpoints.c.name, checkpoints.c.position, checkpoints.c.rebuilding,
-                       checkpoints.c.failed_position, checkpoints.c.error)
-        if lock:
-            query = query.with_for_update()
-        return {row.name: Checkpoint(*row) for row in conn.execute(query)}
+        return {row.name: Checkpoint(*row) for row in conn.execute(_LOCKED if lock else _CHECKPOINTS)}
 
     @staticmethod
     def move(conn: Connection, name: str, position: int, **fields) -> None:
@@ -222,6 +218,10 @@ class ReadStore:
                 conn.exec_driver_sql(f'DROP TABLE "{name}"')
 
 
+# The statements of every projector batch, built once.
+_CHECKPOINTS = select(checkpoints.c.name, checkpoints.c.position, checkpoints.c.rebuilding,
+                      checkpoints.c.failed_position, checkpoints.c.error)
+_LOCKED = _CHECKPOINTS.with_for_update()
 _MOVE = update(checkpoints).where(checkpoints.c.name == bindparam("moved")).values(
     position=bindparam("to"), updated_at=bindparam("at"))
 

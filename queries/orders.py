@@ -123,7 +123,7 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
     if isinstance(event, events.OrderPlaced):
         row, lines = placed(recorded, event)
-        conn.execute(insert(t["orders"]).values(**row))
+        conn.execute(insert(t["orders"]), row)
         conn.execute(insert(t["order_lines"]), lines)
     elif (change := changes(recorded, event)) is not None:
         table = t["orders"]

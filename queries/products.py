@@ -1,8 +1,9 @@
 """The product catalogue: price, stock available and reserved, searchable by name."""
 
+import functools
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Connection, Integer, String, Table, func, insert, select, update
+from sqlalchemy import Column, Connection, Integer, String, Table, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
 
 import events
@@ -44,19 +45,30 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
         return
     match event:
         case events.ProductPriceChanged():
-            changes = {"price": event.price, "currency": event.currency}
+            conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
+                price=event.price, currency=event.currency, version=recorded.version,
+                updated_at=recorded.recorded_at))
         case events.ProductRestocked():
-            changes = {"stock_available": table.c.stock_available + event.quantity}
+            _move_stock(conn, table, recorded, available=event.quantity, reserved=0)
         case events.StockReserved():
-            changes = {"stock_available": table.c.stock_available - event.quantity,
-                       "stock_reserved": table.c.stock_reserved + event.quantity}
+            _move_stock(conn, table, recorded, available=-event.quantity, reserved=event.quantity)
         case events.StockReleased():
-            changes = {"stock_available": table.c.stock_available + event.quantity,
-                       "stock_reserved": table.c.stock_reserved - event.quantity}
-        case _:
-            return
-    conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
-        version=recorded.version, updated_at=recorded.recorded_at, **changes))
+            _move_stock(conn, table, recorded, available=event.quantity, reserved=-event.quantity)
+
+
+def _move_stock(conn: Connection, table: Table, recorded: RecordedEvent, available: int, reserved: int) -> None:
+    conn.execute(_stock_moved(table), {"moved_sku": recorded.stream_id, "available": available,
+                                       "reserved": reserved, "moved_version": recorded.version,
+                                       "moved_at": recorded.recorded_at})
+
+
+@functools.cache
+def _stock_moved(table: Table):
+    """The update of every stock movement (one per order line), built once per table."""
+    return update(table).where(table.c.sku == bindparam("moved_sku")).values(
+        stock_available=table.c.stock_available + bindparam("available"),
+        stock_reserved=table.c.stock_reserved + bindparam("reserved"),
+        version=bindparam("moved_version"), updated_at=bindparam("moved_at"))
 
 
 PROJECTION = Projection("products", (products,), project)
