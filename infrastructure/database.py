@@ -101,10 +101,24 @@ class Database:
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` on a reader: on SQLite a snapshot of the last commit, never waiting
-        for the writer."""
+        for the writer, run right here in the event loop.
+
+        A read of a few rows through an index takes SQLite microseconds from memory; the
+        hop to a thread and back cost more, and under load the wait for Python's lock
+        after it cost milliseconds (read-your-writes 7.5 -> 5.4 ms, placeOrder at 32
+        clients 326 -> 390 a second). The price: a read that must go to the disk holds
+        the loop meanwhile. Reads of many rows go through `scan`.
+        """
         if self._threads is None:
             async with self._reader.connect() as conn:
                 return await conn.run_sync(work)
+        return _in_transaction(self._reader, work)
+
+    async def scan(self, work: Callable[[Connection], T]) -> T:
+        """`read` for reads of many rows: on SQLite in a reader thread, so that the event
+        loop goes on meanwhile."""
+        if self._threads is None:
+            return await self.read(work)
         return await asyncio.get_running_loop().run_in_executor(self._threads[1], _in_transaction,
                                                                 self._reader, work)
 

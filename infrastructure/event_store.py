@@ -251,7 +251,9 @@ class EventStore:
         )
         if until is not None:
             query = query.where(events.c.recorded_at <= until)
-        return await self._db.read(partial(self._fetch, query, {}))
+        # A whole stream may be long: read where the event loop does not wait for it.
+        run = self._db.read if limit is not None else self._db.scan
+        return await run(partial(self._fetch, query, {}))
 
     async def save_snapshot(self, stream_id: str, schema: str, version: int, state: dict[str, Any]) -> None:
         """Keep `state` as the stream's state at `version`, unless a newer snapshot exists."""
@@ -284,7 +286,7 @@ class EventStore:
             start = after + 1 - recent[0].position
             return list(itertools.islice(recent, start, start + limit))
         query = select(events).where(events.c.position > after).order_by(events.c.position)
-        return await self._db.read(partial(self._fetch, query.limit(limit), {}))
+        return await self._db.scan(partial(self._fetch, query.limit(limit), {}))
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""

@@ -113,8 +113,13 @@ class ReadStore:
         return await self._db.write(work)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
-        """`work(conn)` in one read transaction: one snapshot of the read models."""
+        """`work(conn)` in one read transaction: one snapshot of the read models. For reads
+        through an index; on SQLite they run in the event loop (see `Database.read`)."""
         return await self._db.read(work)
+
+    async def scan(self, work: Callable[[Connection], T]) -> T:
+        """`read` for reads that may go through a whole table."""
+        return await self._db.scan(work)
 
     async def checkpoints(self) -> dict[str, Checkpoint]:
         """Every projection's checkpoint, as last committed."""

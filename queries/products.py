@@ -107,6 +107,7 @@ async def search_products(read: ReadStore, first: int, after: str | None, search
         return (conn.execute(select(func.count()).select_from(products).where(*matching)).scalar_one(),
                 conn.execute(query).all())
 
-    total, rows = await read.read(page)
+    # The count (and a search by name) reads the whole catalogue.
+    total, rows = await read.scan(page)
     return Page(rows[:first], [encode_cursor(row.sku) for row in rows[:first]], total,
                 len(rows) > first)
