@@ -231,8 +231,9 @@ class EventStore:
         A command about to load a stream it will write waits here rather than read the
         version an append in flight is about to replace, and then lose to it.
         """
-        pending = self._in_flight.get(stream_id)
-        if pending is not None and not pending.done():
+        # Again after each wait: of several callers woken by one append, the first may
+        # have appended to the stream already.
+        while (pending := self._in_flight.get(stream_id)) is not None and not pending.done():
             await asyncio.wait([pending])
 
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,

@@ -204,3 +204,28 @@ async def test_settled_waits_for_the_streams_append_in_flight(store):
     assert await store.stream_version("a") == 2
     assert isinstance(failing.exception(), WrongExpectedVersion)
     await store.settled("never-written")
+
+
+async def test_callers_woken_by_one_append_take_turns_on_the_stream(store):
+    """Woken together by one append, the first caller to append again makes the others
+    wait for that one too: none of them loads a version that is about to be replaced."""
+    await store.append([write("a", 0, 1)])
+    first = asyncio.create_task(store.append([write("a", 1, 2)]))
+    await asyncio.sleep(0)
+    landed: list[int] = []
+
+    async def then_append(version: int) -> None:
+        await store.settled("a")
+        # Whatever was appended to "a" before this caller got its turn has landed.
+        assert landed == list(range(2, version)), (version, landed)
+        await store.append([write("a", version, version + 1)])
+        landed.append(version)
+
+    waiters = [asyncio.create_task(then_append(2))]
+    await asyncio.sleep(0)
+    waiters.append(asyncio.create_task(then_append(3)))
+    await asyncio.sleep(0)
+    await first
+    await asyncio.gather(*waiters)
+
+    assert [e.data["n"] for e in await store.load("a")] == [1, 2, 3, 4]
