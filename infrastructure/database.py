@@ -51,9 +51,10 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
 class Database:
     """Runs units of work, plain functions of a Connection, on a writer or a reader.
 
-    On SQLite each unit of work runs whole in a worker thread on the standard sqlite3
-    module: one thread hop per transaction, where aiosqlite makes several per statement
-    and they, not SQLite, were most of a command's cost. The writer is one thread with
+    On SQLite each write and each scan runs whole in a worker thread on the standard
+    sqlite3 module (one thread hop per transaction, where aiosqlite makes several per
+    statement and they, not SQLite, were most of a command's cost); small reads run in
+    the event loop itself (see `read`). The writer is one thread with
     one connection whose transactions start with BEGIN IMMEDIATE: SQLite has one writer
     anyway, queueing is cheaper than spinning on the file lock, and taking the lock up
     front means a transaction's checks and its writes see the same state. Readers start

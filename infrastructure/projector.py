@@ -1,10 +1,11 @@
 """Tails the event log and applies it to the read models, exactly once.
 
 Each batch runs in one read-database transaction, a unit of work of `ReadStore.write` (on
-SQLite one thread hop for the whole batch); every projection applies its share in a
-savepoint and moves its checkpoint inside it, so a crash at any point resumes with
-nothing lost and nothing applied twice. An event a projection cannot apply stops that
-projection (logged, and visible in its checkpoint row); the others go on.
+SQLite one thread hop for the whole batch); the projections apply their shares and move
+their checkpoints inside it, so a crash at any point resumes with nothing lost and
+nothing applied twice. An event a projection cannot apply stops that projection (logged,
+and visible in its checkpoint row): the batch is applied again projection by projection,
+each in a savepoint of its own, and the others go on.
 """
 
 import asyncio

@@ -86,7 +86,7 @@ class ReadStore:
         # Read models are made from the log: a projector commit lost with the power is
         # applied again from the checkpoint, which moves in the same transaction. So the
         # read database skips the wait for the disk that the log's commits make.
-        self._db = Database(url, readers=4, durable=False)
+        self._db = Database(url, durable=False)
         self._postgres = self._db.dialect == "postgresql"
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()
