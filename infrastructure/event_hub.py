@@ -53,6 +53,7 @@ class EventHub:
         self.queue_size = queue_size
         self.poll_interval = poll_interval
         self.position = 0  # the last event fanned out
+        self._committed = 0  # the last position this process's commits reported
         self.overflows = 0  # times a live subscriber's queue overflowed and it went back to the log
         self._live: set[Subscriber] = set()
         self._parked: set[Subscriber] = set()
@@ -65,8 +66,10 @@ class EventHub:
         """Live subscriptions: on the hub or parked with a shared delivery."""
         return len(self._parked) + sum(not subscriber.feed for subscriber in self._live)
 
-    def wake(self, _position: int = 0) -> None:
-        """Called after each commit of this process; other writers are seen by the poll."""
+    def wake(self, position: int = 0) -> None:
+        """Called after each commit of this process with its last position; other writers
+        (no position) are seen by the poll, or on PostgreSQL through notifications."""
+        self._committed = max(self._committed, position)
         self._wake.set()
 
     def stop(self) -> None:
@@ -86,6 +89,22 @@ class EventHub:
         self._started.set()
         while not self._stopping:
             self._wake.clear()
+            if not self._live and not self._parked:
+                # Nobody to deliver to: keep up with the log's head without reading its
+                # events (a subscription that comes reads the log by itself up to here).
+                # This process's commits say where they end; for others', ask the log.
+                try:
+                    head = self._committed if self._committed > self.position else await self.store.head()
+                except Exception:
+                    log.exception("reading the log's head failed; retrying in %.1f s", self.poll_interval)
+                    head = self.position
+                # Unless a subscription attached during the read: it stands where the hub
+                # stood and is owed every event after that.
+                if not self._live and not self._parked:
+                    self.position = max(self.position, head)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                continue
             try:
                 batch = await self.store.read(after=self.position, limit=self.batch_size)
             except Exception:
