@@ -291,7 +291,7 @@ class EventStore:
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
-        return await self._db.read(lambda conn: conn.execute(select(func.max(events.c.position))).scalar() or 0)
+        return await self._db.read(lambda conn: conn.execute(_HEAD).scalar() or 0)
 
     async def stream_version(self, stream_id: str) -> int:
         return await self._db.read(lambda conn: self._version(conn, stream_id))
@@ -376,24 +376,22 @@ class EventStore:
             # committed append.
             conn.execute(_APPEND_LOCK)
         state = _BatchState.read(conn, batch)
-        if _shreds(batch):
-            outcomes = self._write_each(conn, batch, state)
-        elif len(batch) == 1:
+        if len(batch) == 1:
             outcomes = self._write_together(conn, batch, state)
+            if isinstance(outcomes[0], Exception):
+                # A lone request's failure rolls back the transaction, which holds nothing else.
+                raise outcomes[0]
+        elif _shreds(batch):
+            # A key destroyed by one request must not seal the events of a later one.
+            outcomes, state = self._write_each(conn, batch, state)
         else:
-            trial = state.copy()
             try:
-                with conn.begin_nested():
-                    outcomes = self._write_together(conn, batch, trial)
-                state = trial
+                outcomes, state = self._in_savepoint(conn, batch, state)
             except Exception:
                 # A statement failed for a reason no check foresees (a value that does not
                 # serialize, say): the batch again, request by request, so that only the
                 # culprit fails.
-                outcomes = self._write_each(conn, batch, state)
-        if len(batch) == 1 and isinstance(outcomes[0], Exception):
-            # A lone request's failure rolls back the transaction, which holds nothing else.
-            raise outcomes[0]
+                outcomes, state = self._write_each(conn, batch, state)
         if state.position == state.head:
             return outcomes, None
         if self._postgres:
@@ -410,6 +408,7 @@ class EventStore:
         """
         keys = self._keys(conn, {subject for request in batch for subject in _subjects(request)})
         fresh: dict[str, bytes] = {}
+        shredded: set[str] = set()
         outcomes: list[list[RecordedEvent] | Exception] = []
         rows: list[dict[str, Any]] = []
         records: list[dict[str, Any]] = []
@@ -425,40 +424,41 @@ class EventStore:
             rows += mine
             if request.idempotent:
                 records.append(self._record(request, mine[-1]["position"]))
+            shredded |= {new.shreds for write in request.writes for new in write.events} - {None}
             state.accept(request, mine[-1]["position"])
             outcomes.append(self._recorded(request, mine))
-        self._add_keys(conn, fresh)
+        if fresh:
+            now = datetime.now(UTC)
+            conn.execute(insert(personal_keys), [{"subject_id": s, "key": k, "created_at": now}
+                                                 for s, k in fresh.items()])
         if rows:
             conn.execute(_INSERT_EVENT, rows)
         if records:
             conn.execute(_INSERT_IDEMPOTENCY, records)
+        if shredded:
+            conn.execute(personal_keys.delete().where(personal_keys.c.subject_id.in_(shredded)))
         return outcomes
 
-    def _write_each(self, conn: Connection, batch: list["_Append"], state: "_BatchState") -> list:
+    def _write_each(self, conn: Connection, batch: list["_Append"],
+                    state: "_BatchState") -> tuple[list, "_BatchState"]:
         """The batch request by request, each in a savepoint of its own: slower, but a
         failing statement takes only its own request with it."""
         outcomes: list[list[RecordedEvent] | Exception] = []
         for request in batch:
             try:
-                with conn.begin_nested():
-                    self._check(request, state)
-                    subjects = _subjects(request)
-                    keys = self._keys(conn, subjects)
-                    fresh = {subject: personal_data.new_key() for subject in subjects - keys.keys()}
-                    self._add_keys(conn, fresh)
-                    rows = self._rows(request, keys | fresh, state.position)
-                    conn.execute(_INSERT_EVENT, rows)
-                    for subject in {new.shreds for write in request.writes for new in write.events} - {None}:
-                        conn.execute(personal_keys.delete().where(personal_keys.c.subject_id == subject))
-                    if request.idempotent:
-                        conn.execute(_INSERT_IDEMPOTENCY, self._record(request, rows[-1]["position"]))
+                [outcome], state = self._in_savepoint(conn, [request], state)
             except Exception as error:
-                outcomes.append(error)
-                continue
-            # Only now, when nothing of this request can fail any more.
-            state.accept(request, rows[-1]["position"])
-            outcomes.append(self._recorded(request, rows))
-        return outcomes
+                outcome = error
+            outcomes.append(outcome)
+        return outcomes, state
+
+    def _in_savepoint(self, conn: Connection, requests: list["_Append"],
+                      state: "_BatchState") -> tuple[list, "_BatchState"]:
+        """`_write_together` in a savepoint, on a copy of `state`: the outcomes and the state
+        after them. If a statement fails, it raises, and nothing of the requests is left."""
+        trial = state.copy()
+        with conn.begin_nested():
+            return self._write_together(conn, requests, trial), trial
 
     @staticmethod
     def _check(request: "_Append", state: "_BatchState") -> None:
@@ -517,13 +517,6 @@ class EventStore:
         if not subjects:
             return {}
         return {subject: key for subject, key in conn.execute(_KEYS, {"subjects": list(subjects)})}
-
-    @staticmethod
-    def _add_keys(conn: Connection, fresh: dict[str, bytes]) -> None:
-        if fresh:
-            now = datetime.now(UTC)
-            conn.execute(insert(personal_keys), [{"subject_id": s, "key": k, "created_at": now}
-                                                 for s, k in fresh.items()])
 
     def _fetch(self, query, params: dict[str, Any], conn: Connection) -> list[RecordedEvent]:
         rows = conn.execute(query, params).mappings().all()

@@ -3,10 +3,13 @@ transactions, and yet each is checked on its own, fails alone, and is durable on
 acknowledged."""
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from sqlalchemy.exc import StatementError
 
+from commands.dispatcher import new_event
+from events import CustomerForgotten
 from infrastructure.event_store import (
     EventStore,
     IdempotencyKeyTaken,
@@ -16,7 +19,15 @@ from infrastructure.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
-from tests.test_event_store import acknowledged_until_killed, write
+from tests.test_event_store import (
+    ANN,
+    ANN_ORDERED,
+    ANN_REGISTERED,
+    BOB,
+    BOB_REGISTERED,
+    acknowledged_until_killed,
+    write,
+)
 
 
 def keyed(key: str, **result) -> IdempotencyRecord:
@@ -229,3 +240,30 @@ async def test_callers_woken_by_one_append_take_turns_on_the_stream(store):
     await asyncio.gather(*waiters)
 
     assert [e.data["n"] for e in await store.load("a")] == [1, 2, 3, 4]
+
+
+async def test_a_key_destroyed_in_a_batch_shreds_that_subject_only(store):
+    """Sharing a transaction changes nothing about crypto-shredding: the customer's order
+    appended before the forgetting, in the same batch, becomes unreadable; another
+    customer's order after it does not."""
+    await store.append([StreamWrite(ANN, "Customer", 0, [new_event(ANN_REGISTERED)])])
+    await store.append([StreamWrite(BOB, "Customer", 0, [new_event(BOB_REGISTERED)])])
+    bobs = replace(ANN_ORDERED, order_id="0c6a4e4e-1f5e-4a8c-9d3e-2b7f1c0d9e8a", customer_id=BOB)
+    commits = store.commits
+
+    results = await concurrently(
+        store,
+        ([StreamWrite(ANN_ORDERED.order_id, "Order", 0, [new_event(ANN_ORDERED)])],),
+        ([StreamWrite(ANN, "Customer", 1, [new_event(CustomerForgotten(ANN))])],),
+        ([StreamWrite(bobs.order_id, "Order", 0, [new_event(bobs)])],),
+    )
+
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert store.commits - commits == 1
+    [registered, _] = await store.load(ANN)
+    assert registered.data["name"] is None
+    [anns] = await store.load(ANN_ORDERED.order_id)
+    assert anns.data["shipping_address"] is None
+    [bobs_read] = await store.load(bobs.order_id)
+    assert bobs_read.data["shipping_address"] == ANN_ORDERED.shipping_address
+    assert (await store.load(BOB))[0].data["name"] == BOB_REGISTERED.name
