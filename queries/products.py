@@ -62,9 +62,11 @@ def _move_stock(conn: Connection, table: Table, recorded: RecordedEvent, availab
                                        "moved_at": recorded.recorded_at})
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)
 def _stock_moved(table: Table):
-    """The update of every stock movement (one per order line), built once per table."""
+    """The update of every stock movement (one per order line), built once per table: the
+    live one, and a rebuild's shadow while it lasts (bounded, as every rebuild makes a new
+    shadow table that must not be kept alive here)."""
     return update(table).where(table.c.sku == bindparam("moved_sku")).values(
         stock_available=table.c.stock_available + bindparam("available"),
         stock_reserved=table.c.stock_reserved + bindparam("reserved"),
