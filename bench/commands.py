@@ -55,11 +55,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from functools import partial
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, NewType
@@ -367,7 +368,7 @@ async def measure_point(point: Point, template: Path, data_dir: Path, secret: st
                 "clients": point.clients, "warmup_s": sizes.warmup_s, "window_s": sizes.window_s,
                 "skus": skus, "customers": shop["customers"]}
         client = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from bench.commands import client_main; client_main()", cwd=ROOT,
+            sys.executable, "-c", "from bench.commands import client_main, load; client_main(load)", cwd=ROOT,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await client.communicate(json.dumps(spec).encode())
     if client.returncode != 0:
@@ -433,30 +434,43 @@ async def call(http: httpx.AsyncClient, document: str, field: str, input: dict[s
 # ---------------------------------------------------------------- the client process
 
 
-def client_main() -> None:
-    """The load generator: a spec as JSON on stdin, the figures as JSON on stdout."""
+def client_main(load: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """A load generator's process: a spec as JSON on stdin, the figures of `load(spec)` as
+    JSON on stdout."""
     spec = json.load(sys.stdin)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         json.dump(runner.run(load(spec)), sys.stdout)
 
 
-async def load(spec: dict[str, Any]) -> dict[str, Any]:
-    clients, warmup, window = spec["clients"], spec["warmup_s"], spec["window_s"]
-    connections = [await Connection.open(spec["url"], spec["token"]) for _ in range(clients)]
+async def closed_loop(connections: list["Connection"], work: Callable[["Connection", int, float], Awaitable[None]],
+                      warmup: float, window: float, read: Callable[[], dict[str, Any]]
+                      ) -> tuple[float, float, dict[str, Any], dict[str, Any]]:
+    """Every connection runs `work(connection, number, until)` until the window has ended,
+    each sending its next request when its last one came back. Returns the window's start
+    and end, and `read()` taken at each; closes the connections."""
     started = time.perf_counter()
     window_start, window_end = started + warmup, started + warmup + window
-    # (kind, start, end) of every operation, and the failures.
-    samples: list[tuple[str, float, float]] = []
-    errors: list[str] = []
-    workers = [asyncio.create_task(worker(connection, spec, number, window_end, samples, errors))
+    workers = [asyncio.create_task(work(connection, number, window_end))
                for number, connection in enumerate(connections)]
     await asyncio.sleep(warmup)
-    before = readings(spec["server_pid"])
+    before = read()
     await asyncio.sleep(window)
-    after = readings(spec["server_pid"])
+    after = read()
     await asyncio.gather(*workers)
     for connection in connections:
         connection.close()
+    return window_start, window_end, before, after
+
+
+async def load(spec: dict[str, Any]) -> dict[str, Any]:
+    connections = [await Connection.open(spec["url"], spec["token"]) for _ in range(spec["clients"])]
+    window = spec["window_s"]
+    # (kind, start, end) of every operation, and the failures.
+    samples: list[tuple[str, float, float]] = []
+    errors: list[str] = []
+    window_start, window_end, before, after = await closed_loop(
+        connections, partial(worker, spec=spec, samples=samples, errors=errors), spec["warmup_s"], window,
+        partial(readings, spec["server_pid"]))
     seconds = after["at"] - before["at"]
     used = {part: (after[part] - before[part]) / seconds for part in ("machine", "client", "server")}
     figures: dict[str, Any] = {
@@ -537,7 +551,7 @@ class Connection:
         self.writer.close()
 
 
-async def worker(connection: Connection, spec: dict[str, Any], number: int, until: float,
+async def worker(connection: Connection, number: int, until: float, spec: dict[str, Any],
                  samples: list[tuple[str, float, float]], errors: list[str]) -> None:
     rng = random.Random(number)
     workload, skus, customers = spec["workload"], spec["skus"], spec["customers"]

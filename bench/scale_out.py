@@ -51,12 +51,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-import uvloop
 from sqlalchemy.engine import make_url
 
 from bench.commands import (
@@ -66,6 +66,7 @@ from bench.commands import (
     REGISTER_CUSTOMER,
     Connection,
     call,
+    closed_loop,
     free_port,
     latency,
     server_environment,
@@ -114,6 +115,9 @@ async def main(url, name, count, record):
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
 """
+
+# The load generator's process: the light client of bench/commands.py with this load.
+CLIENT = "from bench.commands import client_main; from bench.scale_out import load; client_main(load)"
 
 
 @dataclass(frozen=True)
@@ -340,7 +344,7 @@ async def measure_point(point: Point, folder: Path, server: str, secret: str, to
                 spec = {"urls": servers.urls, "token": token, "server_pids": servers.pids,
                         "clients": sizes.clients, "warmup_s": sizes.warmup_s, "window_s": sizes.window_s, **shop}
                 client = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", "from bench.scale_out import client_main; client_main()", cwd=ROOT,
+                    sys.executable, "-c", CLIENT, cwd=ROOT,
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 out, err = await client.communicate(json.dumps(spec).encode())
                 if client.returncode != 0:
@@ -423,31 +427,16 @@ async def prepare_shop(url: str, token: str) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- the client process
 
 
-def client_main() -> None:
-    """The load generator: a spec as JSON on stdin, the figures as JSON on stdout."""
-    spec = json.load(sys.stdin)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        json.dump(runner.run(load(spec)), sys.stdout)
-
-
 async def load(spec: dict[str, Any]) -> dict[str, Any]:
-    urls, warmup, window = spec["urls"], spec["warmup_s"], spec["window_s"]
+    urls, window = spec["urls"], spec["window_s"]
     # Round-robin, as a load balancer deals connections.
     connections = [await Connection.open(urls[number % len(urls)], spec["token"])
                    for number in range(spec["clients"])]
-    started = time.perf_counter()
-    window_start, window_end = started + warmup, started + warmup + window
     samples: list[tuple[int, float, float]] = []  # process, start, end
     errors: list[str] = []
-    workers = [asyncio.create_task(worker(connection, spec, number, window_end, samples, errors))
-               for number, connection in enumerate(connections)]
-    await asyncio.sleep(warmup)
-    before = readings(spec["server_pids"])
-    await asyncio.sleep(window)
-    after = readings(spec["server_pids"])
-    await asyncio.gather(*workers)
-    for connection in connections:
-        connection.close()
+    window_start, window_end, before, after = await closed_loop(
+        connections, partial(worker, spec=spec, samples=samples, errors=errors), spec["warmup_s"], window,
+        partial(readings, spec["server_pids"]))
     seconds = after["at"] - before["at"]
     used = {part: (after[part] - before[part]) / seconds for part in ("machine", "client", "servers")}
     postgres = sum(cpu - before["postgres"].get(pid, 0.0) for pid, cpu in after["postgres"].items()) / seconds
@@ -491,7 +480,7 @@ def postgres_cpu_seconds() -> dict[int, float]:
     return found
 
 
-async def worker(connection: Connection, spec: dict[str, Any], number: int, until: float,
+async def worker(connection: Connection, number: int, until: float, spec: dict[str, Any],
                  samples: list[tuple[int, float, float]], errors: list[str]) -> None:
     skus, customers, process = spec["skus"], spec["customers"], number % len(spec["urls"])
     sent = number
