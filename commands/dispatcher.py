@@ -58,33 +58,43 @@ class TooMuchContention(PublicError):
 class AggregateCache:
     """Recently used aggregates, as of their last committed version.
 
-    Loading reads only the events after the cached version, so the cost of a load does
-    not grow with a stream's history; the store's expected-version check keeps the cache
-    honest when another process wrote in between.
+    A command takes an aggregate from here without reading the log while no other
+    process has appended since it was cached (`EventStore.foreign_appends` has not moved):
+    every stream the command loaded is then checked at its append, so a state another
+    process changed meanwhile costs a retry on fresh state, never a wrong decision.
+    Otherwise a load reads only the events after the cached version, so its cost does not
+    grow with a stream's history.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[type, str], Aggregate] = OrderedDict()
+        # (aggregate, the store's foreign_appends when the command that cached it began)
+        self._entries: OrderedDict[tuple[type, str], tuple[Aggregate, int]] = OrderedDict()
 
-    def get(self, cls: type[A], id: str) -> A | None:
+    def get(self, cls: type[A], id: str) -> tuple[A, int] | None:
+        """A copy of the cached aggregate, and the foreign_appends it is current as of."""
         entry = self._entries.get((cls, id))
         if entry is None:
             return None
         self._entries.move_to_end((cls, id))
-        return entry.copy()
+        aggregate, epoch = entry
+        return aggregate.copy(), epoch
 
-    def put(self, aggregate: Aggregate) -> None:
+    def put(self, aggregate: Aggregate, epoch: int) -> None:
         key = (type(aggregate), aggregate.id)
-        self._entries[key] = aggregate
+        self._entries[key] = aggregate, epoch
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
 
 class UnitOfWork:
-    def __init__(self, store: EventStore, cache: AggregateCache, actor: Actor) -> None:
-        self.store, self.cache, self.actor = store, cache, actor
+    def __init__(self, store: EventStore, cache: AggregateCache, actor: Actor, fresh: bool = False) -> None:
+        """`fresh`: read every aggregate's latest events from the log, cached or not."""
+        self.store, self.cache, self.actor, self.fresh = store, cache, actor, fresh
+        # Taken before any load: what is cached at the end is current as of then at least.
+        self.epoch = store.foreign_appends
+        self.trusted = False  # an aggregate came from the cache, the log unread
         self.seen: dict[str, Aggregate] = {}
         self.loaded_versions: dict[str, int] = {}
         self.client_versions: dict[str, int] = {}
@@ -95,7 +105,13 @@ class UnitOfWork:
         if id in self.seen:
             return self.seen[id]
         await self.store.settled(id)
-        aggregate = self.cache.get(cls, id) or await self._from_snapshot(cls, id)
+        cached = self.cache.get(cls, id)
+        if cached and not self.fresh and cached[1] == self.store.foreign_appends:
+            aggregate, self.trusted = cached[0], True
+            self.seen[id] = aggregate
+            self.loaded_versions[id] = aggregate.version
+            return aggregate
+        aggregate = cached[0] if cached else await self._from_snapshot(cls, id)
         applied = 0
         # In pages, so that even a first load of a long stream holds one page in memory.
         while batch := await self.store.load(id, after_version=aggregate.version, limit=LOAD_PAGE):
@@ -149,6 +165,9 @@ class UnitOfWork:
             raise ConcurrencyConflict(aggregate.id, version, aggregate.version)
 
     def writes(self) -> list[StreamWrite]:
+        """The new events of every aggregate, and every aggregate loaded without new events
+        as a check alone: the command decided on what it read, so all of it must still hold
+        when its events are appended."""
         return [
             StreamWrite(
                 stream_id=aggregate.id,
@@ -157,13 +176,12 @@ class UnitOfWork:
                 events=[new_event(event) for event in aggregate.pending],
             )
             for aggregate in self.seen.values()
-            if aggregate.pending
         ]
 
     async def committed(self) -> None:
         for aggregate in self.seen.values():
             aggregate.pending = []
-            self.cache.put(aggregate)
+            self.cache.put(aggregate, self.epoch)
             every = aggregate.SNAPSHOT_EVERY
             if every and aggregate.version // every > self.loaded_versions[aggregate.id] // every:
                 await self._save_snapshot(aggregate)
@@ -217,12 +235,19 @@ class Dispatcher:
                         causation_id=str(uuid.uuid4()), actor=actor.subject, idempotency_key=key)
 
         turn = None
+        fresh = False
         try:
             for attempt in range(MAX_ATTEMPTS):
-                uow = UnitOfWork(self.store, self.cache, actor)
+                uow = UnitOfWork(self.store, self.cache, actor, fresh)
+                # After a lost race or a refusal, decide again on the log's latest state.
+                fresh = True
                 try:
                     aggregate = await handler(command, uow)
                 except DomainError as error:
+                    if uow.trusted:
+                        # Refused on cached state, which no append has checked: a refusal is
+                        # given on what the log holds, so the command runs again on that.
+                        continue
                     return await self._unless_recorded(idempotent, error)
                 if idempotent:
                     idempotent = IdempotencyRecord(

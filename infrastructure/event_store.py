@@ -113,7 +113,10 @@ class NewEvent:
 
 @dataclass(frozen=True)
 class StreamWrite:
-    """New events for one stream, accepted only if the stream is at `expected_version`."""
+    """New events for one stream, accepted only if the stream is at `expected_version`.
+
+    Without events, a check alone: the append goes ahead only if the stream is still at
+    `expected_version`."""
 
     stream_id: str
     stream_type: str
@@ -187,6 +190,11 @@ class EventStore:
         # the projector and the event hub from here, right after a commit, without a trip
         # to the database.
         self._recent: deque[RecordedEvent] = deque(maxlen=RECENT_EVENTS)
+        # How many batches found events in the log that this process did not write since
+        # its previous batch (another process appended): state derived from the log before
+        # the latest such find may be out of date. `_written` is the head a batch left.
+        self.foreign_appends = 0
+        self._written = -1
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.migrations)."""
@@ -219,7 +227,8 @@ class EventStore:
         request = _Append(writes, meta, idempotent, self.clock(), asyncio.get_running_loop().create_future())
         self._queue.append(request)
         for write in writes:
-            self._in_flight[write.stream_id] = request.outcome
+            if write.events:  # a check alone moves nothing a load has to wait for
+                self._in_flight[write.stream_id] = request.outcome
         request.outcome.add_done_callback(partial(self._landed, writes))
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_queued())
@@ -376,6 +385,8 @@ class EventStore:
             # committed append.
             conn.execute(_APPEND_LOCK)
         state = _BatchState.read(conn, batch)
+        if state.head != self._written:
+            self.foreign_appends += 1
         if len(batch) == 1:
             outcomes = self._write_together(conn, batch, state)
             if isinstance(outcomes[0], Exception):
@@ -392,6 +403,8 @@ class EventStore:
                 # serialize, say): the batch again, request by request, so that only the
                 # culprit fails.
                 outcomes, state = self._write_each(conn, batch, state)
+        # If the commit fails after all, the next batch counts a foreign append: harmless.
+        self._written = state.position
         if state.position == state.head:
             return outcomes, None
         if self._postgres:
@@ -598,8 +611,13 @@ class _BatchState:
     @classmethod
     def read(cls, conn: Connection, batch: list[_Append]) -> "_BatchState":
         streams = list({write.stream_id for request in batch for write in request.writes})
-        found = conn.execute(_versions(len(streams)), {f"s{n}": s for n, s in enumerate(streams)}).one()
-        versions = {stream: version for stream, version in zip(streams, found, strict=True) if version}
+        # Padded to a power of two with a stream id no stream has: compiling the statement
+        # for each count of streams a batch happens to hold cost more than the batch's
+        # inserts; this way a handful are compiled, once.
+        size = 1 << (len(streams) - 1).bit_length()
+        found = conn.execute(_versions(size), {f"s{n}": streams[n] if n < len(streams) else ""
+                                               for n in range(size)}).one()
+        versions = {stream: version for stream, version in zip(streams, found[:len(streams)], strict=True) if version}
         wanted = {(r.idempotent.scope, r.idempotent.key) for r in batch if r.idempotent}
         keys = set()
         if wanted:
