@@ -24,6 +24,7 @@ from domain.values import text
 from infrastructure.auth import Actor
 from infrastructure.errors import PublicError
 from infrastructure.event_store import (
+    Append,
     EventStore,
     IdempotencyKeyTaken,
     IdempotencyRecord,
@@ -56,36 +57,57 @@ class TooMuchContention(PublicError):
 
 
 class AggregateCache:
-    """Recently used aggregates, as of their last committed version.
+    """Recently used aggregates, as of their last committed version or ahead of it by an
+    append in flight.
 
     A command takes an aggregate from here without reading the log while no other
     process has appended since it was cached (`EventStore.foreign_appends` has not moved):
     every stream the command loaded is then checked at its append, so a state another
     process changed meanwhile costs a retry on fresh state, never a wrong decision.
-    Otherwise a load reads only the events after the cached version, so its cost does not
-    grow with a stream's history.
+    An aggregate whose append is still in flight is here too: a command on the same
+    stream decides on it and joins the next batch, rather than wait for the commit; if
+    that append fails, so does the one built on it, and the entry is dropped. Otherwise a
+    load reads only the events after the cached version, so its cost does not grow with a
+    stream's history.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        # (aggregate, the store's foreign_appends when the command that cached it began)
-        self._entries: OrderedDict[tuple[type, str], tuple[Aggregate, int]] = OrderedDict()
+        # (aggregate, the store's foreign_appends when the command that cached it began,
+        # the append it is ahead of the log by, until that is decided)
+        self._entries: OrderedDict[tuple[type, str], tuple[Aggregate, int, Append | None]] = OrderedDict()
 
-    def get(self, cls: type[A], id: str) -> tuple[A, int] | None:
-        """A copy of the cached aggregate, and the foreign_appends it is current as of."""
-        entry = self._entries.get((cls, id))
+    def get(self, cls: type[A], id: str) -> tuple[A, int, Append | None] | None:
+        """A copy of the cached aggregate, the foreign_appends it is current as of, and
+        the append it is ahead of the log by while that is in flight."""
+        key = (cls, id)
+        entry = self._entries.get(key)
         if entry is None:
             return None
-        self._entries.move_to_end((cls, id))
-        aggregate, epoch = entry
-        return aggregate.copy(), epoch
+        aggregate, epoch, landing = entry
+        if landing is not None and landing.outcome.done():
+            if _failed(landing):
+                del self._entries[key]  # the state it was ahead by never reached the log
+                return None
+            landing = None
+        self._entries.move_to_end(key)
+        return aggregate.copy(), epoch, landing
 
-    def put(self, aggregate: Aggregate, epoch: int) -> None:
+    def put(self, aggregate: Aggregate, epoch: int, landing: Append | None = None) -> None:
+        """Keep `aggregate`; `landing`: the append it is ahead of the log by."""
         key = (type(aggregate), aggregate.id)
-        self._entries[key] = aggregate, epoch
+        entry = self._entries.get(key)
+        if entry is not None and entry[0].version > aggregate.version and not _failed(entry[2]):
+            return  # a later command's append already built on this one
+        self._entries[key] = aggregate, epoch, landing
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
+
+
+def _failed(landing: Append | None) -> bool:
+    outcome = landing and landing.outcome
+    return bool(outcome and outcome.done() and (outcome.cancelled() or outcome.exception()))
 
 
 class UnitOfWork:
@@ -95,6 +117,7 @@ class UnitOfWork:
         # Taken before any load: what is cached at the end is current as of then at least.
         self.epoch = store.foreign_appends
         self.trusted = False  # an aggregate came from the cache, the log unread
+        self.after: list[tuple[Append, str]] = []  # appends in flight it decided on, and their streams
         self.seen: dict[str, Aggregate] = {}
         self.loaded_versions: dict[str, int] = {}
         self.client_versions: dict[str, int] = {}
@@ -104,14 +127,18 @@ class UnitOfWork:
         """The aggregate as of its latest event; a new, empty one if the stream is empty."""
         if id in self.seen:
             return self.seen[id]
-        await self.store.settled(id)
         cached = self.cache.get(cls, id)
         if cached and not self.fresh and cached[1] == self.store.foreign_appends:
             aggregate, self.trusted = cached[0], True
+            if cached[2] is not None:
+                self.after.append((cached[2], id))
             self.seen[id] = aggregate
             self.loaded_versions[id] = aggregate.version
             return aggregate
-        aggregate = cached[0] if cached else await self._from_snapshot(cls, id)
+        # The log's state: not while an append of this process to the stream is in flight.
+        await self.store.settled(id)
+        cached = self.cache.get(cls, id)
+        aggregate = cached[0] if cached and not cached[2] else await self._from_snapshot(cls, id)
         applied = 0
         # In pages, so that even a first load of a long stream holds one page in memory.
         while batch := await self.store.load(id, after_version=aggregate.version, limit=LOAD_PAGE):
@@ -177,6 +204,12 @@ class UnitOfWork:
             )
             for aggregate in self.seen.values()
         ]
+
+    def submitted(self, landing: Append) -> None:
+        """The append is queued: what it changes is cached ahead of the log until `landing`."""
+        for aggregate in self.seen.values():
+            if aggregate.pending:
+                self.cache.put(aggregate, self.epoch, landing)
 
     async def committed(self) -> None:
         for aggregate in self.seen.values():
@@ -255,9 +288,13 @@ class Dispatcher:
                         {"stream_id": aggregate.id, "version": aggregate.version},
                     )
                 try:
-                    recorded = await self.store.append(uow.writes(), meta, idempotent)
+                    landing = self.store.submit(uow.writes(), meta, idempotent, uow.after)
+                    uow.submitted(landing)
+                    recorded = await landing.outcome
                 except WrongExpectedVersion as conflict:
-                    if conflict.stream_id in uow.client_versions:
+                    # On cached state the conflict may be the cache's, not the client's:
+                    # the client's expected version is held against the log's state.
+                    if conflict.stream_id in uow.client_versions and not uow.trusted:
                         return await self._unless_recorded(idempotent, ConcurrencyConflict(
                             conflict.stream_id, uow.client_versions[conflict.stream_id],
                             conflict.actual,

@@ -180,7 +180,7 @@ class EventStore:
         self._db = Database(url)
         self._postgres = self._db.dialect == "postgresql"
         self._listeners: list[Callable[[int], None]] = []
-        self._queue: deque[_Append] = deque()
+        self._queue: deque[Append] = deque()
         self._committer: asyncio.Task | None = None
         # The newest append of this process to each stream that has not landed yet.
         self._in_flight: dict[str, asyncio.Future] = {}
@@ -222,9 +222,26 @@ class EventStore:
         transaction (group commit): one durable commit serves many commands. Each is
         checked on its own and written inside a savepoint of its own, so it fails alone.
         """
+        return await self.submit(writes, meta, idempotent).outcome
+
+    def submit(
+        self,
+        writes: Sequence[StreamWrite],
+        meta: Metadata = Metadata(),
+        idempotent: IdempotencyRecord | None = None,
+        after: Sequence[tuple["Append", str]] = (),
+    ) -> "Append":
+        """`append`, queued now; its `outcome` is the future `append` awaits.
+
+        `after`: appends still in flight that this one was decided on, each with the
+        stream it read from them. If one of them fails, this one fails too, with
+        WrongExpectedVersion on that stream: whatever that stream's version by then, it
+        is not the state this one saw.
+        """
         if not any(write.events for write in writes):
             raise ValueError("append needs at least one event")
-        request = _Append(writes, meta, idempotent, self.clock(), asyncio.get_running_loop().create_future())
+        request = Append(writes, meta, idempotent, self.clock(), asyncio.get_running_loop().create_future(),
+                         tuple(after))
         self._queue.append(request)
         for write in writes:
             if write.events:  # a check alone moves nothing a load has to wait for
@@ -232,7 +249,7 @@ class EventStore:
         request.outcome.add_done_callback(partial(self._landed, writes))
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_queued())
-        return await request.outcome
+        return request
 
     async def settled(self, stream_id: str) -> None:
         """Wait until no append of this process to the stream is in flight, however it ends.
@@ -339,13 +356,14 @@ class EventStore:
             while self._queue:  # only left behind when this task itself was cancelled
                 self._queue.popleft().outcome.cancel()
 
-    async def _commit(self, batch: list["_Append"]) -> None:
+    async def _commit(self, batch: list["Append"]) -> None:
         """One transaction for the whole batch; every request gets its events or its error."""
         try:
             outcomes, last = await self._db.write(partial(self._write_batch, batch))
         except BaseException as error:
             # Nothing of this batch is on disk: every request of it fails with this.
             for request in batch:
+                request.written = False
                 _settle(request.outcome, error)
             if not isinstance(error, Exception):
                 raise
@@ -353,6 +371,7 @@ class EventStore:
         self.commits += 1
         self._keep_recent(batch, outcomes)
         for request, outcome in zip(batch, outcomes, strict=True):
+            request.after = ()  # decided: a chain of appends keeps no more than the undecided alive
             _settle(request.outcome, outcome)
         if last is not None:
             for listener in self._listeners:
@@ -361,7 +380,7 @@ class EventStore:
                 except Exception:
                     log.exception("an append listener failed")
 
-    def _keep_recent(self, batch: list["_Append"], outcomes: list) -> None:
+    def _keep_recent(self, batch: list["Append"], outcomes: list) -> None:
         recent = self._recent
         if _shreds(batch):
             # Events kept here hold personal data unsealed: a key this commit destroyed
@@ -375,7 +394,7 @@ class EventStore:
             recent.clear()  # another process appended in between: keep the run consecutive
         recent.extend(committed)
 
-    def _write_batch(self, batch: list["_Append"], conn: Connection) -> tuple[list, int | None]:
+    def _write_batch(self, batch: list["Append"], conn: Connection) -> tuple[list, int | None]:
         """Each request's events or error, and the last position written (None if none was)."""
         if self._postgres:
             # Batches take turns from here to their commit (SQLite's one writer already
@@ -412,7 +431,7 @@ class EventStore:
             conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
         return outcomes, state.position
 
-    def _write_together(self, conn: Connection, batch: list["_Append"], state: "_BatchState") -> list:
+    def _write_together(self, conn: Connection, batch: list["Append"], state: "_BatchState") -> list:
         """The batch with one statement per table: each request checked in turn against the
         log and the requests before it; `state` moves with each one that passes.
 
@@ -439,6 +458,7 @@ class EventStore:
                 records.append(self._record(request, mine[-1]["position"]))
             shredded |= {new.shreds for write in request.writes for new in write.events} - {None}
             state.accept(request, mine[-1]["position"])
+            request.written = True
             outcomes.append(self._recorded(request, mine))
         if fresh:
             now = datetime.now(UTC)
@@ -452,7 +472,7 @@ class EventStore:
             conn.execute(personal_keys.delete().where(personal_keys.c.subject_id.in_(shredded)))
         return outcomes
 
-    def _write_each(self, conn: Connection, batch: list["_Append"],
+    def _write_each(self, conn: Connection, batch: list["Append"],
                     state: "_BatchState") -> tuple[list, "_BatchState"]:
         """The batch request by request, each in a savepoint of its own: slower, but a
         failing statement takes only its own request with it."""
@@ -465,16 +485,26 @@ class EventStore:
             outcomes.append(outcome)
         return outcomes, state
 
-    def _in_savepoint(self, conn: Connection, requests: list["_Append"],
+    def _in_savepoint(self, conn: Connection, requests: list["Append"],
                       state: "_BatchState") -> tuple[list, "_BatchState"]:
         """`_write_together` in a savepoint, on a copy of `state`: the outcomes and the state
         after them. If a statement fails, it raises, and nothing of the requests is left."""
         trial = state.copy()
-        with conn.begin_nested():
-            return self._write_together(conn, requests, trial), trial
+        try:
+            with conn.begin_nested():
+                return self._write_together(conn, requests, trial), trial
+        except Exception:
+            for request in requests:
+                request.written = False
+            raise
 
     @staticmethod
-    def _check(request: "_Append", state: "_BatchState") -> None:
+    def _check(request: "Append", state: "_BatchState") -> None:
+        for earlier, stream_id in request.after:
+            # Earlier in the queue, so already decided, in an earlier batch or this one.
+            if not earlier.written:
+                expected = next((w.expected_version for w in request.writes if w.stream_id == stream_id), 0)
+                raise WrongExpectedVersion(stream_id, expected, state.versions.get(stream_id, 0))
         for write in request.writes:
             actual = state.versions.get(write.stream_id, 0)
             if actual != write.expected_version:
@@ -483,13 +513,13 @@ class EventStore:
             raise IdempotencyKeyTaken(request.idempotent.key)
 
     @staticmethod
-    def _record(request: "_Append", position: int) -> dict[str, Any]:
+    def _record(request: "Append", position: int) -> dict[str, Any]:
         idempotent = request.idempotent
         return {"scope": idempotent.scope, "key": idempotent.key, "request_hash": idempotent.request_hash,
                 "result": idempotent.result, "position": position, "recorded_at": request.now}
 
     @staticmethod
-    def _recorded(request: "_Append", rows: list[dict[str, Any]]) -> list[RecordedEvent]:
+    def _recorded(request: "Append", rows: list[dict[str, Any]]) -> list[RecordedEvent]:
         plain = (new.data for write in request.writes for new in write.events)
         return [RecordedEvent(**{**row, "data": data}) for row, data in zip(rows, plain, strict=True)]
 
@@ -504,7 +534,7 @@ class EventStore:
         return conn.execute(query).first()
 
     @staticmethod
-    def _rows(request: "_Append", keys: dict[str, bytes], after: int) -> list[dict[str, Any]]:
+    def _rows(request: "Append", keys: dict[str, bytes], after: int) -> list[dict[str, Any]]:
         """The request's rows, numbered on from position `after`."""
         meta, rows = request.meta, []
         for write in request.writes:
@@ -545,11 +575,11 @@ class EventStore:
         return recorded
 
 
-def _shreds(batch: list["_Append"]) -> bool:
+def _shreds(batch: list["Append"]) -> bool:
     return any(new.shreds for request in batch for write in request.writes for new in write.events)
 
 
-def _subjects(request: "_Append") -> set[str]:
+def _subjects(request: "Append") -> set[str]:
     """The data subjects whose keys seal the request's events."""
     return {new.subject for write in request.writes for new in write.events if new.personal}
 
@@ -577,7 +607,7 @@ RECENT_EVENTS = 4096
 
 
 @dataclass(eq=False)
-class _Append:
+class Append:
     """One caller's append, queued for the next batch; `outcome` resolves after its commit."""
 
     writes: Sequence[StreamWrite]
@@ -585,6 +615,8 @@ class _Append:
     idempotent: IdempotencyRecord | None
     now: datetime
     outcome: asyncio.Future
+    after: tuple[tuple["Append", str], ...] = ()  # see EventStore.submit
+    written: bool = False  # in the log, or in the transaction about to commit it
 
 
 @functools.cache
@@ -609,7 +641,7 @@ class _BatchState:
     head: int
 
     @classmethod
-    def read(cls, conn: Connection, batch: list[_Append]) -> "_BatchState":
+    def read(cls, conn: Connection, batch: list[Append]) -> "_BatchState":
         streams = list({write.stream_id for request in batch for write in request.writes})
         # Padded to a power of two with a stream id no stream has: compiling the statement
         # for each count of streams a batch happens to hold cost more than the batch's
@@ -630,7 +662,7 @@ class _BatchState:
     def copy(self) -> "_BatchState":
         return _BatchState(dict(self.versions), set(self.keys), self.position, self.head)
 
-    def accept(self, request: _Append, last_position: int) -> None:
+    def accept(self, request: Append, last_position: int) -> None:
         """The request is written: what follows it in the batch is checked against it."""
         self.position = last_position
         for write in request.writes:

@@ -119,3 +119,21 @@ async def test_orders_of_one_customer_do_not_wait_for_each_other(store, dispatch
         assert store.commits - commits == 1
     else:
         assert store.commits - commits < len(skus)
+
+
+async def test_orders_on_one_product_join_one_commit_and_all_count(store, dispatcher):
+    # Each order decides on the product as the order before it left it, its append still
+    # in flight, instead of waiting for that append's commit.
+    customer = await shop(dispatcher, stock=11)  # ten left after the first order
+    commits = store.commits
+
+    outcomes = await asyncio.gather(*(dispatcher.execute(place(customer), STAFF) for _ in range(12)))
+
+    accepted_ = [o for o in outcomes if isinstance(o, Accepted)]
+    refused = [o for o in outcomes if isinstance(o, InsufficientStockError)]
+    assert (len(accepted_), len(refused)) == (10, 2), outcomes
+    if store.url.startswith("sqlite"):
+        assert store.commits - commits == 1
+    product = await store.load("SKU-1")
+    assert [e.version for e in product] == list(range(1, 13))  # added, then 11 reservations
+    assert sum(e.data["quantity"] for e in product if e.type == "StockReserved") == 11

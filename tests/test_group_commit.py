@@ -267,3 +267,30 @@ async def test_a_key_destroyed_in_a_batch_shreds_that_subject_only(store):
     [bobs_read] = await store.load(bobs.order_id)
     assert bobs_read.data["shipping_address"] == ANN_ORDERED.shipping_address
     assert (await store.load(BOB))[0].data["name"] == BOB_REGISTERED.name
+
+
+async def test_an_append_decided_on_a_failed_one_fails_whatever_the_version(store):
+    # "b" was decided on the state "a" would have left on stream P. "a" fails (its other
+    # stream is not at the version it expected) and "e" moves P to the very version "b"
+    # expects: the number matches, the state does not, and "b" must fail.
+    a = store.submit([write("P", 0, 1), write("X", 5, 2)])
+    e = store.submit([write("P", 0, 3)])
+    b = store.submit([write("P", 1, 4)], after=[(a, "P")])
+
+    results = await asyncio.gather(a.outcome, e.outcome, b.outcome, return_exceptions=True)
+
+    assert isinstance(results[0], WrongExpectedVersion) and results[0].stream_id == "X"
+    assert not isinstance(results[1], BaseException)
+    assert isinstance(results[2], WrongExpectedVersion)
+    assert (results[2].stream_id, results[2].expected, results[2].actual) == ("P", 1, 1)
+    assert [event.data["n"] for event in await store.load("P")] == [3]
+
+
+async def test_an_append_decided_on_a_written_one_follows_it_in_the_next_batch(store):
+    first = store.submit([write("P", 0, 1)])
+    await asyncio.sleep(0)  # the first batch is under way
+    second = store.submit([write("P", 1, 2)], after=[(first, "P")])
+
+    await asyncio.gather(first.outcome, second.outcome)
+
+    assert [event.data["n"] for event in await store.load("P")] == [1, 2]
