@@ -85,13 +85,18 @@ class AggregateCache:
         if entry is None:
             return None
         aggregate, epoch, landing = entry
+        if _failed(landing):
+            del self._entries[key]  # the state it is ahead by will never reach the log
+            return None
         if landing is not None and landing.outcome.done():
-            if _failed(landing):
-                del self._entries[key]  # the state it was ahead by never reached the log
-                return None
             landing = None
         self._entries.move_to_end(key)
         return aggregate.copy(), epoch, landing
+
+    def distrust(self, cls: type[Aggregate], id: str) -> None:
+        """The cached state may not be the log's: the next load reads the log after it."""
+        if (entry := self._entries.get((cls, id))) is not None:
+            self._entries[(cls, id)] = entry[0], -1, entry[2]
 
     def put(self, aggregate: Aggregate, epoch: int, landing: Append | None = None) -> None:
         """Keep `aggregate`; `landing`: the append it is ahead of the log by."""
@@ -106,8 +111,11 @@ class AggregateCache:
 
 
 def _failed(landing: Append | None) -> bool:
-    outcome = landing and landing.outcome
-    return bool(outcome and outcome.done() and (outcome.cancelled() or outcome.exception()))
+    """The append failed, or is sure to: its state will never be the log's."""
+    if landing is None:
+        return False
+    outcome = landing.outcome
+    return landing.doomed or outcome.done() and (outcome.cancelled() or outcome.exception() is not None)
 
 
 class UnitOfWork:
@@ -127,17 +135,21 @@ class UnitOfWork:
         """The aggregate as of its latest event; a new, empty one if the stream is empty."""
         if id in self.seen:
             return self.seen[id]
-        cached = self.cache.get(cls, id)
-        if cached and not self.fresh and cached[1] == self.store.foreign_appends:
-            aggregate, self.trusted = cached[0], True
-            if cached[2] is not None:
-                self.after.append((cached[2], id))
-            self.seen[id] = aggregate
-            self.loaded_versions[id] = aggregate.version
-            return aggregate
-        # The log's state: not while an append of this process to the stream is in flight.
-        await self.store.settled(id)
-        cached = self.cache.get(cls, id)
+        while True:
+            cached = self.cache.get(cls, id)
+            if cached and not self.fresh and cached[1] == self.store.foreign_appends:
+                aggregate, self.trusted = cached[0], True
+                if cached[2] is not None:
+                    self.after.append((cached[2], id))
+                self.seen[id] = aggregate
+                self.loaded_versions[id] = aggregate.version
+                return aggregate
+            # The log's state: not while an append of this process to the stream is in
+            # flight. Once it is decided, look again: meanwhile another command may have
+            # decided on its state and cached the next one.
+            if (pending := self.store.in_flight(id)) is None:
+                break
+            await asyncio.wait([pending])
         aggregate = cached[0] if cached and not cached[2] else await self._from_snapshot(cls, id)
         applied = 0
         # In pages, so that even a first load of a long stream holds one page in memory.
@@ -272,14 +284,13 @@ class Dispatcher:
         try:
             for attempt in range(MAX_ATTEMPTS):
                 uow = UnitOfWork(self.store, self.cache, actor, fresh)
-                # After a lost race or a refusal, decide again on the log's latest state.
-                fresh = True
                 try:
                     aggregate = await handler(command, uow)
                 except DomainError as error:
                     if uow.trusted:
                         # Refused on cached state, which no append has checked: a refusal is
                         # given on what the log holds, so the command runs again on that.
+                        fresh = True
                         continue
                     return await self._unless_recorded(idempotent, error)
                 if idempotent:
@@ -290,6 +301,10 @@ class Dispatcher:
                 try:
                     landing = self.store.submit(uow.writes(), meta, idempotent, uow.after)
                     uow.submitted(landing)
+                    if turn is not None:
+                        # The next retry on the stream may decide on this one's state now.
+                        turn.release()
+                        turn = None
                     recorded = await landing.outcome
                 except WrongExpectedVersion as conflict:
                     # On cached state the conflict may be the cache's, not the client's:
@@ -299,11 +314,15 @@ class Dispatcher:
                             conflict.stream_id, uow.client_versions[conflict.stream_id],
                             conflict.actual,
                         ))
+                    # What this attempt had of that stream was not the log's state: the next
+                    # one reads the log for it (and, as before, takes cached state for the rest).
+                    self.cache.distrust(type(uow.seen[conflict.stream_id]), conflict.stream_id)
                     if turn is None:
                         # Losers that all reload and retry at once mostly lose again, one
                         # winner per round: in this process, retries on the same stream
-                        # take turns. Those on other streams go on side by side: with
-                        # group commit, a batch's losers are spread over many streams.
+                        # take turns, each until it has appended. Those on other streams go
+                        # on side by side: with group commit, a batch's losers are spread
+                        # over many streams.
                         lock = self._retry_turns.setdefault(conflict.stream_id, asyncio.Lock())
                         await lock.acquire()
                         turn = lock

@@ -242,6 +242,10 @@ class EventStore:
             raise ValueError("append needs at least one event")
         request = Append(writes, meta, idempotent, self.clock(), asyncio.get_running_loop().create_future(),
                          tuple(after))
+        for earlier, _ in request.after:
+            if earlier.doomed or earlier.outcome.done() and not earlier.written:
+                request.doomed = True
+            earlier.followers.append(request)
         self._queue.append(request)
         for write in writes:
             if write.events:  # a check alone moves nothing a load has to wait for
@@ -251,15 +255,20 @@ class EventStore:
             self._committer = asyncio.create_task(self._commit_queued())
         return request
 
+    def in_flight(self, stream_id: str) -> asyncio.Future | None:
+        """The outcome of this process's latest append to the stream, while undecided."""
+        pending = self._in_flight.get(stream_id)
+        return pending if pending is not None and not pending.done() else None
+
     async def settled(self, stream_id: str) -> None:
         """Wait until no append of this process to the stream is in flight, however it ends.
 
-        A command about to load a stream it will write waits here rather than read the
+        A command about to read a stream from the log waits here rather than read the
         version an append in flight is about to replace, and then lose to it.
         """
         # Again after each wait: of several callers woken by one append, the first may
         # have appended to the stream already.
-        while (pending := self._in_flight.get(stream_id)) is not None and not pending.done():
+        while (pending := self.in_flight(stream_id)) is not None:
             await asyncio.wait([pending])
 
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
@@ -349,6 +358,8 @@ class EventStore:
                     request = self._queue.popleft()
                     if not request.outcome.cancelled():  # its caller gave up before it was taken
                         batch.append(request)
+                    else:
+                        _doom(request)
                 if batch:
                     await self._commit(batch)
         finally:
@@ -364,6 +375,7 @@ class EventStore:
             # Nothing of this batch is on disk: every request of it fails with this.
             for request in batch:
                 request.written = False
+                _doom(request)
                 _settle(request.outcome, error)
             if not isinstance(error, Exception):
                 raise
@@ -371,7 +383,10 @@ class EventStore:
         self.commits += 1
         self._keep_recent(batch, outcomes)
         for request, outcome in zip(batch, outcomes, strict=True):
-            request.after = ()  # decided: a chain of appends keeps no more than the undecided alive
+            if not request.written:
+                _doom(request)
+            # Decided: a chain of appends keeps no more than the undecided alive.
+            request.after, request.followers = (), []
             _settle(request.outcome, outcome)
         if last is not None:
             for listener in self._listeners:
@@ -617,6 +632,20 @@ class Append:
     outcome: asyncio.Future
     after: tuple[tuple["Append", str], ...] = ()  # see EventStore.submit
     written: bool = False  # in the log, or in the transaction about to commit it
+    # Appends decided on this one's state, and whether it is sure to fail because one it
+    # was decided on did: a state no one should decide on any more.
+    followers: list["Append"] = field(default_factory=list)
+    doomed: bool = False
+
+
+def _doom(failed: Append) -> None:
+    """Mark every append decided, directly or not, on `failed`'s state."""
+    waiting = list(failed.followers)
+    while waiting:
+        follower = waiting.pop()
+        if not follower.doomed:
+            follower.doomed = True
+            waiting.extend(follower.followers)
 
 
 @functools.cache

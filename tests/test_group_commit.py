@@ -294,3 +294,20 @@ async def test_an_append_decided_on_a_written_one_follows_it_in_the_next_batch(s
     await asyncio.gather(first.outcome, second.outcome)
 
     assert [event.data["n"] for event in await store.load("P")] == [1, 2]
+
+
+async def test_appends_decided_on_a_failed_one_are_known_to_fail_at_once(store):
+    # Known before their own batch: no command decides on their states any more.
+    a = store.submit([write("P", 0, 1), write("X", 5, 2)])
+    await asyncio.sleep(0)  # a's batch is under way
+    b = store.submit([write("P", 1, 3)], after=[(a, "P")])
+
+    with pytest.raises(WrongExpectedVersion):
+        await a.outcome
+
+    assert b.doomed and not b.outcome.done()
+    c = store.submit([write("P", 2, 4)], after=[(b, "P")])
+    assert c.doomed
+    results = await asyncio.gather(b.outcome, c.outcome, return_exceptions=True)
+    assert all(isinstance(result, WrongExpectedVersion) for result in results), results
+    assert await store.load("P") == []
