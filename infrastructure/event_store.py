@@ -321,8 +321,7 @@ class EventStore:
             # appended since; the caller reads on from the last one).
             start = after + 1 - recent[0].position
             return list(itertools.islice(recent, start, start + limit))
-        query = select(events).where(events.c.position > after).order_by(events.c.position)
-        return await self._db.scan(partial(self._fetch, query.limit(limit), {}))
+        return await self._db.scan(partial(self._fetch, _LOG_PAGE, {"after": after, "limit": limit}))
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
@@ -606,6 +605,10 @@ _INSERT_EVENT = insert(events)
 _INSERT_IDEMPOTENCY = insert(idempotency)
 _KEYS = select(personal_keys.c.subject_id, personal_keys.c.key).where(
     personal_keys.c.subject_id.in_(bindparam("subjects", expanding=True)))
+_LOG_PAGE = (
+    select(events).where(events.c.position > bindparam("after")).order_by(events.c.position)
+    .limit(bindparam("limit"))
+)
 _STREAM_PAGE = (
     select(events)
     .where(events.c.stream_id == bindparam("stream_id"), events.c.version > bindparam("after_version"))

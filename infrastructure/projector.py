@@ -89,7 +89,10 @@ class Projector:
                 if not retried:
                     await self._retry_failed()
                     retried = True
-                progressed = await self.step()
+                # A full batch may have more behind it; after a shorter one, what comes
+                # next wakes this loop (a commit of this process) or the poll finds it
+                # (another's): reading the log again right away would find nothing.
+                progressed = await self.step() >= self.batch_size
             except Exception:
                 log.exception("projector step failed; retrying in %.1f s", self.poll_interval)
                 self._states = None
@@ -103,19 +106,19 @@ class Projector:
         while await self.step():
             pass
 
-    async def step(self) -> bool:
-        """Apply one batch; False when there was nothing to apply."""
+    async def step(self) -> int:
+        """Apply one batch; how many events it held (0: there was nothing to apply)."""
         states = self._states or await self.read_store.checkpoints()
         active = [p for p in self.projections if states[p.name].failed_position is None]
         if not active:
-            return False
+            return 0
         start = min(states[p.name].position for p in active)
         batch = await self.store.read(after=start, limit=self.batch_size)
         if not batch:
-            return False
+            return 0
         moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
         await self.read_store.advanced(moved)
-        return True
+        return len(batch)
 
     def _apply_batch(self, active: list[Projection], start: int, batch: list[RecordedEvent],
                      conn: Connection) -> tuple[dict[str, int], dict[str, Checkpoint]]:
