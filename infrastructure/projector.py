@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from sqlalchemy import Connection, MetaData, Table
@@ -146,8 +146,10 @@ class Projector:
             # One of them failed: again one by one, so that it stops alone.
             moved = {projection.name: todo[-1].position for projection, todo in due.items()
                      if self._apply(conn, projection, todo)}
+            states = self.read_store.checkpoints_in(conn)  # the one that stopped is marked so
         self.read_store.announce(conn, moved)
-        return moved, self.read_store.checkpoints_in(conn)
+        return moved, {name: replace(state, position=moved.get(name, state.position))
+                       for name, state in states.items()}
 
     def _apply(self, conn: Connection, projection: Projection, todo: list[RecordedEvent]) -> bool:
         current = todo[0]

@@ -1,5 +1,6 @@
 """Orders with their lines: one order's details, and a customer's orders newest first."""
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,11 +124,19 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
     if isinstance(event, events.OrderPlaced):
         row, lines = placed(recorded, event)
-        conn.execute(insert(t["orders"]), row)
-        conn.execute(insert(t["order_lines"]), lines)
+        conn.execute(_insert(t["orders"]), row)
+        conn.execute(_insert(t["order_lines"]), lines)
     elif (change := changes(recorded, event)) is not None:
         table = t["orders"]
         conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
+
+
+@functools.lru_cache(maxsize=8)
+def _insert(table: Table):
+    """The insert of every order, built once per table: building one costs more than
+    running it. For the live tables, and a rebuild's shadows while they last (bounded, as
+    every rebuild makes new shadow tables that must not be kept alive here)."""
+    return insert(table)
 
 
 PROJECTION = Projection("orders", (orders, order_lines), project)

@@ -35,6 +35,8 @@ MAX_SEARCH_WORDS = 10
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
+    if recorded.stream_type != "Product":
+        return  # decoding an event costs more than telling it is not a product's
     table = t["products"]
     event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
     if isinstance(event, events.ProductAdded):
