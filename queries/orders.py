@@ -2,6 +2,7 @@
 
 import functools
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -131,6 +132,31 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
         conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
 
 
+def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
+    """`project` for a run of events: the rows of consecutive OrderPlaced (and of what this
+    projection ignores in between) go in with one statement per table, not two per order."""
+    rows: list[dict] = []
+    lines: list[dict] = []
+    for recorded in batch:
+        if recorded.stream_type == "Order" and recorded.type == "OrderPlaced":
+            row, its_lines = placed(recorded, events.from_data(recorded.type, recorded.schema_version,
+                                                               recorded.data))
+            rows.append(row)
+            lines += its_lines
+        elif recorded.stream_type == "Order" or recorded.type == "CustomerForgotten":
+            _insert_placed(conn, t, rows, lines)  # what follows may change these rows
+            rows, lines = [], []
+            project(conn, recorded, t)
+    _insert_placed(conn, t, rows, lines)
+
+
+def _insert_placed(conn: Connection, t: Tables, rows: list[dict], lines: list[dict]) -> None:
+    if rows:
+        conn.execute(_insert(t["orders"]), rows)
+    if lines:
+        conn.execute(_insert(t["order_lines"]), lines)
+
+
 @functools.lru_cache(maxsize=8)
 def _insert(table: Table):
     """The insert of every order, built once per table: building one costs more than
@@ -139,7 +165,7 @@ def _insert(table: Table):
     return insert(table)
 
 
-PROJECTION = Projection("orders", (orders, order_lines), project)
+PROJECTION = Projection("orders", (orders, order_lines), project, project_many)
 
 
 @dataclass(frozen=True)

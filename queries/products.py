@@ -1,7 +1,9 @@
 """The product catalogue: price, stock available and reserved, searchable by name."""
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Column, Connection, Integer, String, Table, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
@@ -45,23 +47,46 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
             currency=event.currency, stock_available=event.initial_stock, stock_reserved=0,
             version=recorded.version, updated_at=recorded.recorded_at))
         return
+    if isinstance(event, events.ProductPriceChanged):
+        conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
+            price=event.price, currency=event.currency, version=recorded.version,
+            updated_at=recorded.recorded_at))
+    elif (moved := _stock_movement(recorded, event)) is not None:
+        conn.execute(_stock_moved(table), moved)
+
+
+def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
+    """`project` for a run of events: consecutive stock movements (and what this projection
+    ignores in between) in one statement, not one per order line."""
+    moves: list[dict] = []
+    for recorded in batch:
+        if recorded.stream_type != "Product":
+            continue
+        moved = _stock_movement(recorded, events.from_data(recorded.type, recorded.schema_version, recorded.data))
+        if moved is not None:
+            moves.append(moved)
+            continue
+        if moves:
+            conn.execute(_stock_moved(t["products"]), moves)  # before what may change the same rows
+            moves = []
+        project(conn, recorded, t)
+    if moves:
+        conn.execute(_stock_moved(t["products"]), moves)
+
+
+def _stock_movement(recorded: RecordedEvent, event: events.Event) -> dict[str, Any] | None:
+    """The parameters of `_stock_moved` for a stock movement; None for other events."""
     match event:
-        case events.ProductPriceChanged():
-            conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
-                price=event.price, currency=event.currency, version=recorded.version,
-                updated_at=recorded.recorded_at))
         case events.ProductRestocked():
-            _move_stock(conn, table, recorded, available=event.quantity, reserved=0)
+            available, reserved = event.quantity, 0
         case events.StockReserved():
-            _move_stock(conn, table, recorded, available=-event.quantity, reserved=event.quantity)
+            available, reserved = -event.quantity, event.quantity
         case events.StockReleased():
-            _move_stock(conn, table, recorded, available=event.quantity, reserved=-event.quantity)
-
-
-def _move_stock(conn: Connection, table: Table, recorded: RecordedEvent, available: int, reserved: int) -> None:
-    conn.execute(_stock_moved(table), {"moved_sku": recorded.stream_id, "available": available,
-                                       "reserved": reserved, "moved_version": recorded.version,
-                                       "moved_at": recorded.recorded_at})
+            available, reserved = event.quantity, -event.quantity
+        case _:
+            return None
+    return {"moved_sku": recorded.stream_id, "available": available, "reserved": reserved,
+            "moved_version": recorded.version, "moved_at": recorded.recorded_at}
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,7 +100,7 @@ def _stock_moved(table: Table):
         version=bindparam("moved_version"), updated_at=bindparam("moved_at"))
 
 
-PROJECTION = Projection("products", (products,), project)
+PROJECTION = Projection("products", (products,), project, project_many)
 
 
 @dataclass(frozen=True)
