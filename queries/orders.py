@@ -115,38 +115,31 @@ SHIPPING_ADDRESS = ("ship_name", "ship_line1", "ship_line2", "ship_city", "ship_
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
-    if recorded.type == "CustomerForgotten":
-        table = t["orders"]
-        conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
-                     .values(dict.fromkeys(SHIPPING_ADDRESS)))
-        return
-    if recorded.stream_type != "Order":
-        return
-    event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
-    if isinstance(event, events.OrderPlaced):
-        row, lines = placed(recorded, event)
-        conn.execute(_insert(t["orders"]), row)
-        conn.execute(_insert(t["order_lines"]), lines)
-    elif (change := changes(recorded, event)) is not None:
-        table = t["orders"]
-        conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
+    project_many(conn, (recorded,), t)
 
 
 def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
-    """`project` for a run of events: the rows of consecutive OrderPlaced (and of what this
+    """The events of a batch, in order; the rows of consecutive OrderPlaced (with what this
     projection ignores in between) go in with one statement per table, not two per order."""
+    table = t["orders"]
     rows: list[dict] = []
     lines: list[dict] = []
     for recorded in batch:
-        if recorded.stream_type == "Order" and recorded.type == "OrderPlaced":
-            row, its_lines = placed(recorded, events.from_data(recorded.type, recorded.schema_version,
-                                                               recorded.data))
+        if recorded.type != "CustomerForgotten" and recorded.stream_type != "Order":
+            continue
+        event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
+        if isinstance(event, events.OrderPlaced):
+            row, its_lines = placed(recorded, event)
             rows.append(row)
             lines += its_lines
-        elif recorded.stream_type == "Order" or recorded.type == "CustomerForgotten":
-            _insert_placed(conn, t, rows, lines)  # what follows may change these rows
-            rows, lines = [], []
-            project(conn, recorded, t)
+            continue
+        _insert_placed(conn, t, rows, lines)  # before what may change the same rows
+        rows, lines = [], []
+        if isinstance(event, events.CustomerForgotten):
+            conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
+                         .values(dict.fromkeys(SHIPPING_ADDRESS)))
+        elif (change := changes(recorded, event)) is not None:
+            conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
     _insert_placed(conn, t, rows, lines)
 
 

@@ -37,41 +37,35 @@ MAX_SEARCH_WORDS = 10
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
-    if recorded.stream_type != "Product":
-        return  # decoding an event costs more than telling it is not a product's
-    table = t["products"]
-    event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
-    if isinstance(event, events.ProductAdded):
-        conn.execute(insert(table).values(
-            sku=event.sku, name=event.name, name_folded=event.name.casefold(), price=event.price,
-            currency=event.currency, stock_available=event.initial_stock, stock_reserved=0,
-            version=recorded.version, updated_at=recorded.recorded_at))
-        return
-    if isinstance(event, events.ProductPriceChanged):
-        conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
-            price=event.price, currency=event.currency, version=recorded.version,
-            updated_at=recorded.recorded_at))
-    elif (moved := _stock_movement(recorded, event)) is not None:
-        conn.execute(_stock_moved(table), moved)
+    project_many(conn, (recorded,), t)
 
 
 def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
-    """`project` for a run of events: consecutive stock movements (and what this projection
-    ignores in between) in one statement, not one per order line."""
+    """The events of a batch, in order; consecutive stock movements (with what this
+    projection ignores in between) in one statement, not one per order line."""
+    table = t["products"]
     moves: list[dict] = []
     for recorded in batch:
         if recorded.stream_type != "Product":
-            continue
-        moved = _stock_movement(recorded, events.from_data(recorded.type, recorded.schema_version, recorded.data))
-        if moved is not None:
+            continue  # decoding an event costs more than telling it is not a product's
+        event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
+        if (moved := _stock_movement(recorded, event)) is not None:
             moves.append(moved)
             continue
-        if moves:
-            conn.execute(_stock_moved(t["products"]), moves)  # before what may change the same rows
+        if moves:  # before what may change the same rows
+            conn.execute(_stock_moved(table), moves)
             moves = []
-        project(conn, recorded, t)
+        if isinstance(event, events.ProductAdded):
+            conn.execute(insert(table).values(
+                sku=event.sku, name=event.name, name_folded=event.name.casefold(), price=event.price,
+                currency=event.currency, stock_available=event.initial_stock, stock_reserved=0,
+                version=recorded.version, updated_at=recorded.recorded_at))
+        elif isinstance(event, events.ProductPriceChanged):
+            conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
+                price=event.price, currency=event.currency, version=recorded.version,
+                updated_at=recorded.recorded_at))
     if moves:
-        conn.execute(_stock_moved(t["products"]), moves)
+        conn.execute(_stock_moved(table), moves)
 
 
 def _stock_movement(recorded: RecordedEvent, event: events.Event) -> dict[str, Any] | None:
