@@ -150,7 +150,7 @@ class UnitOfWork:
             if (pending := self.store.in_flight(id)) is None:
                 break
             await asyncio.wait([pending])
-        aggregate = cached[0] if cached and not cached[2] else await self._from_snapshot(cls, id)
+        aggregate = cached[0] if cached else await self._from_snapshot(cls, id)
         applied = 0
         # In pages, so that even a first load of a long stream holds one page in memory.
         while batch := await self.store.load(id, after_version=aggregate.version, limit=LOAD_PAGE):

@@ -256,20 +256,12 @@ class EventStore:
         return request
 
     def in_flight(self, stream_id: str) -> asyncio.Future | None:
-        """The outcome of this process's latest append to the stream, while undecided."""
+        """The outcome of this process's latest append to the stream, while undecided.
+
+        A command about to read a stream from the log waits for it rather than read the
+        version that append is about to replace, and then lose to it."""
         pending = self._in_flight.get(stream_id)
         return pending if pending is not None and not pending.done() else None
-
-    async def settled(self, stream_id: str) -> None:
-        """Wait until no append of this process to the stream is in flight, however it ends.
-
-        A command about to read a stream from the log waits here rather than read the
-        version an append in flight is about to replace, and then lose to it.
-        """
-        # Again after each wait: of several callers woken by one append, the first may
-        # have appended to the stream already.
-        while (pending := self.in_flight(stream_id)) is not None:
-            await asyncio.wait([pending])
 
     async def load(self, stream_id: str, after_version: int = 0, until: datetime | None = None,
                    limit: int | None = None) -> list[RecordedEvent]:

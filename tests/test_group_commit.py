@@ -202,44 +202,24 @@ async def test_batches_of_any_size_number_positions_consecutively(store, request
     assert -(-requests // 64) <= store.commits <= max(1, requests // 2)
 
 
-async def test_settled_waits_for_the_streams_append_in_flight(store):
+async def test_in_flight_is_the_streams_undecided_append(store):
     await store.append([write("a", 0, 1)])
     appending = asyncio.create_task(store.append([write("a", 1, 2)]))
     failing = asyncio.create_task(store.append([write("b", 5, 3)]))
-    await asyncio.sleep(0)  # both queued, not yet committed
+    checking = store.submit([write("c", 0, 4), StreamWrite("a", "Counter", 1, [])])
+    await asyncio.sleep(0)  # all queued, not yet committed
 
-    await store.settled("a")
-    await store.settled("b")  # an append that fails has landed too
+    pending_a, pending_b = store.in_flight("a"), store.in_flight("b")
+    assert pending_a is not None and pending_b is not None
+    assert pending_a is not checking.outcome  # a check alone is nothing a load waits for
+    await asyncio.wait([pending_a, pending_b])
 
-    assert appending.done() and failing.done()
+    assert appending.done() and failing.done()  # an append that fails is decided too
+    assert store.in_flight("a") is None and store.in_flight("b") is None
     assert await store.stream_version("a") == 2
     assert isinstance(failing.exception(), WrongExpectedVersion)
-    await store.settled("never-written")
-
-
-async def test_callers_woken_by_one_append_take_turns_on_the_stream(store):
-    """Woken together by one append, the first caller to append again makes the others
-    wait for that one too: none of them loads a version that is about to be replaced."""
-    await store.append([write("a", 0, 1)])
-    first = asyncio.create_task(store.append([write("a", 1, 2)]))
-    await asyncio.sleep(0)
-    landed: list[int] = []
-
-    async def then_append(version: int) -> None:
-        await store.settled("a")
-        # Whatever was appended to "a" before this caller got its turn has landed.
-        assert landed == list(range(2, version)), (version, landed)
-        await store.append([write("a", version, version + 1)])
-        landed.append(version)
-
-    waiters = [asyncio.create_task(then_append(2))]
-    await asyncio.sleep(0)
-    waiters.append(asyncio.create_task(then_append(3)))
-    await asyncio.sleep(0)
-    await first
-    await asyncio.gather(*waiters)
-
-    assert [e.data["n"] for e in await store.load("a")] == [1, 2, 3, 4]
+    assert store.in_flight("never-written") is None
+    await asyncio.gather(checking.outcome, return_exceptions=True)
 
 
 async def test_a_key_destroyed_in_a_batch_shreds_that_subject_only(store):
