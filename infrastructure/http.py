@@ -5,7 +5,7 @@ Both are passed explicitly to `Starlette(middleware=[...])` by the composition r
 
 from collections.abc import Mapping
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,15 +37,13 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = _error(413, f"the request body is larger than {self.max_bytes:,} bytes, the limit",
-                           "PAYLOAD_TOO_LARGE")
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.isdigit():
                 return await _error(400, "Content-Length must be a number of bytes", "BAD_REQUEST")(
                     scope, receive, send)
             if int(declared) > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large()(scope, receive, send)
         received = 0
         responding = False
 
@@ -68,14 +66,19 @@ class BodyLimit:
         except _TooLarge:
             if responding:  # too late for a 413: end the response the way any error would
                 raise
-            await too_large(scope, receive, send)
+            await self._too_large()(scope, receive, send)
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, f"the request body is larger than {self.max_bytes:,} bytes, the limit", "PAYLOAD_TOO_LARGE")
 
 
 class SecurityHeaders:
     """Adds `headers` (SECURITY_HEADERS by default) to every HTTP response that lacks them."""
 
     def __init__(self, app: ASGIApp, headers: Mapping[str, str] = SECURITY_HEADERS) -> None:
-        self.app, self.headers = app, headers
+        self.app = app
+        # As ASGI carries them, built once: every response goes through here.
+        self.raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,9 +86,10 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in self.headers.items():
-                    headers.setdefault(name, value)
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in self.raw if name not in present]
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -41,7 +41,7 @@ def build_schema(bounds: QueryBounds | None = None) -> strawberry.Schema:
     return strawberry.Schema(
         query=Query, mutation=Mutation, subscription=Subscription,
         # ErrorCodes first: its on_operation exit runs last, after the bounds have amended the errors.
-        extensions=[ErrorCodes, *bounds.extensions()],
+        extensions=[ErrorCodes, bounds.extension()],
         config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infrastructure.limits import ParseOnce, QueryBounds, QueryLimits
+from infrastructure.limits import QueryBounds, QueryLimits
 from infrastructure.settings import Settings
 from orderstream import build_app
 from schema.app import build_schema
@@ -269,8 +269,9 @@ async def test_a_refused_document_validates_once_too():
 
 
 async def test_the_same_document_parses_once():
-    schema = build_schema(QueryBounds(QueryLimits()))
-    parse = ParseOnce(maxsize=QueryLimits().cache_size).cached_parse_document  # strawberry's shared LRU cache
+    bounds = QueryBounds(QueryLimits())
+    schema = build_schema(bounds)
+    parse = bounds.parse  # strawberry's shared LRU cache
     document = "{ parsedOnce: __typename }"
     before = parse.cache_info()
     for _ in range(3):
