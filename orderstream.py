@@ -6,7 +6,9 @@ HTTP; `main` is the `orderstream` command.
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,6 +33,7 @@ from infrastructure.http import BodyLimit, SecurityHeaders
 from infrastructure.limits import QueryBounds
 from infrastructure.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from infrastructure.projector import Projection, Projector
+from infrastructure.projector_process import ProjectorProcess
 from infrastructure.rate_limit import RateLimit
 from infrastructure.read_store import ReadStore
 from infrastructure.settings import Settings
@@ -108,8 +111,30 @@ class Service:
         self.stop_listening()
 
 
-def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
+PROJECTOR_MODES = ("process", "thread", "off")
+
+
+def projector_process(service: Service, poll_interval: float = 1.0) -> ProjectorProcess:
+    """`orderstream projections run --parent` on the service's databases, reporting to its read
+    store; it looks for commits of other processes every `poll_interval` seconds."""
+    settings = service.settings
+    environ = {**os.environ, "ORDERSTREAM_EVENT_STORE_URL": settings.event_store_url,
+               "ORDERSTREAM_READ_STORE_URL": settings.read_store_url}
+    argv = [sys.executable, "-m", "orderstream", "projections", "run", "--parent",
+            "--poll-interval", str(poll_interval), "--data-dir", str(settings.data_dir)]
+    return ProjectorProcess(argv, environ, moved=service.read.advanced, restarted=service.read.refresh)
+
+
+def build_app(settings: Settings, projector: str = "thread") -> Starlette:
+    """The service over HTTP. `projector`: where the read models are projected: "thread", in
+    this process; "process", in a child process this one starts and watches; "off",
+    elsewhere (`orderstream projections run`)."""
+    if projector not in PROJECTOR_MODES:
+        raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
     service = Service(settings)
+    child = projector_process(service) if projector == "process" else None
+    if child is not None:
+        service.store.on_append(child.wake)
     tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
     bounds = QueryBounds(settings.query_limits)
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
@@ -121,7 +146,11 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
     async def lifespan(app: Starlette):
         await service.open()
         log.info("event log at position %d", await service.store.head())
-        projecting = asyncio.create_task(service.project()) if run_projector else None
+        projecting = None
+        if child is not None:
+            projecting = asyncio.create_task(child.run())
+        elif projector == "thread":
+            projecting = asyncio.create_task(service.project())
         fanning_out = asyncio.create_task(service.hub.run())
         listening = asyncio.create_task(service.listen())
         try:
@@ -131,8 +160,11 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
             await listening
             service.hub.stop()
             await fanning_out
-            if projecting:
+            if child is not None:
+                child.stop()
+            elif projecting:
                 service.stop_projecting()
+            if projecting:
                 await projecting
             await service.close()
 
@@ -142,13 +174,15 @@ def build_app(settings: Settings, run_projector: bool = True) -> Starlette:
         except Exception:
             log.exception("health check: the event store is unreachable")
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        if not run_projector:
-            projector = "elsewhere"
+        if child is not None:
+            state = "process" if child.running else "restarting"
+        elif projector == "off":
+            state = "elsewhere"
         elif service.leadership is None:
-            projector = "running"
+            state = "running"
         else:
-            projector = "leading" if service.leadership.leading else "standby"
-        return JSONResponse({"status": "ok", "head": head, "projector": projector})
+            state = "leading" if service.leadership.leading else "standby"
+        return JSONResponse({"status": "ok", "head": head, "projector": state})
 
     return Starlette(
         routes=[
@@ -174,8 +208,11 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = Settings.load(args.data_dir)
     log.info("serving on http://%s:%d/graphql (data in %s)", args.host, args.port, settings.data_dir)
-    uvicorn.run(build_app(settings, run_projector=not args.no_projector), host=args.host, port=args.port,
-                log_level="info")
+    # On PostgreSQL every serve process projects while it leads (infrastructure.postgres),
+    # in a thread, so that its /healthz can say whether it leads.
+    projector = "off" if args.no_projector else args.projector or (
+        "thread" if is_postgres(settings.read_store_url) else "process")
+    uvicorn.run(build_app(settings, projector), host=args.host, port=args.port, log_level="info")
 
 
 def _token(args: argparse.Namespace) -> None:
@@ -197,12 +234,41 @@ async def _with_service(args: argparse.Namespace, work) -> None:
         await service.close()
 
 
-async def _projections_run(service: Service) -> None:
-    log.info("projecting into %s; stop with Ctrl-C", service.settings.read_store_url)
-    loop = asyncio.get_running_loop()
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, service.stop_all)
-    await asyncio.gather(service.project(), service.listen())
+def _projections_run(parent: bool, poll_interval: float):
+    async def run(service: Service) -> None:
+        service.projector.poll_interval = poll_interval
+        loop = asyncio.get_running_loop()
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(stop_signal, service.stop_all)
+        if not parent:
+            log.info("projecting into %s; stop with Ctrl-C", service.settings.read_store_url)
+            await asyncio.gather(service.project(), service.listen())
+            return
+        # Started by `serve` (infrastructure.projector_process): commits arrive on stdin,
+        # and where each batch left the checkpoints leaves on stdout.
+        output = sys.stdout.buffer
+
+        def report(moved) -> None:
+            output.write(json.dumps(moved).encode() + b"\n")
+            output.flush()
+
+        service.projector.on_moved(report)
+        following = asyncio.create_task(_follow_parent(service))
+        try:
+            await asyncio.gather(service.project(), service.listen())
+        finally:
+            following.cancel()
+
+    return run
+
+
+async def _follow_parent(service: Service) -> None:
+    """Wake the projector for each line on stdin; stop when it ends (the server is gone)."""
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.readline():
+        service.projector.wake()
+    service.stop_all()
 
 
 async def _projections_status(service: Service) -> None:
@@ -256,6 +322,16 @@ def _projections_rebuild(names: list[str]):
     return rebuild
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 86_400:
+        raise argparse.ArgumentTypeError(f"a number of seconds above 0 and below a day, e.g. 1.5; got {value!r}")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Strawberry logs every GraphQL error with a traceback, the expected ones too;
@@ -269,8 +345,11 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="run the GraphQL service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--no-projector", action="store_true",
-                       help="do not project in this process (run `orderstream projections run` elsewhere)")
+    serve.add_argument("--projector", choices=PROJECTOR_MODES,
+                       help="where to project the read models: a child process of the server [default on "
+                            "SQLite], a thread of the server [default on PostgreSQL, where one server at a "
+                            "time projects], or off (run `orderstream projections run` elsewhere)")
+    serve.add_argument("--no-projector", action="store_true", help="the same as --projector off")
     serve.set_defaults(run=_serve)
 
     token = commands.add_parser("token", help="print a bearer token signed with the server's secret")
@@ -285,7 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     projections_cli = commands.add_parser("projections", help="run, inspect or rebuild the read models")
     actions = projections_cli.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="project the log into the read models until stopped")
-    run.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_run)))
+    run.add_argument("--poll-interval", type=_seconds, default=1.0, metavar="SECONDS",
+                     help="how often to look for commits of other processes [1.0]; on PostgreSQL "
+                          "notifications announce them at once")
+    run.add_argument("--parent", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_run(a.parent, a.poll_interval))))
     status = actions.add_parser("status", help="print each projection's position and lag")
     status.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_status)))
     rebuild = actions.add_parser("rebuild", help="replay the log into fresh tables and swap them in")

@@ -179,7 +179,7 @@ class ReadModel:
         The app's projector is not started (`serve --no-projector`): there is nothing to
         project, and its polling would only add noise.
         """
-        app = build_app(self.settings, run_projector=False)
+        app = build_app(self.settings, projector="off")
         await stack.enter_async_context(app.router.lifespan_context(app))
         self.http = await stack.enter_async_context(
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orderstream"))

@@ -79,6 +79,7 @@ from bench.common import (
     load_average,
     measured,
     process_cpu_seconds,
+    server_cpu_seconds,
 )
 from infrastructure.auth import issue_token
 from infrastructure.event_store import EventStore
@@ -464,7 +465,7 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
 def readings(server_pids: list[int]) -> dict[str, Any]:
     machine_busy, client = cpu_seconds()
     return {"at": time.perf_counter(), "machine": machine_busy, "client": client,
-            "servers": sum(process_cpu_seconds(pid) for pid in server_pids),
+            "servers": sum(server_cpu_seconds(pid) for pid in server_pids),
             "postgres": postgres_cpu_seconds(), "load": (load_average() or [0.0])[0]}
 
 

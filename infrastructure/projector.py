@@ -72,6 +72,11 @@ class Projector:
         # so stale ones (moved by a rebuild elsewhere) start a batch early, and the batch
         # skips what was applied.
         self._states: dict[str, Checkpoint] | None = None
+        self._listeners: list[Callable[[Mapping[str, int]], None]] = []
+
+    def on_moved(self, listener: Callable[[Mapping[str, int]], None]) -> None:
+        """Call `listener(moved)` after each batch commits: where the checkpoints it moved stand."""
+        self._listeners.append(listener)
 
     def wake(self, _position: int = 0) -> None:
         """Called after each commit to the log: project now instead of at the next poll."""
@@ -127,6 +132,9 @@ class Projector:
             return 0
         moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
         await self.read_store.advanced(moved)
+        if moved:
+            for listener in self._listeners:
+                listener(moved)
         return len(batch)
 
     def _apply_batch(self, active: list[Projection], start: int, batch: list[RecordedEvent],

@@ -424,7 +424,7 @@ PROJECTION_STATUS = "{ projectionStatus { name position headPosition lag error }
 
 
 async def projection_status(settings: Settings, headers: dict[str, str]) -> dict[str, Any]:
-    app = build_app(settings, run_projector=False)
+    app = build_app(settings, projector="off")
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:

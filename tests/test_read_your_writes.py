@@ -145,7 +145,7 @@ async def test_the_query_waits_for_a_projector_in_another_process(tmp_path: Path
     # waiting query must notice the checkpoint moving (polling on SQLite, notified on
     # PostgreSQL) and then answer.
     settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **databases.environ})
-    app = build_app(settings, run_projector=False)
+    app = build_app(settings, projector="off")
     projecting = Service(settings)
     async with app.router.lifespan_context(app):
         await projecting.open()

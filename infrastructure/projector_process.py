@@ -1,0 +1,113 @@
+"""The projector in a process of its own, started and watched by the server.
+
+In one process, projecting and serving take turns on the interpreter's one lock; apart,
+they run on two cores. The child is `orderstream projections run --parent`, and the two
+speak over its standard streams, a line a message:
+- to the child, the last position of each commit of the server: project now, not at the
+  next poll;
+- from the child, the checkpoints each of its batches moved, as JSON, once committed: the
+  queries waiting for them (`consistentWith`) go on at once.
+The child stops after the batch in hand when its input ends, so it never outlives the
+server, however the server ends. A child that dies is started again.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
+
+log = logging.getLogger("orderstream.projector")
+
+
+class ProjectorProcess:
+    """Runs `argv` until `stop`: `moved(checkpoints)` for each batch it reports, and
+    `restarted()` before each start after the first, when reports may have been lost."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str],
+                 moved: Callable[[dict[str, int]], Awaitable[None]], restarted: Callable[[], Awaitable[None]],
+                 restart_delay: float = 1.0, stop_timeout: float = 10.0) -> None:
+        self.argv, self.env = list(argv), dict(env)
+        self.moved, self.restarted = moved, restarted
+        self.restart_delay, self.stop_timeout = restart_delay, stop_timeout
+        self.starts = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._stop = asyncio.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.running else None
+
+    def wake(self, position: int) -> None:
+        """A commit of the server: the child projects it now."""
+        process = self._process
+        if process is None or process.returncode is not None or self._stop.is_set():
+            return
+        stdin = process.stdin
+        # A full pipe holds wake-ups the child has yet to read, each of which reads the log
+        # as it then stands: this one would add nothing.
+        if stdin.is_closing() or stdin.transport.get_write_buffer_size():
+            return
+        stdin.write(b"%d\n" % position)
+
+    def stop(self) -> None:
+        """Let `run` end the child (its input closed, it stops after the batch in hand) and return."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            if self.starts:
+                await self.restarted()
+            self.starts += 1
+            try:
+                process = self._process = await asyncio.create_subprocess_exec(
+                    *self.argv, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    # Its own session: a Ctrl-C at the terminal stops the server, which stops it.
+                    start_new_session=True)
+            except OSError as error:
+                log.error("cannot start the projector process (%s); trying again in %.0f s", error,
+                          self.restart_delay)
+                await self._pause()
+                continue
+            started = time.monotonic()
+            reports = asyncio.create_task(self._follow(process))
+            exited = asyncio.create_task(process.wait())
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if self._stop.is_set():
+                await self._end(process)
+            stopping.cancel()
+            await exited
+            await reports
+            if not self._stop.is_set():
+                log.error("the projector process exited with code %s after %.1f s; starting it again in %.0f s",
+                          process.returncode, time.monotonic() - started, self.restart_delay)
+                await self._pause()
+
+    async def _follow(self, process: asyncio.subprocess.Process) -> None:
+        async for line in process.stdout:
+            try:
+                moved = json.loads(line)
+            except ValueError:
+                log.warning("the projector process wrote %r, not checkpoints; ignored", line[:200])
+                continue
+            await self.moved(moved)
+
+    async def _end(self, process: asyncio.subprocess.Process) -> None:
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), self.stop_timeout)
+        except TimeoutError:
+            log.error("the projector process did not stop within %.0f s of its input closing; ending it",
+                      self.stop_timeout)
+            with suppress(ProcessLookupError):
+                process.kill()
+
+    async def _pause(self) -> None:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), self.restart_delay)

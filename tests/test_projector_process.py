@@ -1,0 +1,176 @@
+"""The projector in a child process of the server, the default of `orderstream serve`: each
+commit wakes it, each batch it commits wakes the queries waiting for it, a child that dies
+is started again, and it does not outlive the server, however the server ends."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+
+from commands.customer import RegisterCustomer
+from commands.order import PlaceOrder
+from commands.product import AddProduct, RestockProduct
+from infrastructure.settings import Settings
+from orderstream import Service, projector_process
+from queries import orders, products
+from tests.conftest import SECRET, bearer
+from tests.test_projector import ADDRESS, NAMES, STAFF, succeed
+
+ROOT = Path(__file__).resolve().parent.parent
+# Long enough that no poll, of the child or of the read store, finds anything within a
+# test: what the tests wait for can only come through the messages between the two.
+NEVER = 3600.0
+
+
+async def test_commits_wake_the_child_and_its_batches_wake_the_waiting_queries(tmp_path):
+    service = Service(Settings.load(str(tmp_path), environ={}))
+    await service.open()
+    service.read.poll_interval = NEVER
+    child = projector_process(service, poll_interval=NEVER)
+    service.store.on_append(child.wake)
+    running = asyncio.create_task(child.run())
+    try:
+        added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
+        await service.read.wait_for(added.position, NAMES, timeout=30)  # the child's first batch
+        customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
+        placed = await succeed(service.dispatcher, PlaceOrder(customer.stream_id, (("MUG", 2),), ADDRESS))
+        await service.read.wait_for(placed.position, NAMES, timeout=30)
+
+        view = await orders.order(service.read, STAFF, placed.stream_id)
+        assert (view.row.status, view.row.customer_id) == ("PENDING", customer.stream_id)
+        assert (await products.product(service.read, "MUG")).stock_available == 1
+        assert child.starts == 1
+    finally:
+        child.stop()
+        await running
+        await service.close()
+    assert not child.running
+
+
+async def test_a_killed_child_is_started_again_and_goes_on_where_it_stopped(tmp_path):
+    service = Service(Settings.load(str(tmp_path), environ={}))
+    await service.open()
+    service.read.poll_interval = NEVER
+    child = projector_process(service, poll_interval=NEVER)
+    service.store.on_append(child.wake)
+    running = asyncio.create_task(child.run())
+    try:
+        added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
+        await service.read.wait_for(added.position, NAMES, timeout=30)
+        first = child.pid
+        os.kill(first, signal.SIGKILL)
+        # Committed while no child runs: the next one finds it in the log.
+        restocked = await succeed(service.dispatcher, RestockProduct("MUG", 5))
+        await service.read.wait_for(restocked.position, NAMES, timeout=30)
+        assert child.starts == 2 and child.pid not in (None, first)
+        assert (await products.product(service.read, "MUG")).stock_available == 8
+
+        again = await succeed(service.dispatcher, RestockProduct("MUG", 1))
+        await service.read.wait_for(again.position, NAMES, timeout=30)
+        assert (await products.product(service.read, "MUG")).stock_available == 9
+    finally:
+        child.stop()
+        await running
+        await service.close()
+
+
+PLACE = """mutation($input: PlaceOrderInput!) {
+  placeOrder(input: $input) { __typename ... on OrderSuccess { orderId position } }
+}"""
+ORDER = "query($id: ID!, $at: Position!) { order(id: $id, consistentWith: $at) { status lines { sku quantity } } }"
+
+
+async def test_serve_projects_in_a_child_that_ends_with_it(tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("ORDERSTREAM_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orderstream", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env={**environ, "ORDERSTREAM_JWT_SECRET": SECRET}, stdout=log, stderr=subprocess.STDOUT)
+    child = None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=bearer("staff"), timeout=30) as http:
+            health = await until_up(http, server, tmp_path / "serve.log")
+            assert health["projector"] == "process"
+            [child] = children(server.pid)
+
+            async def call(document: str, field: str, variables: dict) -> dict:
+                body = (await http.post("/graphql", json={"query": document, "variables": variables})).json()
+                assert body.get("data") and body["data"][field], body
+                return body["data"][field]
+
+            await call("mutation($i: AddProductInput!) { addProduct(input: $i) { __typename } }", "addProduct",
+                       {"i": {"sku": "MUG", "name": "Mug", "initialStock": 5,
+                              "price": {"amount": "4.50", "currency": "EUR"}}})
+            customer = await call("mutation($i: RegisterCustomerInput!) { registerCustomer(input: $i) {"
+                                  " ... on RegisterCustomerSuccess { customerId } } }", "registerCustomer",
+                                  {"i": {"name": "Ann", "email": "ann@example.com", "country": "DE"}})
+            placed = await call(PLACE, "placeOrder", {"input": {
+                "customerId": customer["customerId"], "items": [{"sku": "MUG", "quantity": 2}],
+                "shippingAddress": {"name": "Ann", "line1": "Hauptstr. 1", "city": "Berlin", "postalCode": "10115",
+                                    "country": "DE"}}})
+            assert placed["__typename"] == "OrderSuccess", placed
+            order = await call(ORDER, "order", {"id": placed["orderId"], "at": placed["position"]})
+            assert order == {"status": "PENDING", "lines": [{"sku": "MUG", "quantity": 2}]}
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
+    if child is not None:
+        # Its input ended with the server: it stops on its own.
+        deadline = time.monotonic() + 30
+        while alive(child):
+            assert time.monotonic() < deadline, f"the projector process {child} outlived the server"
+            await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def until_up(http: httpx.AsyncClient, server: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, f"serve exited: {log.read_text()[-3000:]}"
+        try:
+            response = await http.get("/healthz")
+            if response.status_code == 200 and response.json()["projector"] != "restarting":
+                return response.json()
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"serve did not start: {log.read_text()[-3000:]}"
+        await asyncio.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting to be reaped."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
