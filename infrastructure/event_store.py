@@ -645,11 +645,11 @@ def _doom(failed: Append) -> None:
 
 @functools.cache
 def _versions(streams: int):
-    """The current versions of `streams` streams, bound as s0, s1, ...: one max() per
-    stream, each a single index probe (`stream_id IN (...) GROUP BY` would read every
-    version of a long stream instead)."""
+    """The current versions of `streams` streams, bound as s0, s1, ..., and then the log's
+    head: one max() per stream, each a single index probe (`stream_id IN (...) GROUP BY`
+    would read every version of a long stream instead)."""
     return select(*(select(func.max(events.c.version)).where(events.c.stream_id == bindparam(f"s{n}"))
-                    .scalar_subquery() for n in range(streams)))
+                    .scalar_subquery() for n in range(streams)), _HEAD.scalar_subquery())
 
 
 @dataclass
@@ -674,13 +674,13 @@ class _BatchState:
         found = conn.execute(_versions(size), {f"s{n}": streams[n] if n < len(streams) else ""
                                                for n in range(size)}).one()
         versions = {stream: version for stream, version in zip(streams, found[:len(streams)], strict=True) if version}
+        head = found[-1] or 0
         wanted = {(r.idempotent.scope, r.idempotent.key) for r in batch if r.idempotent}
         keys = set()
         if wanted:
             keys = {tuple(row) for row in conn.execute(
                 select(idempotency.c.scope, idempotency.c.key)
                 .where(tuple_(idempotency.c.scope, idempotency.c.key).in_(wanted)))}
-        head = conn.execute(_HEAD).scalar() or 0
         return cls(versions, keys, head, head)
 
     def copy(self) -> "_BatchState":
