@@ -61,7 +61,9 @@ class AggregateCache:
     append in flight.
 
     A command takes an aggregate from here without reading the log while no other
-    process has appended since it was cached (`EventStore.foreign_appends` has not moved):
+    process is known to have appended to its stream since it was cached (a batch that
+    finds such appends names their streams, which are distrusted here, or, when there are
+    too many to name, moves `EventStore.foreign_appends`, which distrusts every entry):
     every stream the command loaded is then checked at its append, so a state another
     process changed meanwhile costs a retry on fresh state, never a wrong decision.
     An aggregate whose append is still in flight is here too: a command on the same
@@ -76,6 +78,7 @@ class AggregateCache:
         # (aggregate, the store's foreign_appends when the command that cached it began,
         # the append it is ahead of the log by, until that is decided)
         self._entries: OrderedDict[tuple[type, str], tuple[Aggregate, int, Append | None]] = OrderedDict()
+        self._classes: set[type] = set()
 
     def get(self, cls: type[A], id: str) -> tuple[A, int, Append | None] | None:
         """A copy of the cached aggregate, the foreign_appends it is current as of, and
@@ -98,8 +101,15 @@ class AggregateCache:
         if (entry := self._entries.get((cls, id))) is not None:
             self._entries[(cls, id)] = entry[0], -1, entry[2]
 
+    def distrust_streams(self, ids: set[str]) -> None:
+        """Other processes appended to these streams: `distrust` what is cached of them."""
+        for cls in self._classes:
+            for id in ids:
+                self.distrust(cls, id)
+
     def put(self, aggregate: Aggregate, epoch: int, landing: Append | None = None) -> None:
         """Keep `aggregate`; `landing`: the append it is ahead of the log by."""
+        self._classes.add(type(aggregate))
         key = (type(aggregate), aggregate.id)
         entry = self._entries.get(key)
         if entry is not None and entry[0].version > aggregate.version and not _failed(entry[2]):
@@ -254,6 +264,7 @@ class Dispatcher:
         self.store = store
         self.handlers = handlers
         self.cache = cache or AggregateCache()
+        store.on_foreign_streams(self.cache.distrust_streams)
         # One lock per contended stream, alive while a retry holds or awaits it.
         self._retry_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 

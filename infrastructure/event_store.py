@@ -191,10 +191,13 @@ class EventStore:
         # to the database.
         self._recent: deque[RecordedEvent] = deque(maxlen=RECENT_EVENTS)
         # How many batches found events in the log that this process did not write since
-        # its previous batch (another process appended): state derived from the log before
-        # the latest such find may be out of date. `_written` is the head a batch left.
+        # its previous batch, without naming their streams: state derived from the log
+        # before the latest such find may be out of date. A batch that finds a few such
+        # events names their streams to the `on_foreign_streams` listeners instead.
+        # `_written` is the head a batch left (-1: not known).
         self.foreign_appends = 0
         self._written = -1
+        self._foreign_listeners: list[Callable[[set[str]], None]] = []
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.migrations)."""
@@ -206,6 +209,13 @@ class EventStore:
     def on_append(self, listener: Callable[[int], None]) -> None:
         """Call `listener(last_position)` after every commit of this process."""
         self._listeners.append(listener)
+
+    def on_foreign_streams(self, listener: Callable[[set[str]], None]) -> None:
+        """Call `listener(stream_ids)` when a batch finds that other processes appended to
+        these streams since this process's previous batch (what they hold may be out of
+        date), before the batch's appends are settled. When there were too many such
+        events to name their streams, `foreign_appends` moves instead."""
+        self._foreign_listeners.append(listener)
 
     async def append(
         self,
@@ -361,8 +371,11 @@ class EventStore:
     async def _commit(self, batch: list["Append"]) -> None:
         """One transaction for the whole batch; every request gets its events or its error."""
         try:
-            outcomes, last = await self._db.write(partial(self._write_batch, batch))
+            outcomes, last, foreign = await self._db.write(partial(self._write_batch, batch))
         except BaseException as error:
+            # What the batch found of other processes' appends is lost with it: the next
+            # batch cannot tell where this one's reading ended, and distrusts everything.
+            self._written = -1
             # Nothing of this batch is on disk: every request of it fails with this.
             for request in batch:
                 request.written = False
@@ -372,6 +385,9 @@ class EventStore:
                 raise
             return
         self.commits += 1
+        if foreign:
+            for listener in self._foreign_listeners:
+                listener(foreign)
         self._keep_recent(batch, outcomes)
         for request, outcome in zip(batch, outcomes, strict=True):
             if not request.written:
@@ -400,8 +416,9 @@ class EventStore:
             recent.clear()  # another process appended in between: keep the run consecutive
         recent.extend(committed)
 
-    def _write_batch(self, batch: list["Append"], conn: Connection) -> tuple[list, int | None]:
-        """Each request's events or error, and the last position written (None if none was)."""
+    def _write_batch(self, batch: list["Append"], conn: Connection) -> tuple[list, int | None, set[str]]:
+        """Each request's events or error, the last position written (None if none was),
+        and the streams other processes appended to since this process's previous batch."""
         if self._postgres:
             # Batches take turns from here to their commit (SQLite's one writer already
             # does), so that positions are numbered and become visible in order: a reader
@@ -410,8 +427,13 @@ class EventStore:
             # committed append.
             conn.execute(_APPEND_LOCK)
         state = _BatchState.read(conn, batch)
+        foreign: set[str] = set()
         if state.head != self._written:
-            self.foreign_appends += 1
+            if 0 <= self._written < state.head <= self._written + MAX_NAMED_FOREIGN:
+                foreign = {row[0] for row in conn.execute(_STREAMS_BETWEEN,
+                                                          {"after": self._written, "until": state.head})}
+            else:
+                self.foreign_appends += 1
         if len(batch) == 1:
             outcomes = self._write_together(conn, batch, state)
             if isinstance(outcomes[0], Exception):
@@ -431,11 +453,11 @@ class EventStore:
         # If the commit fails after all, the next batch counts a foreign append: harmless.
         self._written = state.position
         if state.position == state.head:
-            return outcomes, None
+            return outcomes, None, foreign
         if self._postgres:
             # Delivered at commit, to every process listening (infrastructure.postgres).
             conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
-        return outcomes, state.position
+        return outcomes, state.position, foreign
 
     def _write_together(self, conn: Connection, batch: list["Append"], state: "_BatchState") -> list:
         """The batch with one statement per table: each request checked in turn against the
@@ -597,6 +619,8 @@ _INSERT_EVENT = insert(events)
 _INSERT_IDEMPOTENCY = insert(idempotency)
 _KEYS = select(personal_keys.c.subject_id, personal_keys.c.key).where(
     personal_keys.c.subject_id.in_(bindparam("subjects", expanding=True)))
+_STREAMS_BETWEEN = select(events.c.stream_id).where(
+    events.c.position > bindparam("after"), events.c.position <= bindparam("until")).distinct()
 _LOG_PAGE = (
     select(events).where(events.c.position > bindparam("after")).order_by(events.c.position)
     .limit(bindparam("limit"))
@@ -611,6 +635,9 @@ _STREAM_PAGE = (
 
 # Requests one transaction takes at most: bounds the time a batch holds the write lock.
 MAX_BATCH = 64
+# Other processes' events a batch names the streams of; past that, it distrusts every
+# cached state (`foreign_appends`) rather than read them all.
+MAX_NAMED_FOREIGN = 1000
 # Events of this process's latest commits kept for `read`: a few batches of the projector
 # and the event hub.
 RECENT_EVENTS = 4096

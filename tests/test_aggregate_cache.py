@@ -63,6 +63,28 @@ async def test_a_cached_command_is_served_without_reading_the_log(store, dispatc
     assert [e.type for e in stream][-2:] == ["StockReserved", "StockReserved"]
 
 
+async def test_another_process_s_appends_distrust_only_the_streams_they_wrote(store, dispatcher, other,
+                                                                               monkeypatch):
+    customer = await shop(dispatcher, stock=10)
+    await accepted(dispatcher, AddProduct("SKU-2", "Cup", Decimal("4.99"), "EUR", 10))
+    await accepted(other, RestockProduct("SKU-2", 5))  # the other process writes SKU-2 alone
+    await accepted(dispatcher, place(customer))  # this batch finds that append
+    reads = []
+    load = store.load
+    monkeypatch.setattr(store, "load", lambda *args, **kwargs: reads.append(args[0]) or load(*args, **kwargs))
+
+    await accepted(dispatcher, place(customer))  # SKU-1 and the customer: still cached
+    assert reads == []
+    appends = []
+    submit = store.submit
+    monkeypatch.setattr(store, "submit", lambda *args, **kwargs: appends.append(args) or submit(*args, **kwargs))
+    await accepted(dispatcher, RestockProduct("SKU-2", 1))  # SKU-2: its new events read first
+    assert reads == ["SKU-2"]
+    assert len(appends) == 1, "decided on the stale cached state first, and lost"
+    restocked = [e.data["quantity"] for e in await store.load("SKU-2") if e.type == "ProductRestocked"]
+    assert restocked == [5, 1]
+
+
 async def test_stock_taken_by_another_process_is_not_sold_twice(store, dispatcher, other):
     customer = await shop(dispatcher, stock=2)  # one unit left, as this process has it cached
     await accepted(other, place(customer))  # the other process sells the last unit
