@@ -370,12 +370,17 @@ class EventStore:
 
     async def _commit(self, batch: list["Append"]) -> None:
         """One transaction for the whole batch; every request gets its events or its error."""
+        written = self._written
         try:
             outcomes, last, foreign = await self._db.write(partial(self._write_batch, batch))
         except BaseException as error:
-            # What the batch found of other processes' appends is lost with it: the next
-            # batch cannot tell where this one's reading ended, and distrusts everything.
-            self._written = -1
+            if self._written != written:
+                # Failed at the commit, after the batch took the head it would leave: what
+                # it found of other processes' appends is lost, and positions it numbered
+                # may yet be theirs. The next batch distrusts everything. (A batch that
+                # failed before then leaves `_written` as it was, and the next one looks
+                # at the same events again.)
+                self._written = -1
             # Nothing of this batch is on disk: every request of it fails with this.
             for request in batch:
                 request.written = False
@@ -450,7 +455,7 @@ class EventStore:
                 # serialize, say): the batch again, request by request, so that only the
                 # culprit fails.
                 outcomes, state = self._write_each(conn, batch, state)
-        # If the commit fails after all, the next batch counts a foreign append: harmless.
+        # If the commit fails after all, _commit makes the next batch distrust everything.
         self._written = state.position
         if state.position == state.head:
             return outcomes, None, foreign
