@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import httpx
 from commands.customer import RegisterCustomer
 from commands.order import PlaceOrder
 from commands.product import AddProduct, RestockProduct
+from infrastructure.projector_process import ProjectorProcess
 from infrastructure.settings import Settings
 from orderstream import Service, projector_process
 from queries import orders, products
@@ -29,14 +32,26 @@ ROOT = Path(__file__).resolve().parent.parent
 NEVER = 3600.0
 
 
-async def test_commits_wake_the_child_and_its_batches_wake_the_waiting_queries(tmp_path):
-    service = Service(Settings.load(str(tmp_path), environ={}))
+@asynccontextmanager
+async def projecting_in_a_child(folder: Path) -> AsyncIterator[tuple[Service, ProjectorProcess]]:
+    """A service on SQLite in `folder` whose projector runs in a child process, as under `serve`."""
+    service = Service(Settings.load(str(folder), environ={}))
     await service.open()
     service.read.poll_interval = NEVER
     child = projector_process(service, poll_interval=NEVER)
     service.store.on_append(child.wake)
     running = asyncio.create_task(child.run())
     try:
+        yield service, child
+    finally:
+        child.stop()
+        await running
+        await service.close()
+    assert not child.running
+
+
+async def test_commits_wake_the_child_and_its_batches_wake_the_waiting_queries(tmp_path):
+    async with projecting_in_a_child(tmp_path) as (service, child):
         added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
         await service.read.wait_for(added.position, NAMES, timeout=30)  # the child's first batch
         customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
@@ -47,26 +62,15 @@ async def test_commits_wake_the_child_and_its_batches_wake_the_waiting_queries(t
         assert (view.row.status, view.row.customer_id) == ("PENDING", customer.stream_id)
         assert (await products.product(service.read, "MUG")).stock_available == 1
         assert child.starts == 1
-    finally:
-        child.stop()
-        await running
-        await service.close()
-    assert not child.running
 
 
 async def test_a_killed_child_is_started_again_and_goes_on_where_it_stopped(tmp_path):
-    service = Service(Settings.load(str(tmp_path), environ={}))
-    await service.open()
-    service.read.poll_interval = NEVER
-    child = projector_process(service, poll_interval=NEVER)
-    service.store.on_append(child.wake)
-    running = asyncio.create_task(child.run())
-    try:
+    async with projecting_in_a_child(tmp_path) as (service, child):
         added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
         await service.read.wait_for(added.position, NAMES, timeout=30)
         first = child.pid
         os.kill(first, signal.SIGKILL)
-        # Committed while no child runs: the next one finds it in the log.
+        # Committed while the child is gone or starting again: the next one finds it in the log.
         restocked = await succeed(service.dispatcher, RestockProduct("MUG", 5))
         await service.read.wait_for(restocked.position, NAMES, timeout=30)
         assert child.starts == 2 and child.pid not in (None, first)
@@ -75,10 +79,6 @@ async def test_a_killed_child_is_started_again_and_goes_on_where_it_stopped(tmp_
         again = await succeed(service.dispatcher, RestockProduct("MUG", 1))
         await service.read.wait_for(again.position, NAMES, timeout=30)
         assert (await products.product(service.read, "MUG")).stock_available == 9
-    finally:
-        child.stop()
-        await running
-        await service.close()
 
 
 PLACE = """mutation($input: PlaceOrderInput!) {
