@@ -90,13 +90,20 @@ class ProjectorProcess:
                 await self._pause()
 
     async def _follow(self, process: asyncio.subprocess.Process) -> None:
-        async for line in process.stdout:
-            try:
-                moved = json.loads(line)
-            except ValueError:
-                log.warning("the projector process wrote %r, not checkpoints; ignored", line[:200])
-                continue
-            await self.moved(moved)
+        try:
+            async for line in process.stdout:
+                try:
+                    moved = json.loads(line)
+                except ValueError:
+                    log.warning("the projector process wrote %r, not checkpoints; ignored", line[:200])
+                    continue
+                await self.moved(moved)
+        except ValueError:
+            # A line past the reader's limit: nothing it reports can be read any more, so
+            # it is ended, and started again like any child that dies.
+            log.error("the projector process wrote a line too long to be a report; ending it")
+            with suppress(ProcessLookupError):
+                process.kill()
 
     async def _end(self, process: asyncio.subprocess.Process) -> None:
         process.stdin.close()

@@ -81,6 +81,31 @@ async def test_a_killed_child_is_started_again_and_goes_on_where_it_stopped(tmp_
         assert (await products.product(service.read, "MUG")).stock_available == 9
 
 
+async def test_a_child_that_writes_what_is_no_report_is_ignored_or_ended_and_started_again():
+    reports = []
+
+    async def moved(checkpoints: dict) -> None:
+        reports.append(checkpoints)
+
+    async def restarted() -> None:
+        pass
+
+    # A stray line is skipped; a line too long to read ends the child, which is started again.
+    script = ("import sys, time; print('hello'); print('{\"orders\": 7}'); print('x' * 200000, flush=True); "
+              "time.sleep(60)")
+    child = ProjectorProcess([sys.executable, "-c", script], os.environ, moved, restarted, restart_delay=0.1)
+    running = asyncio.create_task(child.run())
+    try:
+        deadline = time.monotonic() + 30
+        while len(reports) < 2:  # one from each start
+            assert time.monotonic() < deadline, f"the child was not started again: {child.starts} start(s)"
+            await asyncio.sleep(0.05)
+    finally:
+        child.stop()
+        await running
+    assert reports[:2] == [{"orders": 7}, {"orders": 7}] and child.starts >= 2
+
+
 PLACE = """mutation($input: PlaceOrderInput!) {
   placeOrder(input: $input) { __typename ... on OrderSuccess { orderId position } }
 }"""
