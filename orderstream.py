@@ -52,10 +52,12 @@ def projections() -> list[Projection]:
 class Service:
     """The stores, the dispatcher and the projector, opened and closed together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, inline: bool = False) -> None:
+        """`inline`: a process that only projects runs its SQLite statements in its event
+        loop (see infrastructure.database)."""
         self.settings = settings
-        self.store = EventStore(settings.event_store_url)
-        self.read = ReadStore(settings.read_store_url, settings.consistency_timeout)
+        self.store = EventStore(settings.event_store_url, inline=inline)
+        self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline)
         self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS)
         self.projector = Projector(self.store, self.read, projections())
         self.hub = EventHub(self.store)
@@ -225,8 +227,8 @@ def _token(args: argparse.Namespace) -> None:
     sys.stdout.write(token + "\n")
 
 
-async def _with_service(args: argparse.Namespace, work) -> None:
-    service = Service(Settings.load(args.data_dir))
+async def _with_service(args: argparse.Namespace, work, inline: bool = False) -> None:
+    service = Service(Settings.load(args.data_dir), inline)
     await service.open()
     try:
         await work(service)
@@ -368,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="how often to look for commits of other processes [1.0]; on PostgreSQL "
                           "notifications announce them at once")
     run.add_argument("--parent", action="store_true", help=argparse.SUPPRESS)
-    run.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_run(a.parent, a.poll_interval))))
+    run.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_run(a.parent, a.poll_interval),
+                                                             inline=True)))
     status = actions.add_parser("status", help="print each projection's position and lag")
     status.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_status)))
     rebuild = actions.add_parser("rebuild", help="replay the log into fresh tables and swap them in")

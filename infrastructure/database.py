@@ -62,11 +62,15 @@ class Database:
     the writer. On PostgreSQL async engines run the same function through `run_sync`.
     """
 
-    def __init__(self, url: str, readers: int = 2, durable: bool = True) -> None:
+    def __init__(self, url: str, readers: int = 2, durable: bool = True, inline: bool = False) -> None:
         """`durable=False` (SQLite): a commit may be lost with the machine's power, never
-        half-applied; for data that can be made again, such as read models."""
+        half-applied; for data that can be made again, such as read models.
+        `inline` (SQLite): writes and scans run in the event loop too, for a process that
+        has nothing else to do meanwhile (the projector's): there the hops to the worker
+        threads and back only add to each batch's time."""
         self.url = url
         self.dialect = make_url(url).get_dialect().name
+        self.inline = inline
         self._threads = None
         if self.dialect == "sqlite":
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
@@ -97,6 +101,8 @@ class Database:
         if self._threads is None:
             async with self._writer.begin() as conn:
                 return await conn.run_sync(work)
+        if self.inline:
+            return _in_transaction(self._writer, work)
         return await asyncio.get_running_loop().run_in_executor(self._threads[0], _in_transaction,
                                                                 self._writer, work)
 
@@ -118,7 +124,7 @@ class Database:
     async def scan(self, work: Callable[[Connection], T]) -> T:
         """`read` for reads of many rows: on SQLite in a reader thread, so that the event
         loop goes on meanwhile."""
-        if self._threads is None:
+        if self._threads is None or self.inline:
             return await self.read(work)
         return await asyncio.get_running_loop().run_in_executor(self._threads[1], _in_transaction,
                                                                 self._reader, work)

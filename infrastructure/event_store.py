@@ -173,11 +173,13 @@ class IdempotencyKeyTaken(Exception):
 class EventStore:
     """Append-only log of events in streams, with a global, gap-free position."""
 
-    def __init__(self, url: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, url: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 inline: bool = False) -> None:
+        """`inline`: see `Database`."""
         self.url = url
         # Where recorded_at comes from; tests that need events on given days pass their own.
         self.clock = clock
-        self._db = Database(url)
+        self._db = Database(url, inline=inline)
         self._postgres = self._db.dialect == "postgresql"
         self._listeners: list[Callable[[int], None]] = []
         self._queue: deque[Append] = deque()

@@ -78,7 +78,9 @@ class ReadStore:
     """The read database: its writes and reads are units of work (plain functions of a
     Connection, see `Database`), run by `write` and `read`."""
 
-    def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1) -> None:
+    def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1,
+                 inline: bool = False) -> None:
+        """`inline`: see `Database`."""
         self.url = url
         self.consistency_timeout = consistency_timeout
         # How often a waiting query re-reads the checkpoints, for projectors elsewhere.
@@ -86,7 +88,7 @@ class ReadStore:
         # Read models are made from the log: a projector commit lost with the power is
         # applied again from the checkpoint, which moves in the same transaction. So the
         # read database skips the wait for the disk that the log's commits make.
-        self._db = Database(url, durable=False)
+        self._db = Database(url, durable=False, inline=inline)
         self._postgres = self._db.dialect == "postgresql"
         self._positions: dict[str, int] = {}
         self._advanced = asyncio.Condition()

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, closing
@@ -652,3 +653,18 @@ async def test_the_log_waits_for_the_disk_and_the_read_models_need_not(tmp_path)
     finally:
         await service.close()
     assert (log, read) == (2, 1)
+
+
+async def test_a_service_that_only_projects_runs_its_statements_in_its_event_loop(tmp_path):
+    # `projections run` (the child of `serve` too) makes its service inline: no thread hops.
+    here = threading.get_ident()
+    for inline in (False, True):
+        service = Service(Settings.load(str(tmp_path), environ={}), inline=inline)
+        await service.open()
+        try:
+            threads = {await service.store._db.write(lambda conn: threading.get_ident()),
+                       await service.store._db.scan(lambda conn: threading.get_ident()),
+                       await service.read.write(lambda conn: threading.get_ident())}
+        finally:
+            await service.close()
+        assert (threads == {here}) is inline, (inline, threads)
