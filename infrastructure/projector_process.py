@@ -62,7 +62,11 @@ class ProjectorProcess:
     async def run(self) -> None:
         while not self._stop.is_set():
             if self.starts:
-                await self.restarted()
+                try:
+                    await self.restarted()
+                except Exception:
+                    log.exception("catching up after the projector process's restart failed; its next "
+                                  "report or the poll will")
             self.starts += 1
             try:
                 process = self._process = await asyncio.create_subprocess_exec(
@@ -95,6 +99,8 @@ class ProjectorProcess:
                 try:
                     moved = json.loads(line)
                 except ValueError:
+                    moved = None
+                if not (isinstance(moved, dict) and all(type(v) is int for v in moved.values())):
                     log.warning("the projector process wrote %r, not checkpoints; ignored", line[:200])
                     continue
                 await self.moved(moved)

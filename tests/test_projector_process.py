@@ -90,9 +90,10 @@ async def test_a_child_that_writes_what_is_no_report_is_ignored_or_ended_and_sta
     async def restarted() -> None:
         pass
 
-    # A stray line is skipped; a line too long to read ends the child, which is started again.
-    script = ("import sys, time; print('hello'); print('{\"orders\": 7}'); print('x' * 200000, flush=True); "
-              "time.sleep(60)")
+    # Lines that are no checkpoints are skipped; a line too long to read ends the child, which
+    # is started again.
+    script = ("import sys, time; print('hello'); print(7); print('{\"orders\": \"x\"}'); print('{\"orders\": 7}'); "
+              "print('x' * 200000, flush=True); time.sleep(60)")
     child = ProjectorProcess([sys.executable, "-c", script], os.environ, moved, restarted, restart_delay=0.1)
     running = asyncio.create_task(child.run())
     try:
