@@ -177,7 +177,7 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
             log.exception("health check: the event store is unreachable")
             return JSONResponse({"status": "unavailable"}, status_code=503)
         if child is not None:
-            state = "process" if child.running else "restarting"
+            state = "process" if child.ready else "starting"
         elif projector == "off":
             state = "elsewhere"
         elif service.leadership is None:
@@ -255,6 +255,7 @@ def _projections_run(parent: bool, poll_interval: float):
             output.flush()
 
         service.projector.on_moved(report)
+        report({})  # ready: the databases are open
         following = asyncio.create_task(_follow_parent(service))
         try:
             await asyncio.gather(service.project(), service.listen())

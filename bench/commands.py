@@ -409,11 +409,19 @@ async def wait_for_start(process: subprocess.Popen, url: str, log: Path) -> None
             if process.poll() is not None:
                 raise BenchmarkError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
             with suppress(httpx.TransportError):
-                if (await http.post("/graphql", json={"query": "{ __typename }"})).status_code == 200:
+                if ((await http.post("/graphql", json={"query": "{ __typename }"})).status_code == 200
+                        and await projector_ready(http)):
                     return
             if time.perf_counter() > deadline:
                 raise BenchmarkError(f"the server did not answer within 60 s:\n{log.read_text()[-3000:]}")
             await asyncio.sleep(0.1)
+
+
+async def projector_ready(http: httpx.AsyncClient) -> bool:
+    """orderstream's projector process has started, so that its start-up falls in no
+    window; a server without /healthz (the trivial one) has nothing to wait for."""
+    health = await http.get("/healthz")
+    return health.status_code != 200 or health.json().get("projector") != "starting"
 
 
 def free_port() -> int:

@@ -5,8 +5,9 @@ they run on two cores. The child is `orderstream projections run --parent`, and 
 speak over its standard streams, a line a message:
 - to the child, the last position of each commit of the server: project now, not at the
   next poll;
-- from the child, the checkpoints each of its batches moved, as JSON, once committed: the
-  queries waiting for them (`consistentWith`) go on at once.
+- from the child, `{}` once it has opened its databases (it is ready), then the
+  checkpoints each of its batches moved, as JSON, once committed: the queries waiting for
+  them (`consistentWith`) go on at once.
 The child stops after the batch in hand when its input ends, so it never outlives the
 server, however the server ends. A child that dies is started again.
 """
@@ -32,6 +33,8 @@ class ProjectorProcess:
         self.moved, self.restarted = moved, restarted
         self.restart_delay, self.stop_timeout = restart_delay, stop_timeout
         self.starts = 0
+        # The child of the latest start has reported (its first line says it is ready).
+        self.ready = False
         self._process: asyncio.subprocess.Process | None = None
         self._stop = asyncio.Event()
 
@@ -68,6 +71,7 @@ class ProjectorProcess:
                     log.exception("catching up after the projector process's restart failed; its next "
                                   "report or the poll will")
             self.starts += 1
+            self.ready = False
             try:
                 process = self._process = await asyncio.create_subprocess_exec(
                     *self.argv, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -88,6 +92,7 @@ class ProjectorProcess:
             stopping.cancel()
             await exited
             await reports
+            self.ready = False
             if not self._stop.is_set():
                 log.error("the projector process exited with code %s after %.1f s; starting it again in %.0f s",
                           process.returncode, time.monotonic() - started, self.restart_delay)
@@ -103,6 +108,7 @@ class ProjectorProcess:
                 if not (isinstance(moved, dict) and all(type(v) is int for v in moved.values())):
                     log.warning("the projector process wrote %r, not checkpoints; ignored", line[:200])
                     continue
+                self.ready = True
                 await self.moved(moved)
         except ValueError:
             # A line past the reader's limit: nothing it reports can be read any more, so

@@ -54,6 +54,7 @@ async def test_commits_wake_the_child_and_its_batches_wake_the_waiting_queries(t
     async with projecting_in_a_child(tmp_path) as (service, child):
         added = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
         await service.read.wait_for(added.position, NAMES, timeout=30)  # the child's first batch
+        assert child.ready
         customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
         placed = await succeed(service.dispatcher, PlaceOrder(customer.stream_id, (("MUG", 2),), ADDRESS))
         await service.read.wait_for(placed.position, NAMES, timeout=30)
@@ -172,7 +173,7 @@ async def until_up(http: httpx.AsyncClient, server: subprocess.Popen, log: Path)
         assert server.poll() is None, f"serve exited: {log.read_text()[-3000:]}"
         try:
             response = await http.get("/healthz")
-            if response.status_code == 200 and response.json()["projector"] != "restarting":
+            if response.status_code == 200 and response.json()["projector"] != "starting":
                 return response.json()
         except httpx.TransportError:
             pass
