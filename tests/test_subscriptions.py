@@ -619,7 +619,8 @@ async def test_order_updated_refuses_another_customers_order(server):
 @pytest.mark.parametrize("protocol", [TRANSPORT_WS, LEGACY_WS])
 async def test_the_socket_is_closed_when_the_token_expires(server, protocol):
     customer_id = await register(server)
-    short = token("staff", ttl=timedelta(seconds=2))
+    # Its expiry is in whole seconds: long enough to outlast the handshake on a busy machine.
+    short = token("staff", ttl=timedelta(seconds=5))
     expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
     ws = await connect(server, short, protocol)
     await start(ws, "1", EVENTS, {"after": "0"}, protocol)
