@@ -70,7 +70,7 @@ class Database:
         threads and back only add to each batch's time."""
         self.url = url
         self.dialect = make_url(url).get_dialect().name
-        self.inline = inline
+        self._inline = inline
         self._threads = None
         if self.dialect == "sqlite":
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
@@ -101,7 +101,7 @@ class Database:
         if self._threads is None:
             async with self._writer.begin() as conn:
                 return await conn.run_sync(work)
-        if self.inline:
+        if self._inline:
             return _in_transaction(self._writer, work)
         return await asyncio.get_running_loop().run_in_executor(self._threads[0], _in_transaction,
                                                                 self._writer, work)
@@ -122,9 +122,9 @@ class Database:
         return _in_transaction(self._reader, work)
 
     async def scan(self, work: Callable[[Connection], T]) -> T:
-        """`read` for reads of many rows: on SQLite in a reader thread, so that the event
-        loop goes on meanwhile."""
-        if self._threads is None or self.inline:
+        """`read` for reads of many rows: on SQLite in a reader thread (unless `inline`), so
+        that the event loop goes on meanwhile."""
+        if self._threads is None or self._inline:
             return await self.read(work)
         return await asyncio.get_running_loop().run_in_executor(self._threads[1], _in_transaction,
                                                                 self._reader, work)

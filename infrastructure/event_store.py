@@ -196,7 +196,7 @@ class EventStore:
         # its previous batch, without naming their streams: state derived from the log
         # before the latest such find may be out of date. A batch that finds a few such
         # events names their streams to the `on_foreign_streams` listeners instead.
-        # `_written` is the head a batch left (-1: not known).
+        # `_written` is the head this process's latest committed batch left (-1: none yet).
         self.foreign_appends = 0
         self._written = -1
         self._foreign_listeners: list[Callable[[set[str]], None]] = []
@@ -372,17 +372,12 @@ class EventStore:
 
     async def _commit(self, batch: list["Append"]) -> None:
         """One transaction for the whole batch; every request gets its events or its error."""
-        written = self._written
         try:
-            outcomes, last, foreign = await self._db.write(partial(self._write_batch, batch))
+            outcomes, state, foreign = await self._db.write(partial(self._write_batch, batch))
         except BaseException as error:
-            if self._written != written:
-                # Failed at the commit, after the batch took the head it would leave: what
-                # it found of other processes' appends is lost, and positions it numbered
-                # may yet be theirs. The next batch distrusts everything. (A batch that
-                # failed before then leaves `_written` as it was, and the next one looks
-                # at the same events again.)
-                self._written = -1
+            # `_written` stays: the next batch looks again at every event since, which
+            # takes in what this one found of other processes' appends, and positions it
+            # numbered that another process may fill meanwhile.
             # Nothing of this batch is on disk: every request of it fails with this.
             for request in batch:
                 request.written = False
@@ -392,6 +387,8 @@ class EventStore:
                 raise
             return
         self.commits += 1
+        self._written = state.position
+        last = state.position if state.position != state.head else None
         if foreign:
             for listener in self._foreign_listeners:
                 listener(foreign)
@@ -423,9 +420,10 @@ class EventStore:
             recent.clear()  # another process appended in between: keep the run consecutive
         recent.extend(committed)
 
-    def _write_batch(self, batch: list["Append"], conn: Connection) -> tuple[list, int | None, set[str]]:
-        """Each request's events or error, the last position written (None if none was),
-        and the streams other processes appended to since this process's previous batch."""
+    def _write_batch(self, batch: list["Append"], conn: Connection) -> tuple[list, "_BatchState", set[str]]:
+        """Each request's events or error, the state the batch leaves (its head: where the
+        log stood before it; its position: where the batch leaves it), and the streams other
+        processes appended to since this process's previous batch."""
         if self._postgres:
             # Batches take turns from here to their commit (SQLite's one writer already
             # does), so that positions are numbered and become visible in order: a reader
@@ -457,14 +455,10 @@ class EventStore:
                 # serialize, say): the batch again, request by request, so that only the
                 # culprit fails.
                 outcomes, state = self._write_each(conn, batch, state)
-        # If the commit fails after all, _commit makes the next batch distrust everything.
-        self._written = state.position
-        if state.position == state.head:
-            return outcomes, None, foreign
-        if self._postgres:
+        if self._postgres and state.position != state.head:
             # Delivered at commit, to every process listening (infrastructure.postgres).
             conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
-        return outcomes, state.position, foreign
+        return outcomes, state, foreign
 
     def _write_together(self, conn: Connection, batch: list["Append"], state: "_BatchState") -> list:
         """The batch with one statement per table: each request checked in turn against the

@@ -656,7 +656,7 @@ async def test_the_log_waits_for_the_disk_and_the_read_models_need_not(tmp_path)
 
 
 async def test_a_service_that_only_projects_runs_its_statements_in_its_event_loop(tmp_path):
-    # `projections run` (the child of `serve` too) makes its service inline: no thread hops.
+    # What `orderstream projections run` (and so serve's child) asks for: no thread hops.
     here = threading.get_ident()
     for inline in (False, True):
         service = Service(Settings.load(str(tmp_path), environ={}), inline=inline)
