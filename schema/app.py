@@ -17,7 +17,7 @@ from infrastructure.auth import Actor, TokenVerifier, Unauthenticated, authentic
 from infrastructure.event_hub import EventHub
 from infrastructure.event_store import EventStore
 from infrastructure.graphql_errors import ErrorCodes
-from infrastructure.graphql_execution import PerEventMemo
+from infrastructure.graphql_execution import PerEventMemo, prepare_inputs
 from infrastructure.graphql_http import GraphQLOverHTTP
 from infrastructure.limits import QueryBounds, QueryLimits
 from infrastructure.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
@@ -38,12 +38,14 @@ EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its
 def build_schema(bounds: QueryBounds | None = None) -> strawberry.Schema:
     """The schema, its documents bounded by `bounds` (the default limits if None)."""
     bounds = bounds or QueryBounds(QueryLimits())
-    return strawberry.Schema(
+    schema = strawberry.Schema(
         query=Query, mutation=Mutation, subscription=Subscription,
         # ErrorCodes first: its on_operation exit runs last, after the bounds have amended the errors.
         extensions=[ErrorCodes, bounds.extension()],
         config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
+    prepare_inputs(schema)
+    return schema
 
 
 def caller(request: HTTPConnection, actor: Actor | None) -> str:
