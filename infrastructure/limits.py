@@ -83,6 +83,11 @@ class QueryBounds:
         # strawberry's LRU caches, shared by every request (and every schema of this size).
         self.parse = ParserCache(maxsize=limits.cache_size).cached_parse_document
         self.validate = ValidationCache(maxsize=limits.cache_size).cached_validate_document
+        # The cost of operations whose `first` arguments are no variables, which every request
+        # with the same document shares: id(document) -> (document, {operation name: cost}).
+        # The parse cache hands out the same document for the same text; holding it here keeps
+        # its id from being reused by another.
+        self._costs: dict[int, tuple[Any, dict[str | None, int]]] = {}
 
     def extension(self) -> Callable[[], SchemaExtension]:
         """For `strawberry.Schema(extensions=[...])`."""
@@ -90,16 +95,27 @@ class QueryBounds:
 
     def cost_error(self, schema: GraphQLSchema, document, operation_name: str | None,
                    variables: Mapping[str, Any] | None) -> GraphQLError | None:
-        operation = get_operation_ast(document, operation_name)
-        if operation is None:
-            return None  # execution reports the unknown operation
-        cost = query_cost(schema, document, operation, variables or {}, self.limits.unpaged_list_size)
+        known = self._costs.get(id(document))
+        if known is None or known[0] is not document:
+            if len(self._costs) >= self.limits.cache_size:
+                self._costs.pop(next(iter(self._costs)))  # the oldest
+            known = self._costs[id(document)] = document, {}
+        cost = known[1].get(operation_name)
+        if cost is None:
+            operation = get_operation_ast(document, operation_name)
+            if operation is None:
+                return None  # execution reports the unknown operation
+            counting = _Cost(schema, document, operation, variables or {}, self.limits.unpaged_list_size)
+            cost = counting.total()
+            if not counting.read_variables:
+                known[1][operation_name] = cost
         if cost <= self.limits.max_cost:
             return None
         return GraphQLError(
             f"This query may return up to {cost:,} values; the limit is {self.limits.max_cost:,}. "
             "Ask for fewer items with `first`, or for fewer fields.",
-            operation, extensions={"code": "QUERY_TOO_EXPENSIVE", "cost": cost, "maxCost": self.limits.max_cost})
+            get_operation_ast(document, operation_name),
+            extensions={"code": "QUERY_TOO_EXPENSIVE", "cost": cost, "maxCost": self.limits.max_cost})
 
     def public(self, error: GraphQLError) -> GraphQLError:
         """The error as the client may see it: without suggestions when they are off."""
@@ -269,17 +285,21 @@ def query_cost(schema: GraphQLSchema, document, operation: OperationDefinitionNo
     any other list is assumed to hold `unpaged_list_size`. @skip and @include are ignored.
     Introspection fields count 1: the schema bounds them, and MaxIntrospectionDepthRule.
     Only for valid documents: it trusts the fields and fragments to exist."""
-    return _Cost(schema, document, operation, variables, unpaged_list_size).of(
-        operation.selection_set, schema.get_root_type(operation.operation), None)
+    return _Cost(schema, document, operation, variables, unpaged_list_size).total()
 
 
 class _Cost:
     def __init__(self, schema: GraphQLSchema, document, operation: OperationDefinitionNode,
                  variables: Mapping[str, Any], unpaged_list_size: int) -> None:
         self.schema, self.variables, self.unpaged = schema, variables, unpaged_list_size
+        self.operation = operation
+        self.read_variables = False  # a `first` was a variable: the cost is this request's alone
         self.defaults = {d.variable.name.value: d.default_value for d in operation.variable_definitions or ()}
         self.fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
         self.memo: dict[tuple[str, int | None], int] = {}
+
+    def total(self) -> int:
+        return self.of(self.operation.selection_set, self.schema.get_root_type(self.operation.operation), None)
 
     def of(self, selection_set: SelectionSetNode, parent_type, page: int | None) -> int:
         total = 0
@@ -318,6 +338,7 @@ class _Cost:
             return None
         value = next((a.value for a in node.arguments or () if a.name.value == "first"), None)
         if isinstance(value, VariableNode):
+            self.read_variables = True
             name = value.name.value
             value = self.variables[name] if name in self.variables else self.defaults.get(name)
         if isinstance(value, IntValueNode):

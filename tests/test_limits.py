@@ -174,6 +174,17 @@ async def test_aliases_multiply_the_cost(api):
     assert error["extensions"]["cost"] == 2 * (1 + 1 + 1 + 20 * (1 + 1 + 1 + 3 + 1 + 100 * 9))
 
 
+async def test_each_request_is_costed_with_its_own_variables(api):
+    # The same document, costed once for every request only when no variable sizes a list.
+    for first, codes_expected in ((20, []), (100, ["QUERY_TOO_EXPENSIVE"]), (20, []), (100, ["QUERY_TOO_EXPENSIVE"])):
+        assert codes(await api.execute(CUSTOMER_ORDERS, {"first": first}, STAFF)) == codes_expected
+    literal = CUSTOMER_ORDERS.replace("query($first: Int!)", "query").replace("$first", "100")
+    for _ in range(2):
+        error = the_error(await api.execute(literal, None, STAFF), "QUERY_TOO_EXPENSIVE")
+        assert error["extensions"]["cost"] == 90_703
+        assert error["locations"] == [{"line": 1, "column": 1}]
+
+
 async def test_a_lists_default_page_size_counts_when_first_is_left_out(api):
     body = await api.execute(CUSTOMER_ORDERS.replace("$first: Int!", "$first: Int = 20"), {}, STAFF)
     assert codes(body) == []
