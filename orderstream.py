@@ -34,7 +34,7 @@ from infrastructure.http import BodyLimit, SecurityHeaders
 from infrastructure.limits import QueryBounds
 from infrastructure.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from infrastructure.projector import Projection, Projector
-from infrastructure.projector_process import ProjectorProcess
+from infrastructure.projector_process import MAX_MESSAGE, ProjectorProcess, decode_events
 from infrastructure.rate_limit import RateLimit
 from infrastructure.read_store import ReadStore
 from infrastructure.settings import Settings
@@ -125,7 +125,8 @@ def projector_process(service: Service, poll_interval: float = 1.0) -> Projector
                "ORDERSTREAM_READ_STORE_URL": settings.read_store_url}
     argv = [sys.executable, "-m", "orderstream", "projections", "run", "--parent",
             "--poll-interval", str(poll_interval), "--data-dir", str(settings.data_dir)]
-    return ProjectorProcess(argv, environ, moved=service.read.advanced, restarted=service.read.refresh)
+    return ProjectorProcess(argv, environ, moved=service.read.advanced, restarted=service.read.refresh,
+                            recent=service.store.recent)
 
 
 def build_app(settings: Settings, projector: str = "thread") -> Starlette:
@@ -288,10 +289,20 @@ def _projections_run(parent: bool, poll_interval: float):
 
 
 async def _follow_parent(service: Service) -> None:
-    """Wake the projector for each line on stdin; stop when it ends (the server is gone)."""
-    reader = asyncio.StreamReader()
+    """Keep the events of each commit the server sends (infrastructure.projector_process) and
+    wake the projector; stop when the input ends (the server is gone)."""
+    reader = asyncio.StreamReader(limit=2 * MAX_MESSAGE)
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.readline():
+    while True:
+        try:
+            line = await reader.readline()
+            if not line:
+                break
+            service.store.remember(decode_events(line))
+        except ValueError as error:
+            # Read from the log instead, like a commit sent as its position alone.
+            log.warning("a message from the server was not read (%s)", error)
+            service.store.remember(())
         service.projector.wake()
     service.stop_all()
 

@@ -318,14 +318,34 @@ class EventStore:
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events of the whole log after position `after`."""
-        recent = self._recent
-        if recent and recent[0].position - 1 <= after < recent[-1].position:
-            # Every position is taken by one event, so the ones kept here from `after` on
-            # are the log's own (perhaps not all of it: another process may have
-            # appended since; the caller reads on from the last one).
-            start = after + 1 - recent[0].position
-            return list(itertools.islice(recent, start, start + limit))
+        kept = self.recent(after, limit)
+        if kept is not None:
+            return kept
         return await self._db.scan(partial(self._fetch, _LOG_PAGE, {"after": after, "limit": limit}))
+
+    def recent(self, after: int, limit: int) -> list[RecordedEvent] | None:
+        """Up to `limit` events after position `after` from those kept in memory (the latest
+        this process committed, or was given by `remember`); None if they do not reach back
+        to `after`."""
+        recent = self._recent
+        if not (recent and recent[0].position - 1 <= after < recent[-1].position):
+            return None
+        # Every position is taken by one event, so the ones kept here from `after` on are
+        # the log's own (perhaps not all of it: another process may have appended since;
+        # the caller reads on from the last one).
+        start = after + 1 - recent[0].position
+        return list(itertools.islice(recent, start, start + limit))
+
+    def remember(self, events: Sequence[RecordedEvent]) -> None:
+        """Keep committed events, consecutive in the log, for `read` to serve: the projector
+        process is given each of the server's commits, which it would otherwise read back
+        from the log. Events that do not follow the ones kept start a new run; none at all
+        (a commit whose events were not given, such as one that destroyed a key) leave
+        nothing kept: what was may hold personal data no longer readable in the log."""
+        recent = self._recent
+        if not events or recent and recent[-1].position + 1 != events[0].position:
+            recent.clear()
+        recent.extend(events)
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
@@ -414,11 +434,9 @@ class EventStore:
             recent.clear()
             return
         committed = [event for outcome in outcomes if isinstance(outcome, list) for event in outcome]
-        if not committed:
-            return
-        if recent and recent[-1].position + 1 != committed[0].position:
-            recent.clear()  # another process appended in between: keep the run consecutive
-        recent.extend(committed)
+        if committed:
+            # A run broken by another process's appends starts again at this batch.
+            self.remember(committed)
 
     def _write_batch(self, batch: list["Append"], conn: Connection) -> tuple[list, "_BatchState", set[str]]:
         """Each request's events or error, the state the batch leaves (its head: where the

@@ -3,8 +3,10 @@
 In one process, projecting and serving take turns on the interpreter's one lock; apart,
 they run on two cores. The child is `orderstream projections run --parent`, and the two
 speak over its standard streams, a line a message:
-- to the child, the last position of each commit of the server: project now, not at the
-  next poll;
+- to the child, each commit of the server: project now, not at the next poll. The
+  commit's events, as JSON (`encode_events`), which the child keeps in memory and need not
+  read back from the log, when the server still has them at hand since its previous
+  message and they are not too many; else the commit's last position alone;
 - from the child, `{}` once it has opened its databases (it is ready), then the
   checkpoints each of its batches moved, as JSON, once committed: the queries waiting for
   them (`consistentWith`) go on at once.
@@ -18,8 +20,36 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
+from datetime import datetime
+
+from infrastructure.event_store import RecordedEvent
 
 log = logging.getLogger("orderstream.projector")
+
+# The longest message of events to the child, in bytes, and the most events in one: a
+# commit past either is sent as its position alone. The child reads lines of up to twice
+# as many bytes.
+MAX_MESSAGE = 512 * 1024
+MAX_MESSAGE_EVENTS = 1000
+
+
+def encode_events(events: Sequence[RecordedEvent]) -> bytes:
+    """One line: each event as a list of its fields in order, `recorded_at` in ISO 8601."""
+    return json.dumps([[e.position, e.event_id, e.stream_id, e.stream_type, e.version, e.type, e.schema_version,
+                        e.data, e.correlation_id, e.causation_id, e.actor, e.idempotency_key,
+                        e.recorded_at.isoformat()] for e in events], separators=(",", ":")).encode() + b"\n"
+
+
+def decode_events(line: bytes) -> list[RecordedEvent]:
+    """The events of a line of `encode_events`; none for a position alone. ValueError for a
+    line that is neither."""
+    try:
+        message = json.loads(line)
+        if isinstance(message, int):
+            return []
+        return [RecordedEvent(*fields[:12], recorded_at=datetime.fromisoformat(fields[12])) for fields in message]
+    except (TypeError, IndexError) as error:
+        raise ValueError(f"not a message of events: {error}") from None
 
 
 class ProjectorProcess:
@@ -28,9 +58,14 @@ class ProjectorProcess:
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str],
                  moved: Callable[[dict[str, int]], Awaitable[None]], restarted: Callable[[], Awaitable[None]],
+                 recent: Callable[[int, int], list[RecordedEvent] | None] = lambda after, limit: None,
                  restart_delay: float = 1.0, stop_timeout: float = 10.0) -> None:
+        """`recent(after, limit)`: the server's events after a position, while it has them
+        in memory (EventStore.recent), for the messages to the child."""
         self.argv, self.env = list(argv), dict(env)
-        self.moved, self.restarted = moved, restarted
+        self.moved, self.restarted, self.recent = moved, restarted, recent
+        # The position of the last commit the child was told of, since its start.
+        self._told: int | None = None
         self.restart_delay, self.stop_timeout = restart_delay, stop_timeout
         self.starts = 0
         # The child of the latest start has reported (its first line says it is ready).
@@ -56,6 +91,14 @@ class ProjectorProcess:
         # as it then stands: this one would add nothing.
         if stdin.is_closing() or stdin.transport.get_write_buffer_size():
             return
+        told, self._told = self._told, position
+        # Every event since the last message (those of commits it skipped too), or none.
+        events = self.recent(told, MAX_MESSAGE_EVENTS) if told is not None else None
+        if events and events[-1].position == position:
+            message = encode_events(events)
+            if len(message) <= MAX_MESSAGE:
+                stdin.write(message)
+                return
         stdin.write(b"%d\n" % position)
 
     def stop(self) -> None:
@@ -72,6 +115,7 @@ class ProjectorProcess:
                                   "report or the poll will")
             self.starts += 1
             self.ready = False
+            self._told = None  # a new child reads the log from its checkpoints first
             try:
                 process = self._process = await asyncio.create_subprocess_exec(
                     *self.argv, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

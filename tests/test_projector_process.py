@@ -3,6 +3,7 @@ commit wakes it, each batch it commits wakes the queries waiting for it, a child
 is started again, and it does not outlive the server, however the server ends."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,8 @@ import httpx
 from commands.customer import RegisterCustomer
 from commands.order import PlaceOrder
 from commands.product import AddProduct, RestockProduct
-from infrastructure.projector_process import ProjectorProcess
+from infrastructure.event_store import EventStore
+from infrastructure.projector_process import ProjectorProcess, decode_events
 from infrastructure.settings import Settings
 from orderstream import Service, projector_process
 from queries import orders, products
@@ -106,6 +108,60 @@ async def test_a_child_that_writes_what_is_no_report_is_ignored_or_ended_and_sta
         child.stop()
         await running
     assert reports[:2] == [{"orders": 7}, {"orders": 7}] and child.starts >= 2
+
+
+async def test_commits_go_to_the_child_with_their_events_which_it_reads_without_the_log(tmp_path):
+    service = Service(Settings.load(str(tmp_path), environ={}))
+    await service.open()
+    heard = tmp_path / "heard"
+    # A stand-in for the child: ready at once, and every line it is sent goes to a file.
+    script = (f"import sys\nprint('{{}}', flush=True)\nwith open({str(heard)!r}, 'wb', buffering=0) as out:\n"
+              "    for line in sys.stdin.buffer: out.write(line)\n")
+
+    async def ignored(*_) -> None:
+        pass
+
+    child = ProjectorProcess([sys.executable, "-c", script], os.environ, ignored, ignored,
+                             recent=service.store.recent)
+    service.store.on_append(child.wake)
+    running = asyncio.create_task(child.run())
+    try:
+        while not child.ready:
+            await asyncio.sleep(0.02)
+        first = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
+        customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
+        await succeed(service.dispatcher, PlaceOrder(customer.stream_id, (("MUG", 2),), ADDRESS))
+        deadline = time.monotonic() + 30
+        while not heard.exists() or heard.read_bytes().count(b"\n") < 3:
+            assert time.monotonic() < deadline, "the child was not told of three commits"
+            await asyncio.sleep(0.02)
+    finally:
+        child.stop()
+        await running
+        await service.close()
+    first_line, *lines = heard.read_bytes().splitlines(keepends=True)
+    # The first commit since the child started: its position alone (the child reads the log).
+    assert json.loads(first_line) == first.position
+    sent = [event for line in lines for event in decode_events(line)]
+    log = EventStore(service.settings.event_store_url)
+    await log.open()
+    try:
+        logged = await log.read(after=first.position)  # another store: read back, unsealed
+    finally:
+        await log.close()
+    assert sent == logged and [e.type for e in sent] == ["CustomerRegistered", "StockReserved", "OrderPlaced"]
+
+    # The child's side: what it was sent is what it reads, from memory; there is no log here.
+    kept = EventStore(f"sqlite+aiosqlite:///{tmp_path / 'no-log-here.db'}")
+    try:
+        kept.remember(sent)
+        assert await kept.read(after=first.position) == logged
+        kept.remember(sent[-1:])  # does not follow what is kept: a new run from it
+        assert kept.recent(first.position, 10) is None and kept.recent(sent[-2].position, 10) == sent[-1:]
+        kept.remember(())  # a commit sent as its position alone
+        assert kept.recent(sent[-2].position, 10) is None
+    finally:
+        await kept.close()
 
 
 PLACE = """mutation($input: PlaceOrderInput!) {
