@@ -1,11 +1,14 @@
 """Bounds on what one GraphQL document may ask for: depth, tokens, aliases and cost.
 
-`QueryBounds` is built once, with the schema. Its validation rules are classes made once
-and then reused by every request: strawberry's ValidationCache keys its cache on the rule
-classes, so rules made afresh per request (strawberry issue 4635) would miss it every time.
+`QueryBounds` is built once, with the schema, and keeps each document's verdict (its
+validation errors, and its cost where no variable sets it) for every request that sends
+the same text: strawberry's parse cache hands out one document object per text, so a
+verdict is found by the document's identity. (strawberry's ValidationCache hashes the
+whole document, which graphql-core does node by node, on every request.)
 
 The cost limit needs the request's variables (`first: $n`), which validation never sees, so
-it is checked per request, right after the (cached) validation, on valid documents only.
+an operation whose list sizes are variables is costed per request, right after the
+validation, on valid documents only.
 """
 
 import re
@@ -34,7 +37,8 @@ from graphql import (
 from graphql.language import SKIP
 from graphql.validation import NoSchemaIntrospectionCustomRule
 from graphql.validation.rules.max_introspection_depth_rule import MaxIntrospectionDepthRule
-from strawberry.extensions import ParserCache, SchemaExtension, ValidationCache
+from strawberry.extensions import ParserCache, SchemaExtension
+from strawberry.schema.schema import validate_document
 
 # What graphql-core appends to an error that guesses at a name ("Did you mean 'orders'?").
 SUGGESTION = re.compile(r" Did you mean .*\?$", re.DOTALL)
@@ -64,10 +68,21 @@ class QueryLimits:
     cache_size: int = 128
 
 
+@dataclass
+class _Verdict:
+    """What one document of one schema was found to be."""
+
+    document: Any  # held, so that its id is not reused while the verdict is kept
+    schema: GraphQLSchema
+    rules: tuple
+    errors: list[GraphQLError]
+    costs: dict[str | None, int]  # by operation name, for operations whose cost no variable sets
+
+
 class QueryBounds:
     """The limits of one schema: validation rules made once, the extension that applies them,
-    the parse and validation caches, and a count of full validations (cache hits skip the
-    rules, so it shows the cache working)."""
+    the parse cache and each document's verdict, and a count of full validations (a document
+    seen before skips the rules, so it shows the verdicts being kept)."""
 
     def __init__(self, limits: QueryLimits) -> None:
         self.limits = limits
@@ -80,35 +95,36 @@ class QueryBounds:
             _bound(AliasLimit, max_aliases=limits.max_aliases),
             introspection,
         )
-        # strawberry's LRU caches, shared by every request (and every schema of this size).
+        # strawberry's LRU cache, shared by every request (and every schema of this size).
         self.parse = ParserCache(maxsize=limits.cache_size).cached_parse_document
-        self.validate = ValidationCache(maxsize=limits.cache_size).cached_validate_document
-        # The cost of operations whose `first` arguments are no variables, which every request
-        # with the same document shares: id(document) -> (document, {operation name: cost}).
-        # The parse cache hands out the same document for the same text; holding it here keeps
-        # its id from being reused by another.
-        self._costs: dict[int, tuple[Any, dict[str | None, int]]] = {}
+        self._verdicts: dict[int, _Verdict] = {}  # by id(document), the oldest first
+
+    def verdict(self, schema: GraphQLSchema, document, rules: tuple) -> _Verdict:
+        """The document validated against `schema` with `rules`, once while it is kept."""
+        known = self._verdicts.get(id(document))
+        if known is None or known.document is not document or known.schema is not schema or known.rules != rules:
+            if len(self._verdicts) >= self.limits.cache_size:
+                self._verdicts.pop(next(iter(self._verdicts)))
+            known = self._verdicts[id(document)] = _Verdict(document, schema, rules,
+                                                            validate_document(schema, document, rules), {})
+        return known
 
     def extension(self) -> Callable[[], SchemaExtension]:
         """For `strawberry.Schema(extensions=[...])`."""
         return lambda: EnforceBounds(self)
 
-    def cost_error(self, schema: GraphQLSchema, document, operation_name: str | None,
+    def cost_error(self, verdict: _Verdict, operation_name: str | None,
                    variables: Mapping[str, Any] | None) -> GraphQLError | None:
-        known = self._costs.get(id(document))
-        if known is None or known[0] is not document:
-            if len(self._costs) >= self.limits.cache_size:
-                self._costs.pop(next(iter(self._costs)))  # the oldest
-            known = self._costs[id(document)] = document, {}
-        cost = known[1].get(operation_name)
+        document = verdict.document
+        cost = verdict.costs.get(operation_name)
         if cost is None:
             operation = get_operation_ast(document, operation_name)
             if operation is None:
                 return None  # execution reports the unknown operation
-            counting = _Cost(schema, document, operation, variables or {}, self.limits.unpaged_list_size)
+            counting = _Cost(verdict.schema, document, operation, variables or {}, self.limits.unpaged_list_size)
             cost = counting.total()
             if not counting.read_variables:
-                known[1][operation_name] = cost
+                verdict.costs[operation_name] = cost
         if cost <= self.limits.max_cost:
             return None
         return GraphQLError(
@@ -121,7 +137,7 @@ class QueryBounds:
         """The error as the client may see it: without suggestions when they are off."""
         if self.limits.suggestions or not SUGGESTION.search(error.message):
             return error
-        # A new error: validation errors are shared through the validation cache.
+        # A new error: validation errors are shared by every request with the same document.
         return GraphQLError(SUGGESTION.sub("", error.message), nodes=error.nodes, source=error.source,
                             positions=error.positions, path=error.path, original_error=error.original_error,
                             extensions=error.extensions)
@@ -143,7 +159,7 @@ class EnforceBounds(SchemaExtension):
     def on_operation(self) -> Iterator[None]:
         context = self.execution_context
         context.parse_options.update(self.bounds.parse_options)
-        # An equal tuple for every request: the validation cache's key stays the same.
+        # An equal tuple for every request: the verdicts kept hold for the next one.
         context.validation_rules = context.validation_rules + self.bounds.rules
         if context.query and context.graphql_document is None:
             self._parse_and_validate(context)
@@ -165,11 +181,10 @@ class EnforceBounds(SchemaExtension):
             # usual way (a cached parse would raise the same error object for every request).
             return
         context.graphql_document = document
-        errors = self.bounds.validate(context.schema._schema, document, context.validation_rules)
+        verdict = self.bounds.verdict(context.schema._schema, document, context.validation_rules)
+        errors = verdict.errors
         if not errors:
-            # The cost limit needs this request's variables: checked per request.
-            cost_error = self.bounds.cost_error(context.schema._schema, document, context.operation_name,
-                                                context.variables)
+            cost_error = self.bounds.cost_error(verdict, context.operation_name, context.variables)
             errors = [cost_error] if cost_error else []
         context.pre_execution_errors = errors
 
