@@ -170,10 +170,19 @@ async def test_a_field_error_keeps_200_and_data_for_graphql_response_json(api):
 
 
 async def test_a_post_without_json_content_type_is_refused_with_415(api):
-    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {},
+                    {"Content-Type": "application/jsonp"}, {"Content-Type": "text/json; x=application/json"}):
         response = await api.http.post("/graphql", content=b'{"query": "{ __typename }"}', headers=headers)
         assert response.status_code == 415
         assert code_of(response) == "UNSUPPORTED_MEDIA_TYPE"
+
+
+async def test_json_is_json_in_any_case_and_with_parameters(api):
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", " application/json ;charset=UTF-8"):
+        response = await api.http.post("/graphql", content=b'{"query": "{ __typename }"}',
+                                       headers={"Content-Type": content_type})
+        assert response.status_code == 200, content_type
+        assert response.json() == {"data": {"__typename": "Query"}}
 
 
 # ---------------------------------------------------------------- GET
