@@ -1,7 +1,7 @@
 """How strawberry executes our schema: memory per subscription event, time per input."""
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -9,7 +9,7 @@ import strawberry
 from strawberry.relay.types import GlobalID
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.types.arguments import InputContext
-from strawberry.types.base import StrawberryMaybe, StrawberryObjectDefinition, StrawberryOptional
+from strawberry.types.base import StrawberryList, StrawberryMaybe, StrawberryObjectDefinition, StrawberryOptional
 
 
 class PerEventMemo(StrawberryGraphQLCoreExecutionContext):
@@ -31,9 +31,10 @@ def prepare_inputs(schema: strawberry.Schema) -> None:
     field's GraphQL name and resolves its type annotation again, about 5 µs a field: for
     placeOrder's twelve input fields, a twentieth of the server's time per order. Both
     are fixed once the schema is built. Each input type's definition gets a `from_input`
-    (strawberry's hook for building an input value) that takes them from its list and
-    converts each value as strawberry would, but for scalars, which graphql-core has
-    parsed already and strawberry passes on as they are. The definitions belong to the
+    (strawberry's hook for building an input value) that takes them from its list, with a
+    converter for each value made here too: scalars, which graphql-core has parsed
+    already, are taken as they are (as strawberry does), lists and nested input objects
+    converted item by item, anything else by strawberry. The definitions belong to the
     classes, so every schema built from them shares the lists; building another is
     harmless."""
     names = schema.config.name_converter
@@ -42,10 +43,8 @@ def prepare_inputs(schema: strawberry.Schema) -> None:
         definition = known.definition
         if not isinstance(definition, StrawberryObjectDefinition) or not definition.is_input:
             continue
-        fields = []
-        for field in definition.fields:
-            type_ = field.resolve_type(type_definition=definition)
-            fields.append((names.from_field(field), field.python_name, None if _as_is(type_, scalars) else type_))
+        fields = [(names.from_field(field), field.python_name,
+                   _converter(field.resolve_type(type_definition=definition), scalars)) for field in definition.fields]
         # As strawberry does: a field without a default is None until the input sets it
         # (graphql-core has already refused an input that leaves out a required one).
         unset = {field.python_name: None for field in definition.fields
@@ -53,20 +52,35 @@ def prepare_inputs(schema: strawberry.Schema) -> None:
         definition.from_input = partial(_input_object, fields, unset)
 
 
-def _as_is(type_: Any, scalars: Mapping[object, Any]) -> bool:
-    """A scalar or a nullable one, which strawberry's conversion hands on unchanged."""
+Converter = Callable[[Any, InputContext], Any]
+
+
+def _converter(type_: Any, scalars: Mapping[object, Any]) -> Converter | None:
+    """How an input value of `type_` becomes its Python value: None to take it as it is."""
     if isinstance(type_, StrawberryOptional) and not isinstance(type_, StrawberryMaybe):
-        type_ = type_.of_type
-    return type_ is not GlobalID and any(type_ is scalar for scalar in scalars)
+        inner = _converter(type_.of_type, scalars)
+        return inner and (lambda value, context: None if value is None else inner(value, context))
+    if type_ is not GlobalID and any(type_ is scalar for scalar in scalars):
+        return None
+    if isinstance(type_, StrawberryList):
+        inner = _converter(type_.of_type, scalars)
+        if inner is None:
+            # A copy all the same: graphql-core hands every request the same default list.
+            return lambda value, context: list(value)
+        return lambda value, context: [inner(item, context) for item in value]
+    definition = getattr(type_, "__strawberry_definition__", None)
+    if isinstance(definition, StrawberryObjectDefinition) and definition.is_input:
+        # Its own `from_input`, looked up when called: it may be set after this one's.
+        return lambda value, context: definition.from_input(type_, value, context)
+    return lambda value, context: context.convert(value, type_)
 
 
-def _input_object(fields: list[tuple[str, str, Any]], unset: dict[str, None], cls: type,
+def _input_object(fields: list[tuple[str, str, Converter | None]], unset: dict[str, None], cls: type,
                   value: Mapping[str, Any], context: InputContext) -> Any:
-    """`cls` from the input `value`; `fields`: (GraphQL name, Python name, type, or None
-    for a value taken as it is)."""
+    """`cls` from the input `value`: its fields' (GraphQL name, Python name, converter)."""
     arguments = dict(unset)
-    for graphql_name, python_name, type_ in fields:
+    for graphql_name, python_name, convert in fields:
         if graphql_name in value:
             item = value[graphql_name]
-            arguments[python_name] = item if type_ is None else context.convert(item, type_, graphql_name)
+            arguments[python_name] = item if convert is None else convert(item, context)
     return cls(**arguments)
