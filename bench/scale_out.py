@@ -1,6 +1,6 @@
 """Scale-out on PostgreSQL: placeOrder with 1, 2 and 4 API processes, and a tailer under load.
 
-The questions (issue 6): how many placeOrder commands a second, at what latency, do 1, 2
+The questions: how many placeOrder commands a second, at what latency, do 1, 2
 and 4 `orderstream serve` processes take on one PostgreSQL server (the log and the read
 models both there), set against the embedded SQLite default in one process measured in
 the same run; and how far behind the writers does a tailer of the log stay while 8
