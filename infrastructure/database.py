@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from infrastructure import migrations
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 
 class UTCDateTime(TypeDecorator):
@@ -105,6 +107,50 @@ class Database:
             return _in_transaction(self._writer, work)
         return await asyncio.get_running_loop().run_in_executor(self._threads[0], _in_transaction,
                                                                 self._writer, work)
+
+    async def write_each(self, take: Callable[[], Item | None], work: Callable[[Item, Connection], T],
+                         finish: Callable[[Item, T | None, BaseException | None], None],
+                         settle: Callable[[Item, T | None, BaseException | None], None],
+                         most: int = 4) -> None:
+        """`work(item, conn)` in a write transaction of its own for each item `take()` gives,
+        up to `most` of them or until it gives None. After each transaction, committed or
+        failed: `finish(item, result, error)` where the next one runs (what it must see),
+        then `settle(item, result, error)` in the event loop.
+
+        On SQLite the writer thread takes the next item itself once it has committed one:
+        under load the event loop can be busy for many milliseconds before it would take up
+        a commit and hand over the next item, and the writer would wait all that time.
+        After `most` items it hands back, so that the other writes queued for it meanwhile
+        (snapshots, say) take their turn."""
+        if self._threads is None or self._inline:
+            for _ in range(most):
+                if (item := take()) is None:
+                    return
+                try:
+                    result, error = await self.write(partial(work, item)), None
+                except BaseException as failure:
+                    result, error = None, failure
+                finish(item, result, error)
+                settle(item, result, error)
+                if error is not None and not isinstance(error, Exception):
+                    raise error
+            return
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            for _ in range(most):
+                if (item := take()) is None:
+                    return
+                try:
+                    result, error = _in_transaction(self._writer, partial(work, item)), None
+                except BaseException as failure:
+                    result, error = None, failure
+                finish(item, result, error)
+                loop.call_soon_threadsafe(settle, item, result, error)
+                if error is not None and not isinstance(error, Exception):
+                    raise error
+
+        await loop.run_in_executor(self._threads[0], run)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` on a reader: on SQLite a snapshot of the last commit, never waiting

@@ -376,53 +376,63 @@ class EventStore:
         """Commit what is queued, a batch at a time, until nothing is."""
         try:
             while self._queue:
-                batch = []
-                while self._queue and len(batch) < MAX_BATCH:
-                    request = self._queue.popleft()
-                    if not request.outcome.cancelled():  # its caller gave up before it was taken
-                        batch.append(request)
-                    else:
-                        _doom(request)
-                if batch:
-                    await self._commit(batch)
+                await self._db.write_each(self._take, self._write_batch, self._finish, self._settle_batch)
         finally:
             self._committer = None
             while self._queue:  # only left behind when this task itself was cancelled
                 self._queue.popleft().outcome.cancel()
 
-    async def _commit(self, batch: list["Append"]) -> None:
-        """One transaction for the whole batch; every request gets its events or its error."""
-        try:
-            outcomes, state, foreign = await self._db.write(partial(self._write_batch, batch))
-        except BaseException as error:
-            # `_written` stays: the next batch looks again at every event since, which
-            # takes in what this one found of other processes' appends, and positions it
-            # numbered that another process may fill meanwhile.
-            # Nothing of this batch is on disk: every request of it fails with this.
+    def _take(self) -> list["Append"] | None:
+        """The next batch, taken by the writer: up to MAX_BATCH queued appends whose callers
+        still wait for them; None when nothing is queued."""
+        batch = []
+        while len(batch) < MAX_BATCH:
+            try:
+                request = self._queue.popleft()
+            except IndexError:
+                break
+            if not request.outcome.cancelled():  # its caller gave up before it was taken
+                batch.append(request)
+            else:
+                _doom(request)
+        return batch or None
+
+    def _finish(self, batch: list["Append"], written: tuple | None, error: BaseException | None) -> None:
+        """Where the writer runs, before its next batch: what that batch's checks must see."""
+        if error is not None:
+            # Nothing of this batch is on disk. `_written` stays: the next batch looks again
+            # at every event since, which takes in what this one found of other processes'
+            # appends, and positions it numbered that another process may fill meanwhile.
             for request in batch:
                 request.written = False
                 _doom(request)
-                _settle(request.outcome, error)
-            if not isinstance(error, Exception):
-                raise
             return
+        _, state, _ = written
         self.commits += 1
         self._written = state.position
-        last = state.position if state.position != state.head else None
+        for request in batch:
+            if not request.written:
+                _doom(request)
+
+    def _settle_batch(self, batch: list["Append"], written: tuple | None, error: BaseException | None) -> None:
+        """In the event loop: every request of the batch gets its events or its error."""
+        if error is not None:
+            for request in batch:
+                _settle(request.outcome, error)
+            return
+        outcomes, state, foreign = written
         if foreign:
             for listener in self._foreign_listeners:
                 listener(foreign)
         self._keep_recent(batch, outcomes)
         for request, outcome in zip(batch, outcomes, strict=True):
-            if not request.written:
-                _doom(request)
             # Decided: a chain of appends keeps no more than the undecided alive.
             request.after, request.followers = (), []
             _settle(request.outcome, outcome)
-        if last is not None:
+        if state.position != state.head:
             for listener in self._listeners:
                 try:
-                    listener(last)
+                    listener(state.position)
                 except Exception:
                     log.exception("an append listener failed")
 
