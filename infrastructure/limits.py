@@ -57,7 +57,7 @@ class QueryLimits:
     max_tokens: int = 2_000
     # Aliased fields per operation, counting a fragment once for every place it is spread.
     max_aliases: int = 15
-    # The most values a response may hold: see `query_cost`.
+    # The most values a response may hold: see `QueryCost`.
     max_cost: int = 20_000
     # What a list field without `first` is assumed to hold.
     unpaged_list_size: int = 100
@@ -101,8 +101,9 @@ class QueryBounds:
 
     def verdict(self, schema: GraphQLSchema, document, rules: tuple) -> _Verdict:
         """The document validated against `schema` with `rules`, once while it is kept."""
+        # The verdict holds its document, so no other document can have the same id meanwhile.
         known = self._verdicts.get(id(document))
-        if known is None or known.document is not document or known.schema is not schema or known.rules != rules:
+        if known is None or known.schema is not schema or known.rules != rules:
             if len(self._verdicts) >= self.limits.cache_size:
                 self._verdicts.pop(next(iter(self._verdicts)))
             known = self._verdicts[id(document)] = _Verdict(document, schema, rules,
@@ -121,7 +122,7 @@ class QueryBounds:
             operation = get_operation_ast(document, operation_name)
             if operation is None:
                 return None  # execution reports the unknown operation
-            counting = _Cost(verdict.schema, document, operation, variables or {}, self.limits.unpaged_list_size)
+            counting = QueryCost(verdict.schema, document, operation, variables or {}, self.limits.unpaged_list_size)
             cost = counting.total()
             if not counting.read_variables:
                 verdict.costs[operation_name] = cost
@@ -292,18 +293,15 @@ class _Walk:
 # ---------------------------------------------------------------- cost
 
 
-def query_cost(schema: GraphQLSchema, document, operation: OperationDefinitionNode,
-               variables: Mapping[str, Any], unpaged_list_size: int) -> int:
-    """The most values the operation's response can hold: every field counts 1, and a list
-    field counts its selections once per item. A list holds `first` items when the field
-    takes a `first` argument, or when the field that holds it does (a connection's `edges`);
-    any other list is assumed to hold `unpaged_list_size`. @skip and @include are ignored.
-    Introspection fields count 1: the schema bounds them, and MaxIntrospectionDepthRule.
-    Only for valid documents: it trusts the fields and fragments to exist."""
-    return _Cost(schema, document, operation, variables, unpaged_list_size).total()
+class QueryCost:
+    """`total()`: the most values the operation's response can hold: every field counts 1,
+    and a list field counts its selections once per item. A list holds `first` items when
+    the field takes a `first` argument, or when the field that holds it does (a
+    connection's `edges`); any other list is assumed to hold `unpaged_list_size`. @skip and
+    @include are ignored. Introspection fields count 1: the schema bounds them, and
+    MaxIntrospectionDepthRule. Only for valid documents: it trusts the fields and fragments
+    to exist. `read_variables` afterwards: whether the total depends on the variables."""
 
-
-class _Cost:
     def __init__(self, schema: GraphQLSchema, document, operation: OperationDefinitionNode,
                  variables: Mapping[str, Any], unpaged_list_size: int) -> None:
         self.schema, self.variables, self.unpaged = schema, variables, unpaged_list_size

@@ -47,7 +47,7 @@ def decode_events(line: bytes) -> list[RecordedEvent]:
         message = json.loads(line)
         if isinstance(message, int):
             return []
-        return [RecordedEvent(*fields[:12], recorded_at=datetime.fromisoformat(fields[12])) for fields in message]
+        return [RecordedEvent(*fields[:-1], recorded_at=datetime.fromisoformat(fields[-1])) for fields in message]
     except (TypeError, IndexError) as error:
         raise ValueError(f"not a message of events: {error}") from None
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import StatementError
 
 from commands.dispatcher import new_event
 from events import CustomerForgotten
+from infrastructure.database import Database
 from infrastructure.event_store import (
     EventStore,
     IdempotencyKeyTaken,
@@ -314,3 +315,24 @@ async def test_the_writer_takes_the_next_batch_without_waiting_for_the_event_loo
         assert [e.stream_id for e in await assert_gap_free(store)] == ["A", "B", "C"]
     finally:
         await store.close()
+
+
+async def test_the_writer_hands_back_after_a_few_batches_for_other_writes_to_take_their_turn(tmp_path):
+    # However much is queued, the writer thread returns after `most` transactions, so that
+    # a write waiting behind it (a snapshot, a destroyed key) is not held up for good.
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'writes.db'}")
+    taken, settled = [], []
+    try:
+        def take() -> int | None:  # a hundred items queued
+            if len(taken) == 100:
+                return None
+            taken.append(len(taken) + 1)
+            return taken[-1]
+
+        await asyncio.wait_for(database.write_each(
+            take, lambda item, conn: conn.exec_driver_sql("SELECT ?", (item,)).scalar(),
+            lambda *_: None, lambda item, result, error: settled.append((item, result, error)), most=3), 30)
+        assert taken == [1, 2, 3]
+        assert settled == [(1, 1, None), (2, 2, None), (3, 3, None)]  # each in the event loop, in order
+    finally:
+        await database.dispose()

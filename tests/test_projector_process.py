@@ -10,16 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 
-from commands.customer import RegisterCustomer
+from commands.customer import ForgetCustomer, RegisterCustomer
+from commands.dispatcher import Accepted
 from commands.order import PlaceOrder
 from commands.product import AddProduct, RestockProduct
+from infrastructure.auth import Actor
 from infrastructure.event_store import EventStore
 from infrastructure.projector_process import ProjectorProcess, decode_events
 from infrastructure.settings import Settings
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Long enough that no poll, of the child or of the read store, finds anything within a
 # test: what the tests wait for can only come through the messages between the two.
 NEVER = 3600.0
+ADMIN = Actor("admin-1", "admin")
 
 
 @asynccontextmanager
@@ -110,16 +113,27 @@ async def test_a_child_that_writes_what_is_no_report_is_ignored_or_ended_and_sta
     assert reports[:2] == [{"orders": 7}, {"orders": 7}] and child.starts >= 2
 
 
-async def test_commits_go_to_the_child_with_their_events_which_it_reads_without_the_log(tmp_path):
-    service = Service(Settings.load(str(tmp_path), environ={}))
+@asynccontextmanager
+async def telling_a_stand_in_child(
+        folder: Path) -> AsyncIterator[tuple[Service, Callable[[int], Awaitable[list[bytes]]]]]:
+    """A service whose commits are told to a stand-in for the child, which is ready at once
+    and writes every line it is sent to a file; yields the service and `heard(n)`, which
+    waits for n lines and returns them all."""
+    service = Service(Settings.load(str(folder), environ={}))
     await service.open()
-    heard = tmp_path / "heard"
-    # A stand-in for the child: ready at once, and every line it is sent goes to a file.
+    heard = folder / "heard"
     script = (f"import sys\nprint('{{}}', flush=True)\nwith open({str(heard)!r}, 'wb', buffering=0) as out:\n"
               "    for line in sys.stdin.buffer: out.write(line)\n")
 
     async def ignored(*_) -> None:
         pass
+
+    async def lines(count: int) -> list[bytes]:
+        deadline = time.monotonic() + 30
+        while not heard.exists() or heard.read_bytes().count(b"\n") < count:
+            assert time.monotonic() < deadline, f"the child was not told of {count} commits"
+            await asyncio.sleep(0.02)
+        return heard.read_bytes().splitlines(keepends=True)
 
     child = ProjectorProcess([sys.executable, "-c", script], os.environ, ignored, ignored,
                              recent=service.store.recent)
@@ -128,18 +142,20 @@ async def test_commits_go_to_the_child_with_their_events_which_it_reads_without_
     try:
         while not child.ready:
             await asyncio.sleep(0.02)
-        first = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
-        customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
-        await succeed(service.dispatcher, PlaceOrder(customer.stream_id, (("MUG", 2),), ADDRESS))
-        deadline = time.monotonic() + 30
-        while not heard.exists() or heard.read_bytes().count(b"\n") < 3:
-            assert time.monotonic() < deadline, "the child was not told of three commits"
-            await asyncio.sleep(0.02)
+        yield service, lines
     finally:
         child.stop()
         await running
         await service.close()
-    first_line, *lines = heard.read_bytes().splitlines(keepends=True)
+
+
+async def test_commits_go_to_the_child_with_their_events_which_it_reads_without_the_log(tmp_path):
+    async with telling_a_stand_in_child(tmp_path) as (service, heard):
+        first = await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
+        customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
+        await succeed(service.dispatcher, PlaceOrder(customer.stream_id, (("MUG", 2),), ADDRESS))
+        told = await heard(3)
+    first_line, *lines = told
     # The first commit since the child started: its position alone (the child reads the log).
     assert json.loads(first_line) == first.position
     sent = [event for line in lines for event in decode_events(line)]
@@ -257,3 +273,19 @@ def alive(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+async def test_a_commit_that_forgets_a_customer_goes_to_the_child_without_its_events(tmp_path):
+    # The events a child keeps are unsealed: a commit that destroys a key is told as its
+    # position alone, on which the child keeps nothing, and reads the log (now sealed).
+    async with telling_a_stand_in_child(tmp_path) as (service, heard):
+        await succeed(service.dispatcher, AddProduct("MUG", "Mug", Decimal("4.50"), "EUR", 3))
+        customer = await succeed(service.dispatcher, RegisterCustomer("Ann", "ann@example.com", "DE"))
+        forgotten = await service.dispatcher.execute(ForgetCustomer(customer.stream_id), ADMIN)
+        assert isinstance(forgotten, Accepted), forgotten
+        after = await succeed(service.dispatcher, RestockProduct("MUG", 1))
+        _, registered, forgetting, restocked = await heard(4)
+    assert [e.type for e in decode_events(registered)] == ["CustomerRegistered"]
+    assert json.loads(forgetting) == forgotten.position and decode_events(forgetting) == []
+    # The commits after it go with their events again.
+    assert [e.position for e in decode_events(restocked)] == [after.position]
