@@ -72,6 +72,17 @@ import strawberry
 import uvloop
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import PlaceOrder, ShippingAddress
+from orderstream.commands.product import AddProduct
+from orderstream.domain.customer import Customer
+from orderstream.domain.product import Product
+from orderstream.events import Event, StockReserved
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.security.auth import Actor, TokenVerifier
+from orderstream.infrastructure.settings import Settings
 from starlette.applications import Starlette
 from starlette.routing import Route
 from strawberry.asgi import GraphQL
@@ -89,17 +100,6 @@ from bench.common import (
     server_cpu_seconds,
 )
 from bench.hot_aggregate import fill_history
-from commands.customer import RegisterCustomer
-from commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork
-from commands.handlers import COMMAND_HANDLERS
-from commands.order import PlaceOrder, ShippingAddress
-from commands.product import AddProduct
-from domain.customer import Customer
-from domain.product import Product
-from events import Event, StockReserved
-from infrastructure.auth import Actor, TokenVerifier
-from infrastructure.event_store import EventStore
-from infrastructure.settings import Settings
 
 NAME = "commands"
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ CUSTOMERS = 20
 PRICE = "9.99"
 HOT, FRESH = "BENCH-HOT", "BENCH-FRESH"
 STOCK = 100_000_000
-ORDERSTREAM = [sys.executable, "-c", "import orderstream; orderstream.main()"]
+ORDERSTREAM = [sys.executable, "-c", "from orderstream.cli import main; main()"]
 ADDRESS = {"name": "Bench Customer", "line1": "1 Example Street", "line2": None, "city": "Berlin",
            "postalCode": "10115", "country": "DE"}
 

@@ -16,7 +16,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
-from commands.dispatcher import Accepted
+from orderstream.commands.dispatcher import Accepted
 
 
 class BenchmarkError(Exception):

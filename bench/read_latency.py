@@ -40,6 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.order import PayOrder, PlaceOrder, ShipOrder, ShippingAddress
+from orderstream.commands.product import AddProduct
+from orderstream.infrastructure.security.auth import Actor, TokenVerifier
+from orderstream.infrastructure.settings import Settings
+from orderstream.queries import orders
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -51,13 +57,7 @@ from bench.common import (
     measured,
     sqlite_timestamp,
 )
-from commands.customer import RegisterCustomer
-from commands.order import PayOrder, PlaceOrder, ShipOrder, ShippingAddress
-from commands.product import AddProduct
-from infrastructure.auth import Actor, TokenVerifier
-from infrastructure.settings import Settings
-from orderstream import Service, build_app
-from queries import orders
+from orderstream.bootstrap import Service, build_app
 
 NAME = "read_latency"
 ORDERS_PER_CUSTOMER = 25

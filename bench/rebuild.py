@@ -44,22 +44,22 @@ from pathlib import Path
 from typing import Any
 
 from babel.numbers import get_currency_precision
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import Dispatcher, new_event
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
+from orderstream.commands.product import AddProduct, ChangeProductPrice, RestockProduct
+from orderstream.events import Event
+from orderstream.infrastructure.persistence import personal_data
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.infrastructure.settings import Settings
 from sqlalchemy import create_engine
 
-import events
 from bench.common import BenchmarkError, Progress, accepted, measured, sqlite_timestamp
 from bench.hot_aggregate import INSERT
-from commands.customer import RegisterCustomer
-from commands.dispatcher import Dispatcher, new_event
-from commands.handlers import COMMAND_HANDLERS
-from commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
-from commands.product import AddProduct, ChangeProductPrice, RestockProduct
-from events import Event
-from infrastructure import personal_data
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore
-from infrastructure.settings import Settings
-from orderstream import Service, projections
+from orderstream import events
+from orderstream.bootstrap import Service, projections
 
 NAME = "rebuild"
 FILL_BATCH = 20_000
@@ -314,7 +314,7 @@ def fill_log(log: Path, shop: ShopHistory, count: int, sample: dict[str, list[Ev
     The rows go straight into the events table as EventStore.append writes them (through
     append, SQLAlchemy would take minutes for a million events): the same columns, JSON
     payloads, naive-UTC timestamps, and personal fields sealed with a key per customer by
-    infrastructure.personal_data. Every WATCH_EVERY-th new stream is also kept in `sample`,
+    infrastructure.persistence.personal_data. Every WATCH_EVERY-th new stream is also kept in `sample`,
     for check_sample to read back through the store.
     """
     progress = Progress(f"{NAME}: writing the shop's history", count)

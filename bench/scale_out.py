@@ -58,6 +58,9 @@ from typing import Any
 
 import asyncpg
 import httpx
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.postgres import dsn
+from orderstream.infrastructure.security.auth import issue_token
 from sqlalchemy.engine import make_url
 
 from bench.commands import (
@@ -82,20 +85,17 @@ from bench.common import (
     process_cpu_seconds,
     server_cpu_seconds,
 )
-from infrastructure.auth import issue_token
-from infrastructure.event_store import EventStore
-from infrastructure.postgres import dsn
 
 NAME = "scale_out"
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("ORDERSTREAM_BENCH_POSTGRES_URL") or "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-ORDERSTREAM = [sys.executable, "-c", "import orderstream; orderstream.main()"]
+ORDERSTREAM = [sys.executable, "-c", "from orderstream.cli import main; main()"]
 PRODUCTS, CUSTOMERS, STOCK, PRICE = 50, 20, 100_000_000, "9.99"
 WRITERS = 8
 
 WRITER = """
 import asyncio, sys, time
-from infrastructure.event_store import EventStore, NewEvent, StreamWrite
+from orderstream.infrastructure.persistence.event_store import EventStore, NewEvent, StreamWrite
 
 async def main(url, name, count, record):
     store = EventStore(url)

@@ -97,7 +97,7 @@ mutation($input: AddProductInput!) {
   addProduct(input: $input) { __typename ... on ProductSuccess { position } }
 }
 """
-ORDERSTREAM = [sys.executable, "-c", "import orderstream; orderstream.main()"]
+ORDERSTREAM = [sys.executable, "-c", "from orderstream.cli import main; main()"]
 CONNECTING_AT_ONCE = 100
 RATIOS = ("latency_p50_ms", "latency_p99_ms", "messages_per_s", "cpu_us_per_message", "net_cpu_us_per_message",
           "server_cpu_s_per_s")

@@ -1,8 +1,8 @@
 from dataclasses import dataclass
 
-from commands.dispatcher import UnitOfWork
-from domain.customer import Customer
-from domain.values import uuid_syntax
+from orderstream.commands.dispatcher import UnitOfWork
+from orderstream.domain.customer import Customer
+from orderstream.domain.values import uuid_syntax
 
 
 @dataclass(frozen=True)

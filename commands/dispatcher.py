@@ -17,13 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-import events
-from domain.aggregate import Aggregate
-from domain.errors import ConcurrencyConflict, DomainError, NotFoundError, ValidationError
-from domain.values import text
-from infrastructure.auth import Actor
-from infrastructure.errors import PublicError
-from infrastructure.event_store import (
+from orderstream.domain.aggregate import Aggregate
+from orderstream.domain.errors import ConcurrencyConflict, DomainError, NotFoundError, ValidationError
+from orderstream.domain.values import text
+from orderstream.infrastructure.errors import PublicError
+from orderstream.infrastructure.persistence.event_store import (
     Append,
     EventStore,
     IdempotencyKeyTaken,
@@ -33,6 +31,9 @@ from infrastructure.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
+from orderstream.infrastructure.security.auth import Actor
+
+from orderstream import events
 
 A = TypeVar("A", bound=Aggregate)
 Handler = Callable[[Any, "UnitOfWork"], Awaitable[Aggregate]]

@@ -1,7 +1,7 @@
 """The one map from command to handler."""
 
-from commands.customer import ForgetCustomer, RegisterCustomer, forget_customer, register_customer
-from commands.order import (
+from orderstream.commands.customer import ForgetCustomer, RegisterCustomer, forget_customer, register_customer
+from orderstream.commands.order import (
     CancelOrder,
     DeliverOrder,
     PayOrder,
@@ -13,7 +13,7 @@ from commands.order import (
     place_order,
     ship_order,
 )
-from commands.product import (
+from orderstream.commands.product import (
     AddProduct,
     ChangeProductPrice,
     RestockProduct,

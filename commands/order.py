@@ -1,11 +1,11 @@
 from dataclasses import dataclass
 from decimal import Decimal
 
-from commands.dispatcher import UnitOfWork
-from domain.customer import Customer
-from domain.order import Order
-from domain.product import Product, sku_syntax
-from domain.values import Address, Money, uuid_syntax
+from orderstream.commands.dispatcher import UnitOfWork
+from orderstream.domain.customer import Customer
+from orderstream.domain.order import Order
+from orderstream.domain.product import Product, sku_syntax
+from orderstream.domain.values import Address, Money, uuid_syntax
 
 
 @dataclass(frozen=True)

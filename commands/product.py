@@ -1,10 +1,10 @@
 from dataclasses import dataclass
 from decimal import Decimal
 
-from commands.dispatcher import UnitOfWork
-from domain.errors import NotFoundError, ValidationError
-from domain.product import Product, sku_syntax
-from domain.values import Money
+from orderstream.commands.dispatcher import UnitOfWork
+from orderstream.domain.errors import NotFoundError, ValidationError
+from orderstream.domain.product import Product, sku_syntax
+from orderstream.domain.values import Money
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 import copy
 from typing import ClassVar, Self
 
-from events import Event
+from orderstream.events import Event
 
 
 class Aggregate:

@@ -1,7 +1,7 @@
-from domain.aggregate import Aggregate
-from domain.errors import BusinessRuleViolation, ValidationError
-from domain.values import country, email, text
-from events import CustomerForgotten, CustomerRegistered, Event
+from orderstream.domain.aggregate import Aggregate
+from orderstream.domain.errors import BusinessRuleViolation, ValidationError
+from orderstream.domain.values import country, email, text
+from orderstream.events import CustomerForgotten, CustomerRegistered, Event
 
 LOCALE_SYNTAX = "a BCP-47 tag such as 'de-DE' or 'en'"
 

@@ -1,11 +1,11 @@
 from decimal import Decimal
 
-from domain.aggregate import Aggregate
-from domain.customer import Customer
-from domain.errors import BusinessRuleViolation, ValidationError
-from domain.product import Product
-from domain.values import Address, Money, quantity, text
-from events import (
+from orderstream.domain.aggregate import Aggregate
+from orderstream.domain.customer import Customer
+from orderstream.domain.errors import BusinessRuleViolation, ValidationError
+from orderstream.domain.product import Product
+from orderstream.domain.values import Address, Money, quantity, text
+from orderstream.events import (
     Event,
     OrderCancelled,
     OrderDelivered,

@@ -1,10 +1,10 @@
 import re
 from decimal import Decimal
 
-from domain.aggregate import Aggregate
-from domain.errors import BusinessRuleViolation, InsufficientStockError, ValidationError
-from domain.values import Money, quantity, text
-from events import (
+from orderstream.domain.aggregate import Aggregate
+from orderstream.domain.errors import BusinessRuleViolation, InsufficientStockError, ValidationError
+from orderstream.domain.values import Money, quantity, text
+from orderstream.events import (
     Event,
     ProductAdded,
     ProductPriceChanged,

@@ -7,8 +7,7 @@ from decimal import Decimal, InvalidOperation
 from functools import cache
 
 from babel.numbers import get_currency_precision, list_currencies
-
-from domain.errors import ValidationError
+from orderstream.domain.errors import ValidationError
 
 MAX_AMOUNT = Decimal("1000000000")
 

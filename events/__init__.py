@@ -2,7 +2,7 @@
 
 Money travels as a decimal string plus an ISO-4217 code, never as a float. Fields named
 in an event's ``PERSONAL`` are sealed with the key of the customer named by ``SUBJECT``
-before they reach the log (see ``infrastructure.personal_data``); an event with ``SHREDS``
+before they reach the log (see ``infrastructure.persistence.personal_data``); an event with ``SHREDS``
 destroys that key as it is appended, and from then on those fields read back as ``None``.
 """
 

@@ -1,1 +1,3 @@
-"""Generic plumbing: the event store, settings, security, HTTP. It knows no order."""
+"""Generic plumbing that knows no order, in rooms: persistence, projection, live, security,
+web (each sub-package's docstring says what it may import). `errors` and `settings` sit
+beside them: errors every room may raise, and the settings the composition root reads."""

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from infrastructure.auth import TokenSettings
-from infrastructure.limits import QueryLimits
+from orderstream.infrastructure.security.auth import TokenSettings
+from orderstream.infrastructure.web.limits import QueryLimits
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Customers: one row per registered customer."""
 
+from orderstream.infrastructure.persistence.database import UTCDateTime
+from orderstream.infrastructure.persistence.event_store import RecordedEvent
+from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.projection.projector import Projection, Tables
+from orderstream.infrastructure.security.auth import Actor
 from sqlalchemy import Boolean, Column, Connection, String, Table, insert, select, update
 from sqlalchemy.engine import Row
 
-import events
-from infrastructure.auth import Actor
-from infrastructure.database import UTCDateTime
-from infrastructure.event_store import RecordedEvent
-from infrastructure.projector import Projection, Tables
-from infrastructure.read_store import ReadStore, read_model_metadata
+from orderstream import events
 
 metadata = read_model_metadata()
 

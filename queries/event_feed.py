@@ -2,8 +2,8 @@
 
 from collections import OrderedDict
 
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.security.auth import Actor
 
 
 class OrderOwners:

@@ -2,9 +2,9 @@
 
 import uuid
 
-from infrastructure.auth import Actor
-from infrastructure.errors import BadUserInput
-from infrastructure.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.errors import BadUserInput
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.security.auth import Actor
 
 
 async def order_history(store: EventStore, actor: Actor, order_id: str) -> list[RecordedEvent]:

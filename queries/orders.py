@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from orderstream.infrastructure.errors import BadUserInput
+from orderstream.infrastructure.persistence.database import UTCDateTime
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.projection.projector import Projection, Tables
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -24,14 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 
-import events
-from infrastructure.auth import Actor
-from infrastructure.database import UTCDateTime
-from infrastructure.errors import BadUserInput
-from infrastructure.event_store import EventStore, RecordedEvent
-from infrastructure.projector import Projection, Tables
-from infrastructure.read_store import ReadStore, read_model_metadata
-from queries.pagination import decode_cursor, encode_cursor, page_size
+from orderstream import events
 
 metadata = read_model_metadata()
 

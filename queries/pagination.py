@@ -4,7 +4,7 @@ import base64
 import binascii
 import json
 
-from infrastructure.errors import BadUserInput
+from orderstream.infrastructure.errors import BadUserInput
 
 MAX_PAGE = 100
 

@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass
 
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore
-from infrastructure.read_store import ReadStore
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.security.auth import Actor
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,15 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import get_currency_precision, list_currencies
+from orderstream.infrastructure.errors import BadUserInput
+from orderstream.infrastructure.persistence.database import UTCDateTime
+from orderstream.infrastructure.persistence.event_store import RecordedEvent
+from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.projection.projector import Projection, Tables
+from orderstream.infrastructure.security.auth import Actor
 from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, delete, insert, select, update
 
-import events
-from infrastructure.auth import Actor
-from infrastructure.database import UTCDateTime
-from infrastructure.errors import BadUserInput
-from infrastructure.event_store import RecordedEvent
-from infrastructure.projector import Projection, Tables
-from infrastructure.read_store import ReadStore, read_model_metadata
+from orderstream import events
 
 BUCKET = timedelta(minutes=15)
 MAX_DAYS = 366

@@ -6,30 +6,29 @@ from contextlib import suppress
 from datetime import UTC, datetime
 
 import strawberry
+from orderstream.commands.dispatcher import Dispatcher
+from orderstream.infrastructure.live.event_hub import EventHub
+from orderstream.infrastructure.live.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
+from orderstream.infrastructure.web.graphql_errors import ErrorCodes
+from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
+from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP
+from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
+from orderstream.infrastructure.web.rate_limit import RateLimit
+from orderstream.queries.event_feed import OrderOwners
+from orderstream.queries.orders import lines_of
+from orderstream.schema.context import Context
+from orderstream.schema.mutations import Mutation
+from orderstream.schema.query import Query
+from orderstream.schema.scalars import SCALARS
+from orderstream.schema.subscription import Subscription
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 from strawberry.dataloader import DataLoader
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.schema.config import StrawberryConfig
-
-from commands.dispatcher import Dispatcher
-from infrastructure.auth import Actor, TokenVerifier, Unauthenticated, authenticate
-from infrastructure.event_hub import EventHub
-from infrastructure.event_store import EventStore
-from infrastructure.graphql_errors import ErrorCodes
-from infrastructure.graphql_execution import PerEventMemo, prepare_inputs
-from infrastructure.graphql_http import GraphQLOverHTTP
-from infrastructure.limits import QueryBounds, QueryLimits
-from infrastructure.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
-from infrastructure.rate_limit import RateLimit
-from infrastructure.read_store import ReadStore
-from queries.event_feed import OrderOwners
-from queries.orders import lines_of
-from schema.context import Context
-from schema.mutations import Mutation
-from schema.query import Query
-from schema.scalars import SCALARS
-from schema.subscription import Subscription
 
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
 EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its closing timer
@@ -87,7 +86,7 @@ class GraphQLApp(GraphQLOverHTTP):
     subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws).
     `rate_limit` counts HTTP requests per caller; WebSocket origins other than this one
     and `websocket_origins` are refused at the handshake. Subscriptions with the same
-    document, variables and rights share their executions (infrastructure.multiplex)."""
+    document, variables and rights share their executions (infrastructure.live.multiplex)."""
 
     graphql_transport_ws_handler_class = SharingTransportWS
     graphql_ws_handler_class = SharingLegacyWS

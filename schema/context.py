@@ -1,14 +1,13 @@
 from dataclasses import dataclass
 
+from orderstream.commands.dispatcher import Dispatcher
+from orderstream.infrastructure.live.event_hub import EventHub
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.security.auth import Actor, Unauthenticated
+from orderstream.queries.event_feed import OrderOwners
 from starlette.requests import HTTPConnection
 from strawberry.dataloader import DataLoader
-
-from commands.dispatcher import Dispatcher
-from infrastructure.auth import Actor, Unauthenticated
-from infrastructure.event_hub import EventHub
-from infrastructure.event_store import EventStore
-from infrastructure.read_store import ReadStore
-from queries.event_feed import OrderOwners
 
 
 @dataclass

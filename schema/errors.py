@@ -1,8 +1,7 @@
 """The contract's error types: domain failures as members of each result union."""
 
 import strawberry
-
-from domain import errors
+from orderstream.domain import errors
 
 
 @strawberry.interface(description="A command refused for a reason the client can act on.")

@@ -5,11 +5,9 @@ from decimal import Decimal
 from typing import Annotated, TypeVar
 
 import strawberry
-from strawberry.types import Info
-
-from commands.customer import ForgetCustomer, RegisterCustomer
-from commands.dispatcher import Accepted
-from commands.order import (
+from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
+from orderstream.commands.dispatcher import Accepted
+from orderstream.commands.order import (
     CancelOrder,
     DeliverOrder,
     PayOrder,
@@ -17,9 +15,9 @@ from commands.order import (
     ShipOrder,
     ShippingAddress,
 )
-from commands.product import AddProduct, ChangeProductPrice, RestockProduct
-from domain.errors import DomainError
-from schema.errors import (
+from orderstream.commands.product import AddProduct, ChangeProductPrice, RestockProduct
+from orderstream.domain.errors import DomainError
+from orderstream.schema.errors import (
     BusinessRuleViolation,
     ConcurrencyConflict,
     InsufficientStockError,
@@ -27,7 +25,8 @@ from schema.errors import (
     ValidationError,
     to_graphql,
 )
-from schema.scalars import Position
+from orderstream.schema.scalars import Position
+from strawberry.types import Info
 
 IDEMPOTENCY_KEY = strawberry.field(
     default=None,

@@ -4,13 +4,11 @@ from datetime import UTC, date, datetime
 from typing import Annotated
 
 import strawberry
-from strawberry.types import Info
-
-from infrastructure.errors import BadUserInput
-from queries import customers, orders, products, sales
-from queries.order_history import order_history
-from queries.projection_status import projection_status
-from schema.read_types import (
+from orderstream.infrastructure.errors import BadUserInput
+from orderstream.queries import customers, orders, products, sales
+from orderstream.queries.order_history import order_history
+from orderstream.queries.projection_status import projection_status
+from orderstream.schema.read_types import (
     Customer,
     DailySales,
     DomainEvent,
@@ -24,7 +22,8 @@ from schema.read_types import (
     ProductEdge,
     ProjectionStatus,
 )
-from schema.scalars import Position
+from orderstream.schema.scalars import Position
+from strawberry.types import Info
 
 CONSISTENT_WITH = strawberry.argument(
     description="Wait (at most 5 s by default) until the read models have reached this "

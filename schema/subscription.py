@@ -5,13 +5,12 @@ from collections.abc import AsyncGenerator
 from typing import Annotated
 
 import strawberry
+from orderstream.infrastructure.errors import BadUserInput
+from orderstream.queries import orders
+from orderstream.queries.event_feed import may_see
+from orderstream.schema.read_types import DomainEvent, Order
+from orderstream.schema.scalars import Position
 from strawberry.types import Info
-
-from infrastructure.errors import BadUserInput
-from queries import orders
-from queries.event_feed import may_see
-from schema.read_types import DomainEvent, Order
-from schema.scalars import Position
 
 MAX_EVENT_TYPES = 50
 
@@ -39,7 +38,7 @@ class Subscription:
             return (stream_id is None or event.stream_id == stream_id) and (types is None or event.type in types)
 
         # Over WebSocket, the root value is the subscription's share of a group's execution
-        # (infrastructure.multiplex): it reads the log like the hub and is parked there once live.
+        # (infrastructure.live.multiplex): it reads the log like the hub and is parked there once live.
         feed = info.root_value or context.hub
         async for event in feed.subscribe(after, wants):
             actor.require_unexpired()

@@ -6,15 +6,14 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-
-from commands.customer import ForgetCustomer, RegisterCustomer
-from commands.dispatcher import Accepted, Dispatcher
-from commands.handlers import COMMAND_HANDLERS
-from commands.order import PlaceOrder, ShippingAddress
-from commands.product import AddProduct, RestockProduct
-from domain.errors import BusinessRuleViolation, InsufficientStockError
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore
+from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
+from orderstream.commands.dispatcher import Accepted, Dispatcher
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import PlaceOrder, ShippingAddress
+from orderstream.commands.product import AddProduct, RestockProduct
+from orderstream.domain.errors import BusinessRuleViolation, InsufficientStockError
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.security.auth import Actor
 
 STAFF = Actor("staff-1", "staff")
 ADMIN = Actor("admin-1", "admin")

@@ -5,14 +5,13 @@ from decimal import Decimal
 from typing import TypeVar
 
 import pytest
-
-from domain.aggregate import Aggregate
-from domain.customer import Customer
-from domain.errors import BusinessRuleViolation, InsufficientStockError, ValidationError
-from domain.order import MAX_LINE_QUANTITY, MAX_LINES, Order
-from domain.product import MAX_STOCK, Product
-from domain.values import Address, Money
-from events import (
+from orderstream.domain.aggregate import Aggregate
+from orderstream.domain.customer import Customer
+from orderstream.domain.errors import BusinessRuleViolation, InsufficientStockError, ValidationError
+from orderstream.domain.order import MAX_LINE_QUANTITY, MAX_LINES, Order
+from orderstream.domain.product import MAX_STOCK, Product
+from orderstream.domain.values import Address, Money
+from orderstream.events import (
     CustomerForgotten,
     CustomerRegistered,
     Event,

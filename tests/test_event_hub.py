@@ -3,8 +3,9 @@ without reading them, and a subscription that comes later misses nothing."""
 
 import asyncio
 
-from infrastructure.event_hub import EventHub
-from infrastructure.event_store import EventStore
+from orderstream.infrastructure.live.event_hub import EventHub
+from orderstream.infrastructure.persistence.event_store import EventStore
+
 from tests.test_event_store import write
 
 

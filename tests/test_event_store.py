@@ -17,13 +17,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
-
-from commands.dispatcher import new_event
-from events import CustomerRegistered, OrderPlaced, from_data
-from infrastructure.event_store import (
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import CustomerRegistered, OrderPlaced, from_data
+from orderstream.infrastructure.persistence.event_store import (
     EventStore,
     IdempotencyKeyTaken,
     IdempotencyRecord,
@@ -32,6 +28,9 @@ from infrastructure.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -354,7 +353,7 @@ async def test_a_sealed_box_cannot_be_moved_to_another_event(store):
 
 APPEND_FOREVER = """
 import asyncio, sys
-from infrastructure.event_store import EventStore, NewEvent, StreamWrite
+from orderstream.infrastructure.persistence.event_store import EventStore, NewEvent, StreamWrite
 
 async def main(path):
     store = EventStore(f"sqlite+aiosqlite:///{path}")

@@ -2,9 +2,10 @@
 
 import sqlite3
 
-from infrastructure.event_store import EventStore
-from infrastructure.settings import Settings
-from orderstream import Service
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.settings import Settings
+
+from orderstream.bootstrap import Service
 from tests.conftest import bearer
 
 REGISTER = """mutation { registerCustomer(input: {name: "Ada Lovelace", email: "ada@example.com", country: "GB"}) {

@@ -1,4 +1,4 @@
-"""Input objects built from the field lists of infrastructure.graphql_execution.prepare_inputs
+"""Input objects built from the field lists of infrastructure.web.graphql_execution.prepare_inputs
 are the ones strawberry's own conversion builds, for every input type of the schema."""
 
 from contextlib import contextmanager
@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 import strawberry
+from orderstream.schema.app import build_schema
 from strawberry.types.arguments import convert_argument
 from strawberry.types.base import StrawberryList, StrawberryObjectDefinition, StrawberryOptional
-
-from schema.app import build_schema
 
 SAMPLES = {str: "text", int: 3, strawberry.ID: "7d7c8c0e-0f4a-4b6e-9d2e-3b1f0c2a9e11", Decimal: Decimal("12.50")}
 

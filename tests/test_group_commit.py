@@ -7,12 +7,10 @@ import time
 from dataclasses import replace
 
 import pytest
-from sqlalchemy.exc import StatementError
-
-from commands.dispatcher import new_event
-from events import CustomerForgotten
-from infrastructure.database import Database
-from infrastructure.event_store import (
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import CustomerForgotten
+from orderstream.infrastructure.persistence.database import Database
+from orderstream.infrastructure.persistence.event_store import (
     EventStore,
     IdempotencyKeyTaken,
     IdempotencyRecord,
@@ -21,6 +19,8 @@ from infrastructure.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
+from sqlalchemy.exc import StatementError
+
 from tests.test_event_store import (
     ANN,
     ANN_ORDERED,
@@ -156,7 +156,7 @@ async def test_listeners_hear_each_commit_once_with_its_last_position(store):
 
 APPEND_CONCURRENTLY = """
 import asyncio, sys
-from infrastructure.event_store import EventStore, NewEvent, StreamWrite
+from orderstream.infrastructure.persistence.event_store import EventStore, NewEvent, StreamWrite
 
 async def writer(store, stream):
     version = 0

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import uvicorn
 import websockets
+from orderstream.infrastructure.settings import Settings
 from websockets.exceptions import InvalidStatus
 
-from infrastructure.settings import Settings
-from orderstream import build_app
+from orderstream.bootstrap import build_app
 from tests.conftest import SECRET, Api, bearer
 
 STAFF = bearer("staff")

@@ -1,4 +1,4 @@
-"""Shared subscriptions (infrastructure.multiplex) against a real uvicorn server, through
+"""Shared subscriptions (infrastructure.live.multiplex) against a real uvicorn server, through
 real WebSocket clients: one execution per event for subscribers with the same document,
 variables and rights, never shared across rights, a slow member unable to hold up its
 group, nothing left behind, memory flat.
@@ -10,10 +10,10 @@ import json
 from typing import Any
 
 import websockets
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import ProductRestocked
+from orderstream.infrastructure.persistence.event_store import StreamWrite
 
-from commands.dispatcher import new_event
-from events import ProductRestocked
-from infrastructure.event_store import StreamWrite
 from tests import test_subscriptions
 from tests.test_subscription_memory import rss_mb
 from tests.test_subscriptions import (

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import ProductAdded
+from orderstream.infrastructure.persistence.event_store import EventStore, StreamWrite
+from orderstream.infrastructure.settings import Settings
 
-from commands.dispatcher import new_event
-from events import ProductAdded
-from infrastructure.event_store import EventStore, StreamWrite
-from infrastructure.settings import Settings
-from orderstream import Service, projections
+from orderstream.bootstrap import Service, projections
 from tests.conftest import SECRET, Databases, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
 
 WRITER = """
 import asyncio, sys
-from infrastructure.event_store import EventStore, NewEvent, StreamWrite
+from orderstream.infrastructure.persistence.event_store import EventStore, NewEvent, StreamWrite
 
 async def main(url, name, count):
     store = EventStore(url)
@@ -191,7 +191,7 @@ class Process:
                    "ORDERSTREAM_RATE_LIMIT": "0", "ORDERSTREAM_CONSISTENCY_TIMEOUT": "20"}
         self.log = (folder / f"serve-{self.port}.log").open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-c", "import orderstream; orderstream.main()", "serve", "--port", str(self.port),
+            [sys.executable, "-c", "from orderstream.cli import main; main()", "serve", "--port", str(self.port),
              "--data-dir", str(folder)], cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT)
 
     async def health(self, http: httpx.AsyncClient) -> dict[str, Any] | None:

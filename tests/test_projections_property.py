@@ -15,21 +15,21 @@ from pathlib import Path
 from babel.numbers import get_currency_precision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import Accepted, Dispatcher
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
+from orderstream.commands.product import AddProduct, ChangeProductPrice, RestockProduct
+from orderstream.domain.customer import Customer
+from orderstream.domain.errors import DomainError
+from orderstream.domain.order import Order
+from orderstream.domain.product import Product
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.projection.projector import Projector
+from orderstream.infrastructure.security.auth import Actor
 
-from commands.customer import RegisterCustomer
-from commands.dispatcher import Accepted, Dispatcher
-from commands.handlers import COMMAND_HANDLERS
-from commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
-from commands.product import AddProduct, ChangeProductPrice, RestockProduct
-from domain.customer import Customer
-from domain.errors import DomainError
-from domain.order import Order
-from domain.product import Product
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore
-from infrastructure.projector import Projector
-from infrastructure.read_store import ReadStore
-from orderstream import projections
+from orderstream.bootstrap import projections
 from tests.test_projector import checkpoints_at, models_at, open_stores, replayed, sqlite_url
 
 STAFF = Actor(subject="staff-1", role="staff")

@@ -20,32 +20,32 @@ from typing import Any
 
 import httpx
 import pytest
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import Accepted, Dispatcher
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
+from orderstream.commands.product import AddProduct, ChangeProductPrice, RestockProduct
+from orderstream.domain.aggregate import Aggregate
+from orderstream.domain.order import Order
+from orderstream.infrastructure.persistence import event_store
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.read_store import ConsistencyTimeout, ReadStore
+from orderstream.infrastructure.projection.projector import Projection, Projector
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.infrastructure.settings import Settings
+from orderstream.queries import customers
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import events
-from commands.customer import RegisterCustomer
-from commands.dispatcher import Accepted, Dispatcher
-from commands.handlers import COMMAND_HANDLERS
-from commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
-from commands.product import AddProduct, ChangeProductPrice, RestockProduct
-from domain.aggregate import Aggregate
-from domain.order import Order
-from infrastructure import event_store
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore
-from infrastructure.projector import Projection, Projector
-from infrastructure.read_store import ConsistencyTimeout, ReadStore
-from infrastructure.settings import Settings
-from orderstream import Service, build_app, projections
-from queries import customers
+from orderstream import events
+from orderstream.bootstrap import Service, build_app, projections
 from tests.conftest import BACKENDS, SECRET, Databases, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAFF = Actor(subject="staff-1", role="staff")
 NAMES = [p.name for p in projections()]
 ADDRESS = ShippingAddress("Ann Example", "Hauptstr. 1", None, "Berlin", "10115", "DE")
-CLI = [sys.executable, "-c", "import orderstream; orderstream.main()"]
+CLI = [sys.executable, "-c", "from orderstream.cli import main; main()"]
 
 
 # ---------------------------------------------------------------- helpers

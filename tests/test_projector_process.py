@@ -16,17 +16,17 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
+from orderstream.commands.dispatcher import Accepted
+from orderstream.commands.order import PlaceOrder
+from orderstream.commands.product import AddProduct, RestockProduct
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.projection.process import ProjectorProcess, decode_events
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.infrastructure.settings import Settings
+from orderstream.queries import orders, products
 
-from commands.customer import ForgetCustomer, RegisterCustomer
-from commands.dispatcher import Accepted
-from commands.order import PlaceOrder
-from commands.product import AddProduct, RestockProduct
-from infrastructure.auth import Actor
-from infrastructure.event_store import EventStore
-from infrastructure.projector_process import ProjectorProcess, decode_events
-from infrastructure.settings import Settings
-from orderstream import Service, projector_process
-from queries import orders, products
+from orderstream.bootstrap import Service, projector_process
 from tests.conftest import SECRET, bearer
 from tests.test_projector import ADDRESS, NAMES, STAFF, succeed
 

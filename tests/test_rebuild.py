@@ -12,17 +12,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import Accepted
+from orderstream.commands.order import CancelOrder, PayOrder, PlaceOrder, ShippingAddress
+from orderstream.commands.product import AddProduct
+from orderstream.infrastructure.projection.projector import SHADOW
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.infrastructure.settings import Settings
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from commands.customer import RegisterCustomer
-from commands.dispatcher import Accepted
-from commands.order import CancelOrder, PayOrder, PlaceOrder, ShippingAddress
-from commands.product import AddProduct
-from infrastructure.auth import Actor
-from infrastructure.projector import SHADOW
-from infrastructure.settings import Settings
-from orderstream import Service, build_app, projections
+from orderstream.bootstrap import Service, build_app, projections
 from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
 from tests.test_projector import copy_log, models_at
 
@@ -211,8 +211,8 @@ async def test_a_cancelled_rebuild_cleans_up_and_the_next_one_succeeds(service: 
 
 REBUILD_SCRIPT = """
 import asyncio, sys
-from orderstream import Service
-from infrastructure.settings import Settings
+from orderstream.bootstrap import Service
+from orderstream.infrastructure.settings import Settings
 
 async def rebuild():
     service = Service(Settings.load(sys.argv[1], environ={}))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from orderstream.infrastructure.settings import Settings
 from starlette.routing import Route
 
-from infrastructure.settings import Settings
-from orderstream import build_app
+from orderstream.bootstrap import build_app
 from tests.conftest import SECRET, Api, bearer
 
 STAFF = bearer("staff")

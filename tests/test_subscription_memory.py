@@ -3,16 +3,16 @@
 import asyncio
 import gc
 
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import ProductRestocked
+from orderstream.infrastructure.persistence.event_store import StreamWrite
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.infrastructure.settings import Settings
+from orderstream.schema.app import build_schema
+from orderstream.schema.context import Context
 from strawberry.dataloader import DataLoader
 
-from commands.dispatcher import new_event
-from events import ProductRestocked
-from infrastructure.auth import Actor
-from infrastructure.event_store import StreamWrite
-from infrastructure.settings import Settings
-from orderstream import Service
-from schema.app import build_schema
-from schema.context import Context
+from orderstream.bootstrap import Service
 
 BATCH = 1000
 

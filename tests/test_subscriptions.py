@@ -26,16 +26,16 @@ import websockets
 from gql import Client, GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import ProductRestocked
+from orderstream.infrastructure.live.event_hub import EventHub
+from orderstream.infrastructure.live.multiplex import Multiplexer
+from orderstream.infrastructure.persistence.event_store import EventStore, StreamWrite
+from orderstream.infrastructure.security.auth import issue_token
+from orderstream.infrastructure.settings import Settings
+from orderstream.schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp, connection_authorization
 
-from commands.dispatcher import new_event
-from events import ProductRestocked
-from infrastructure.auth import issue_token
-from infrastructure.event_hub import EventHub
-from infrastructure.event_store import EventStore, StreamWrite
-from infrastructure.multiplex import Multiplexer
-from infrastructure.settings import Settings
-from orderstream import build_app
-from schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp, connection_authorization
+from orderstream.bootstrap import build_app
 from tests.conftest import BACKENDS, SECRET, Databases, fetch
 
 TRANSPORT_WS = "graphql-transport-ws"

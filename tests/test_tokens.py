@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from orderstream.infrastructure.security.auth import MAX_LEEWAY, TokenSettings, TokenVerifier, Unauthenticated
+from orderstream.infrastructure.settings import Settings
 
-import orderstream
-from infrastructure.auth import MAX_LEEWAY, TokenSettings, TokenVerifier, Unauthenticated
-from infrastructure.settings import Settings
-from orderstream import build_app
+import orderstream.cli
+from orderstream.bootstrap import build_app
 from tests.conftest import SECRET, Api
 
 ISSUER = "https://id.example.com/"
@@ -539,7 +539,7 @@ def test_the_token_command_issues_tokens_the_server_accepts(tmp_path, monkeypatc
     monkeypatch.setenv("ORDERSTREAM_JWT_ISSUER", ISSUER)
     monkeypatch.setenv("ORDERSTREAM_JWT_AUDIENCE", AUDIENCE)
     monkeypatch.delenv("ORDERSTREAM_JWT_SECRET", raising=False)
-    orderstream.main(["token", "--role", "customer", "--customer-id", "c-1", "--data-dir", str(tmp_path)])
+    orderstream.cli.main(["token", "--role", "customer", "--customer-id", "c-1", "--data-dir", str(tmp_path)])
     token = capsys.readouterr().out.strip()
     environ = {"ORDERSTREAM_JWT_ISSUER": ISSUER, "ORDERSTREAM_JWT_AUDIENCE": AUDIENCE}
     actor = TokenVerifier.load(Settings.load(str(tmp_path), environ=environ).tokens, tmp_path).verify(token)
@@ -551,6 +551,6 @@ def test_the_token_command_points_to_the_identity_provider_for_rs256(tmp_path, k
     for variable, value in rsa_pem(tmp_path, keys).items():
         monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as refused:
-        orderstream.main(["token", "--role", "staff", "--data-dir", str(tmp_path)])
+        orderstream.cli.main(["token", "--role", "staff", "--data-dir", str(tmp_path)])
     assert str(refused.value) == ("orderstream token: this server accepts RS256 tokens signed by an identity provider: "
                                   "get tokens there (only HS256 tokens can be issued here)")

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-
-from events import EVENT_TYPES, Event, from_data
-from infrastructure.event_store import NewEvent, StreamWrite
+from orderstream.events import EVENT_TYPES, Event, from_data
+from orderstream.infrastructure.persistence.event_store import NewEvent, StreamWrite
 
 
 @dataclass(frozen=True)

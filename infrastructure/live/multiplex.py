@@ -4,7 +4,7 @@ Subscriptions over WebSocket with the same document, operation name, variables a
 (what decides which events they see and how each one looks) form a group, as Hasura
 multiplexes its live queries. Each subscription first reads the log on its own through its
 own execution, exactly as an unshared one (catch-up). Once it has caught up, the event hub
-offers it to the multiplexer, which parks it in its group (infrastructure.event_hub). A
+offers it to the multiplexer, which parks it in its group (infrastructure.live.event_hub). A
 group runs the document once per event through the schema, with its rights but nobody's
 token, serializes the payload once and writes the same frame (only the operation id
 differs) straight to every member's socket.
@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import strawberry
+from orderstream.infrastructure.live.event_hub import EventHub, Filter, Subscriber
+from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from starlette.websockets import WebSocket
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types import ExecutionResult
-
-from infrastructure.event_hub import EventHub, Filter, Subscriber
-from infrastructure.event_store import RecordedEvent
 
 log = logging.getLogger("orderstream.multiplex")
 

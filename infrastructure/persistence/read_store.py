@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
+from orderstream.infrastructure.errors import PublicError
+from orderstream.infrastructure.persistence.database import Database, UTCDateTime
+from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -30,10 +33,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import conv
-
-from infrastructure.database import Database, UTCDateTime
-from infrastructure.errors import PublicError
-from infrastructure.postgres import CHECKPOINTS_CHANNEL
 
 T = TypeVar("T")
 

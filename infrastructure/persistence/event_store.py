@@ -1,7 +1,7 @@
 """The event log: one append-only table, optimistic concurrency per stream.
 
 The table and its queries live here, the engines (durable SQLite commits, one writer) in
-`infrastructure.database`. Callers speak in streams, versions and positions.
+`infrastructure.persistence.database`. Callers speak in streams, versions and positions.
 """
 
 import asyncio
@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from orderstream.infrastructure.persistence import personal_data
+from orderstream.infrastructure.persistence.database import Database, UTCDateTime
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -33,9 +35,6 @@ from sqlalchemy import (
     select,
     tuple_,
 )
-
-from infrastructure import personal_data
-from infrastructure.database import Database, UTCDateTime
 
 log = logging.getLogger("orderstream.event_store")
 
@@ -104,7 +103,7 @@ class NewEvent:
     type: str
     data: dict[str, Any]
     schema_version: int = 1
-    # Fields sealed with the key of `subject` (see infrastructure.personal_data).
+    # Fields sealed with the key of `subject` (see infrastructure.persistence.personal_data).
     personal: tuple[str, ...] = ()
     subject: str | None = None
     # A subject whose key is destroyed in the transaction that appends this event.
@@ -202,7 +201,7 @@ class EventStore:
         self._foreign_listeners: list[Callable[[set[str]], None]] = []
 
     async def open(self) -> None:
-        """Migrate the log's database to the newest revision (infrastructure.migrations)."""
+        """Migrate the log's database to the newest revision (infrastructure.persistence.migrations)."""
         await self._db.migrate("events")
 
     async def close(self) -> None:
@@ -484,7 +483,7 @@ class EventStore:
                 # culprit fails.
                 outcomes, state = self._write_each(conn, batch, state)
         if self._postgres and state.position != state.head:
-            # Delivered at commit, to every process listening (infrastructure.postgres).
+            # Delivered at commit, to every process listening (infrastructure.persistence.postgres).
             conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(state.position))))
         return outcomes, state, foreign
 

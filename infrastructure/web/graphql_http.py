@@ -4,7 +4,7 @@ A body that is no GraphQL request (not JSON, not an object, no `query`, paramete
 wrong type) is a 400 for every client. Beyond that, the Accept header decides:
 - `application/graphql-response+json` gets that media type and a 400 without a `data`
   entry for a GraphQL request error (a document that does not parse or validate,
-  variables of the wrong type, a limit of infrastructure.limits);
+  variables of the wrong type, a limit of infrastructure.web.limits);
 - anyone else (application/json, `*/*`, no Accept) gets application/json and, for a GraphQL
   request error, a 200 with `errors`: what the spec keeps for application/json.
 Refusals for the method, size, media type and rate keep their status (405, 413, 415, 429).

@@ -5,7 +5,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from infrastructure.graphql_http import Refusal
+from orderstream.infrastructure.web.graphql_http import Refusal
 
 
 class RateLimited(Refusal):

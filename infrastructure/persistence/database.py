@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from orderstream.infrastructure.persistence import migrations
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-
-from infrastructure import migrations
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -88,7 +87,7 @@ class Database:
             self._writer, self._reader = _postgres_engines(url)
 
     async def migrate(self, tree: str) -> str:
-        """Bring this database to the newest revision of `tree` (infrastructure.migrations);
+        """Bring this database to the newest revision of `tree` (infrastructure.persistence.migrations);
         returns that revision. Alembic runs on an async engine: on SQLite one made for it."""
         if self._threads is None:
             return await migrations.upgrade(self._writer, tree)

@@ -8,7 +8,7 @@ has caught up again: the log is the buffer, so memory stays bounded and nobody w
 the slowest reader.
 
 A caught-up subscription may instead be parked with a shared delivery (see
-infrastructure.multiplex), which sends its live events for it until it drops it back
+infrastructure.live.multiplex), which sends its live events for it until it drops it back
 here at the last position it delivered.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from infrastructure.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
 
 log = logging.getLogger("orderstream.event_hub")
 

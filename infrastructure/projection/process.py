@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
 
-from infrastructure.event_store import RecordedEvent
+from orderstream.infrastructure.persistence.event_store import RecordedEvent
 
 log = logging.getLogger("orderstream.projector")
 

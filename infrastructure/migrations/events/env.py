@@ -1,3 +1,0 @@
-from infrastructure.migrations import run_in_env
-
-run_in_env()

@@ -1,0 +1,198 @@
+"""The composition root: the only module that wires every side together.
+
+`Service` holds the stores and the projector for a Settings; `build_app` serves it over
+HTTP. The command line (`orderstream.cli`) builds on both.
+"""
+
+import asyncio
+import logging
+import os
+import sys
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from orderstream.commands.dispatcher import Dispatcher
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.infrastructure.live.event_hub import EventHub
+from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore
+from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
+from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.projection.process import ProjectorProcess
+from orderstream.infrastructure.projection.projector import Projection, Projector
+from orderstream.infrastructure.security.auth import TokenVerifier
+from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
+from orderstream.infrastructure.web.limits import QueryBounds
+from orderstream.infrastructure.web.rate_limit import RateLimit
+from orderstream.queries import customers, orders, products, sales
+from orderstream.queries.event_feed import OrderOwners
+from orderstream.schema.app import GraphQLApp, build_schema
+
+log = logging.getLogger("orderstream")
+
+
+def projections() -> list[Projection]:
+    return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION]
+
+
+class Service:
+    """The stores, the dispatcher and the projector, opened and closed together."""
+
+    def __init__(self, settings: Settings, inline: bool = False) -> None:
+        """`inline`: a process that only projects runs its SQLite statements in its event
+        loop (see infrastructure.persistence.database)."""
+        self.settings = settings
+        self.store = EventStore(settings.event_store_url, inline=inline)
+        self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline)
+        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS)
+        self.projector = Projector(self.store, self.read, projections())
+        self.hub = EventHub(self.store)
+        self.owners = OrderOwners(self.store)
+        # Project and fan out right after each commit of this process. Commits of other
+        # processes are seen by the poll, and on PostgreSQL at once through notifications.
+        self.store.on_append(self.projector.wake)
+        self.store.on_append(self.hub.wake)
+        self.listeners: list[Listener] = []
+        self.leadership: Leadership | None = None
+        if is_postgres(settings.event_store_url):
+            self.listeners.append(Listener(settings.event_store_url, {EVENTS_CHANNEL: self._commit_elsewhere}))
+        if is_postgres(settings.read_store_url):
+            self.listeners.append(Listener(settings.read_store_url, {CHECKPOINTS_CHANNEL: self.read.on_notification}))
+            # Several processes on one PostgreSQL read database: one of them projects at a time.
+            self.leadership = Leadership(settings.read_store_url)
+
+    def _commit_elsewhere(self, _payload: str | None) -> None:
+        self.projector.wake()
+        self.hub.wake()
+
+    async def open(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await self.read.open([p.name for p in self.projector.projections])
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.read.close()
+
+    async def project(self) -> None:
+        """Run the projector until `stop_projecting`; on PostgreSQL only while leading."""
+        if self.leadership is None:
+            await self.projector.run()
+        else:
+            await self.leadership.run(self.projector.run, self.projector.stop)
+
+    def stop_projecting(self) -> None:
+        if self.leadership is not None:
+            self.leadership.stop()
+        self.projector.stop()
+
+    async def listen(self) -> None:
+        """Take notifications (PostgreSQL) until `stop_listening`; returns at once on SQLite."""
+        await asyncio.gather(*(listener.run() for listener in self.listeners))
+
+    def stop_listening(self) -> None:
+        for listener in self.listeners:
+            listener.stop()
+
+    def stop_all(self) -> None:
+        self.stop_projecting()
+        self.stop_listening()
+
+
+PROJECTOR_MODES = ("process", "thread", "off")
+
+
+def projector_process(service: Service, poll_interval: float = 1.0) -> ProjectorProcess:
+    """`orderstream projections run --parent` on the service's databases, reporting to its read
+    store; it looks for commits of other processes every `poll_interval` seconds."""
+    settings = service.settings
+    environ = {**os.environ, "ORDERSTREAM_EVENT_STORE_URL": settings.event_store_url,
+               "ORDERSTREAM_READ_STORE_URL": settings.read_store_url}
+    argv = [sys.executable, "-m", "orderstream", "projections", "run", "--parent",
+            "--poll-interval", str(poll_interval), "--data-dir", str(settings.data_dir)]
+    return ProjectorProcess(argv, environ, moved=service.read.advanced, restarted=service.read.refresh,
+                            recent=service.store.recent)
+
+
+def build_app(settings: Settings, projector: str = "thread") -> Starlette:
+    """The service over HTTP. `projector`: where the read models are projected: "thread", in
+    this process; "process", in a child process this one starts and watches; "off",
+    elsewhere (`orderstream projections run`)."""
+    if projector not in PROJECTOR_MODES:
+        raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
+    service = Service(settings)
+    child = projector_process(service) if projector == "process" else None
+    if child is not None:
+        service.store.on_append(child.wake)
+    tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
+    bounds = QueryBounds(settings.query_limits)
+    rate_limit = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    graphql = GraphQLApp(build_schema(bounds), service.dispatcher, service.store, service.read, service.hub,
+                         service.owners, tokens, rate_limit=rate_limit, graphiql=settings.query_limits.introspection,
+                         websocket_origins=settings.websocket_origins)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        await service.open()
+        log.info("event log at position %d", await service.store.head())
+        projecting = None
+        if child is not None:
+            projecting = asyncio.create_task(child.run())
+        elif projector == "thread":
+            projecting = asyncio.create_task(service.project())
+        fanning_out = asyncio.create_task(service.hub.run())
+        listening = asyncio.create_task(service.listen())
+        try:
+            yield
+        finally:
+            service.stop_listening()
+            await listening
+            service.hub.stop()
+            await fanning_out
+            if child is not None:
+                child.stop()
+            elif projecting:
+                service.stop_projecting()
+            if projecting:
+                await projecting
+            await service.close()
+
+    async def healthz(request: Request) -> JSONResponse:
+        try:
+            head = await service.store.head()
+        except Exception:
+            log.exception("health check: the event store is unreachable")
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        if child is not None:
+            state = "process" if child.ready else "starting"
+        elif projector == "off":
+            state = "elsewhere"
+        elif service.leadership is None:
+            state = "running"
+        else:
+            state = "leading" if service.leadership.leading else "standby"
+        return JSONResponse({"status": "ok", "head": head, "projector": state})
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/graphql", graphql, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql),
+        ],
+        # Outermost first: every response gets the security headers, a 413 the CORS headers
+        # (so that a page can read it); bodies are counted before anything reads them.
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type", "X-Correlation-Id"],
+                       expose_headers=["Retry-After"], max_age=600),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
+        lifespan=lifespan,
+    )
