@@ -72,17 +72,6 @@ import strawberry
 import uvloop
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
-from orderstream.commands.customer import RegisterCustomer
-from orderstream.commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork
-from orderstream.commands.handlers import COMMAND_HANDLERS
-from orderstream.commands.order import PlaceOrder, ShippingAddress
-from orderstream.commands.product import AddProduct
-from orderstream.domain.customer import Customer
-from orderstream.domain.product import Product
-from orderstream.events import Event, StockReserved
-from orderstream.infrastructure.persistence.event_store import EventStore
-from orderstream.infrastructure.security.auth import Actor, TokenVerifier
-from orderstream.infrastructure.settings import Settings
 from starlette.applications import Starlette
 from starlette.routing import Route
 from strawberry.asgi import GraphQL
@@ -100,6 +89,17 @@ from bench.common import (
     server_cpu_seconds,
 )
 from bench.hot_aggregate import fill_history
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import PlaceOrder, ShippingAddress
+from orderstream.commands.product import AddProduct
+from orderstream.domain.customer import Customer
+from orderstream.domain.product import Product
+from orderstream.events import Event, StockReserved
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.security.auth import Actor, TokenVerifier
+from orderstream.infrastructure.settings import Settings
 
 NAME = "commands"
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,16 +34,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from orderstream.commands.customer import RegisterCustomer
-from orderstream.commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork, new_event
-from orderstream.commands.handlers import COMMAND_HANDLERS
-from orderstream.commands.order import PlaceOrder, ShippingAddress
-from orderstream.commands.product import AddProduct, RestockProduct
-from orderstream.domain.product import Product
-from orderstream.events import Event, ProductRestocked, StockReserved
-from orderstream.infrastructure.persistence.event_store import EventStore
-from orderstream.infrastructure.security.auth import Actor
-
 # The shared helpers used to live here: bench/subscriptions.py still imports
 # BenchmarkError, cpu_seconds and machine from this module.
 from bench.common import (
@@ -56,6 +46,15 @@ from bench.common import (
 )
 from bench.common import cpu_seconds as cpu_seconds
 from bench.common import machine as machine
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.dispatcher import AggregateCache, Dispatcher, UnitOfWork, new_event
+from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.order import PlaceOrder, ShippingAddress
+from orderstream.commands.product import AddProduct, RestockProduct
+from orderstream.domain.product import Product
+from orderstream.events import Event, ProductRestocked, StockReserved
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.security.auth import Actor
 
 NAME = "hot_aggregate"
 HOT, FRESH = "BENCH-HOT", "BENCH-FRESH"

@@ -40,12 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from orderstream.commands.customer import RegisterCustomer
-from orderstream.commands.order import PayOrder, PlaceOrder, ShipOrder, ShippingAddress
-from orderstream.commands.product import AddProduct
-from orderstream.infrastructure.security.auth import Actor, TokenVerifier
-from orderstream.infrastructure.settings import Settings
-from orderstream.queries import orders
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -58,6 +52,12 @@ from bench.common import (
     sqlite_timestamp,
 )
 from orderstream.bootstrap import Service, build_app
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.order import PayOrder, PlaceOrder, ShipOrder, ShippingAddress
+from orderstream.commands.product import AddProduct
+from orderstream.infrastructure.security.auth import Actor, TokenVerifier
+from orderstream.infrastructure.settings import Settings
+from orderstream.queries import orders
 
 NAME = "read_latency"
 ORDERS_PER_CUSTOMER = 25

@@ -44,6 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from babel.numbers import get_currency_precision
+from sqlalchemy import create_engine
+
+from bench.common import BenchmarkError, Progress, accepted, measured, sqlite_timestamp
+from bench.hot_aggregate import INSERT
+from orderstream import events
+from orderstream.bootstrap import Service, projections
 from orderstream.commands.customer import RegisterCustomer
 from orderstream.commands.dispatcher import Dispatcher, new_event
 from orderstream.commands.handlers import COMMAND_HANDLERS
@@ -54,12 +60,6 @@ from orderstream.infrastructure.persistence import personal_data
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
-from sqlalchemy import create_engine
-
-from bench.common import BenchmarkError, Progress, accepted, measured, sqlite_timestamp
-from bench.hot_aggregate import INSERT
-from orderstream import events
-from orderstream.bootstrap import Service, projections
 
 NAME = "rebuild"
 FILL_BATCH = 20_000

@@ -58,9 +58,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-from orderstream.infrastructure.persistence.event_store import EventStore
-from orderstream.infrastructure.persistence.postgres import dsn
-from orderstream.infrastructure.security.auth import issue_token
 from sqlalchemy.engine import make_url
 
 from bench.commands import (
@@ -85,6 +82,9 @@ from bench.common import (
     process_cpu_seconds,
     server_cpu_seconds,
 )
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.postgres import dsn
+from orderstream.infrastructure.security.auth import issue_token
 
 NAME = "scale_out"
 ROOT = Path(__file__).resolve().parent.parent

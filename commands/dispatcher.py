@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+from orderstream import events
 from orderstream.domain.aggregate import Aggregate
 from orderstream.domain.errors import ConcurrencyConflict, DomainError, NotFoundError, ValidationError
 from orderstream.domain.values import text
@@ -32,8 +33,6 @@ from orderstream.infrastructure.persistence.event_store import (
     WrongExpectedVersion,
 )
 from orderstream.infrastructure.security.auth import Actor
-
-from orderstream import events
 
 A = TypeVar("A", bound=Aggregate)
 Handler = Callable[[Any, "UnitOfWork"], Awaitable[Aggregate]]

@@ -7,6 +7,7 @@ from decimal import Decimal, InvalidOperation
 from functools import cache
 
 from babel.numbers import get_currency_precision, list_currencies
+
 from orderstream.domain.errors import ValidationError
 
 MAX_AMOUNT = Decimal("1000000000")

@@ -1,14 +1,14 @@
 """Customers: one row per registered customer."""
 
+from sqlalchemy import Boolean, Column, Connection, String, Table, insert, select, update
+from sqlalchemy.engine import Row
+
+from orderstream import events
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
-from sqlalchemy import Boolean, Column, Connection, String, Table, insert, select, update
-from sqlalchemy.engine import Row
-
-from orderstream import events
 
 metadata = read_model_metadata()
 

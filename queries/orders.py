@@ -7,13 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orderstream.infrastructure.errors import BadUserInput
-from orderstream.infrastructure.persistence.database import UTCDateTime
-from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
-from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
-from orderstream.infrastructure.projection.projector import Projection, Tables
-from orderstream.infrastructure.security.auth import Actor
-from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -32,6 +25,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 
 from orderstream import events
+from orderstream.infrastructure.errors import BadUserInput
+from orderstream.infrastructure.persistence.database import UTCDateTime
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.projection.projector import Projection, Tables
+from orderstream.infrastructure.security.auth import Actor
+from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
 
 metadata = read_model_metadata()
 

@@ -5,16 +5,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Column, Connection, Integer, String, Table, bindparam, func, insert, select, update
+from sqlalchemy.engine import Row
+
+from orderstream import events
 from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
-from sqlalchemy import Column, Connection, Integer, String, Table, bindparam, func, insert, select, update
-from sqlalchemy.engine import Row
-
-from orderstream import events
 
 metadata = read_model_metadata()
 

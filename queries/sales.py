@@ -13,15 +13,15 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import get_currency_precision, list_currencies
+from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, delete, insert, select, update
+
+from orderstream import events
 from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
-from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, delete, insert, select, update
-
-from orderstream import events
 
 BUCKET = timedelta(minutes=15)
 MAX_DAYS = 366

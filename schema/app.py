@@ -6,6 +6,12 @@ from contextlib import suppress
 from datetime import UTC, datetime
 
 import strawberry
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
+from strawberry.dataloader import DataLoader
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.schema.config import StrawberryConfig
+
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.live.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
@@ -24,11 +30,6 @@ from orderstream.schema.mutations import Mutation
 from orderstream.schema.query import Query
 from orderstream.schema.scalars import SCALARS
 from orderstream.schema.subscription import Subscription
-from starlette.requests import HTTPConnection
-from starlette.websockets import WebSocket
-from strawberry.dataloader import DataLoader
-from strawberry.exceptions import ConnectionRejectionError
-from strawberry.schema.config import StrawberryConfig
 
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
 EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its closing timer

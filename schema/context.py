@@ -1,13 +1,14 @@
 from dataclasses import dataclass
 
+from starlette.requests import HTTPConnection
+from strawberry.dataloader import DataLoader
+
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, Unauthenticated
 from orderstream.queries.event_feed import OrderOwners
-from starlette.requests import HTTPConnection
-from strawberry.dataloader import DataLoader
 
 
 @dataclass

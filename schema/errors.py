@@ -1,6 +1,7 @@
 """The contract's error types: domain failures as members of each result union."""
 
 import strawberry
+
 from orderstream.domain import errors
 
 

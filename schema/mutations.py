@@ -5,6 +5,8 @@ from decimal import Decimal
 from typing import Annotated, TypeVar
 
 import strawberry
+from strawberry.types import Info
+
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
 from orderstream.commands.dispatcher import Accepted
 from orderstream.commands.order import (
@@ -26,7 +28,6 @@ from orderstream.schema.errors import (
     to_graphql,
 )
 from orderstream.schema.scalars import Position
-from strawberry.types import Info
 
 IDEMPOTENCY_KEY = strawberry.field(
     default=None,

@@ -4,6 +4,8 @@ from datetime import UTC, date, datetime
 from typing import Annotated
 
 import strawberry
+from strawberry.types import Info
+
 from orderstream.infrastructure.errors import BadUserInput
 from orderstream.queries import customers, orders, products, sales
 from orderstream.queries.order_history import order_history
@@ -23,7 +25,6 @@ from orderstream.schema.read_types import (
     ProjectionStatus,
 )
 from orderstream.schema.scalars import Position
-from strawberry.types import Info
 
 CONSISTENT_WITH = strawberry.argument(
     description="Wait (at most 5 s by default) until the read models have reached this "

@@ -7,14 +7,15 @@ from enum import Enum
 import strawberry
 from babel import Locale, UnknownLocaleError
 from babel.numbers import format_currency
+from strawberry.scalars import JSON
+from strawberry.types import Info
+
 from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.queries import orders as order_queries
 from orderstream.queries.orders import OrderView
 from orderstream.queries.projection_status import Status
 from orderstream.schema.scalars import Position
-from strawberry.scalars import JSON
-from strawberry.types import Info
 
 
 @strawberry.enum(description="Where an order is in its lifecycle: PENDING -pay-> PAID -ship-> "

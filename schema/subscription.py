@@ -5,12 +5,13 @@ from collections.abc import AsyncGenerator
 from typing import Annotated
 
 import strawberry
+from strawberry.types import Info
+
 from orderstream.infrastructure.errors import BadUserInput
 from orderstream.queries import orders
 from orderstream.queries.event_feed import may_see
 from orderstream.schema.read_types import DomainEvent, Order
 from orderstream.schema.scalars import Position
-from strawberry.types import Info
 
 MAX_EVENT_TYPES = 50
 

@@ -19,15 +19,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
+
+from orderstream.bootstrap import build_app
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.postgres import dsn
 from orderstream.infrastructure.security.auth import issue_token
 from orderstream.infrastructure.settings import Settings
-from sqlalchemy.engine import make_url
-
-from orderstream.bootstrap import build_app
 
 SECRET = "test-secret-" + "x" * 32
 BACKENDS = ["sqlite", "postgresql"]

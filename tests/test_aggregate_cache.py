@@ -6,6 +6,7 @@ import asyncio
 from decimal import Decimal
 
 import pytest
+
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
 from orderstream.commands.dispatcher import Accepted, Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS

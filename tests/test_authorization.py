@@ -28,10 +28,10 @@ import pytest
 import pytest_asyncio
 import uvicorn
 import websockets
-from orderstream.infrastructure.security.auth import issue_token
-from orderstream.infrastructure.settings import Settings
 
 from orderstream.bootstrap import build_app
+from orderstream.infrastructure.security.auth import issue_token
+from orderstream.infrastructure.settings import Settings
 from tests.conftest import SECRET
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

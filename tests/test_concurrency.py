@@ -6,8 +6,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
-from orderstream.infrastructure.persistence.event_store import EventStore
 
+from orderstream.infrastructure.persistence.event_store import EventStore
 from tests.conftest import BACKENDS, Api, bearer
 from tests.test_mutations import (
     STAFF,

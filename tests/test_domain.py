@@ -5,6 +5,7 @@ from decimal import Decimal
 from typing import TypeVar
 
 import pytest
+
 from orderstream.domain.aggregate import Aggregate
 from orderstream.domain.customer import Customer
 from orderstream.domain.errors import BusinessRuleViolation, InsufficientStockError, ValidationError

@@ -5,7 +5,6 @@ import asyncio
 
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.persistence.event_store import EventStore
-
 from tests.test_event_store import write
 
 

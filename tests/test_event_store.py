@@ -17,6 +17,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.exceptions import InvalidTag
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import CustomerRegistered, OrderPlaced, from_data
 from orderstream.infrastructure.persistence.event_store import (
@@ -28,9 +32,6 @@ from orderstream.infrastructure.persistence.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
-from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 

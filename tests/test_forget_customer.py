@@ -2,10 +2,9 @@
 
 import sqlite3
 
+from orderstream.bootstrap import Service
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.settings import Settings
-
-from orderstream.bootstrap import Service
 from tests.conftest import bearer
 
 REGISTER = """mutation { registerCustomer(input: {name: "Ada Lovelace", email: "ada@example.com", country: "GB"}) {

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from orderstream.infrastructure.security.auth import issue_token
 
+from orderstream.infrastructure.security.auth import issue_token
 from tests.conftest import SECRET, Api
 
 # mutation -> (input type, success type, success fields)

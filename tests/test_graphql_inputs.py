@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import strawberry
-from orderstream.schema.app import build_schema
 from strawberry.types.arguments import convert_argument
 from strawberry.types.base import StrawberryList, StrawberryObjectDefinition, StrawberryOptional
+
+from orderstream.schema.app import build_schema
 
 SAMPLES = {str: "text", int: 3, strawberry.ID: "7d7c8c0e-0f4a-4b6e-9d2e-3b1f0c2a9e11", Decimal: Decimal("12.50")}
 

@@ -7,6 +7,8 @@ import time
 from dataclasses import replace
 
 import pytest
+from sqlalchemy.exc import StatementError
+
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import CustomerForgotten
 from orderstream.infrastructure.persistence.database import Database
@@ -19,8 +21,6 @@ from orderstream.infrastructure.persistence.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
-from sqlalchemy.exc import StatementError
-
 from tests.test_event_store import (
     ANN,
     ANN_ORDERED,

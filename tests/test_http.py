@@ -19,10 +19,10 @@ import httpx
 import pytest
 import uvicorn
 import websockets
-from orderstream.infrastructure.settings import Settings
 from websockets.exceptions import InvalidStatus
 
 from orderstream.bootstrap import build_app
+from orderstream.infrastructure.settings import Settings
 from tests.conftest import SECRET, Api, bearer
 
 STAFF = bearer("staff")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
 from orderstream.schema.app import build_schema
-
-from orderstream.bootstrap import build_app
 from tests.conftest import SECRET, Api, bearer
 
 STAFF = bearer("staff")

@@ -7,13 +7,13 @@ import asyncio
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, inspect
+
+from orderstream.bootstrap import Service, projections
 from orderstream.infrastructure.persistence import event_store, migrations
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.read_store import _checkpoint_metadata
 from orderstream.infrastructure.settings import Settings
-from sqlalchemy import MetaData, inspect
-
-from orderstream.bootstrap import Service, projections
 from tests.conftest import BACKENDS, SECRET, Databases
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)

@@ -10,10 +10,10 @@ import json
 from typing import Any
 
 import websockets
+
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductRestocked
 from orderstream.infrastructure.persistence.event_store import StreamWrite
-
 from tests import test_subscriptions
 from tests.test_subscription_memory import rss_mb
 from tests.test_subscriptions import (

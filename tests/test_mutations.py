@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from orderstream.infrastructure.settings import Settings
 
 from orderstream.bootstrap import build_app
+from orderstream.infrastructure.settings import Settings
 from tests.conftest import SECRET, Api, bearer
 
 MEMBER_FIELDS = {

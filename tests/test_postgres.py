@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+
+from orderstream.bootstrap import Service, projections
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductAdded
 from orderstream.infrastructure.persistence.event_store import EventStore, StreamWrite
 from orderstream.infrastructure.settings import Settings
-
-from orderstream.bootstrap import Service, projections
 from tests.conftest import SECRET, Databases, bearer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,6 +15,8 @@ from pathlib import Path
 from babel.numbers import get_currency_precision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from orderstream.bootstrap import projections
 from orderstream.commands.customer import RegisterCustomer
 from orderstream.commands.dispatcher import Accepted, Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
@@ -28,8 +30,6 @@ from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.projection.projector import Projector
 from orderstream.infrastructure.security.auth import Actor
-
-from orderstream.bootstrap import projections
 from tests.test_projector import checkpoints_at, models_at, open_stores, replayed, sqlite_url
 
 STAFF = Actor(subject="staff-1", role="staff")

@@ -20,6 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from orderstream import events
+from orderstream.bootstrap import Service, build_app, projections
 from orderstream.commands.customer import RegisterCustomer
 from orderstream.commands.dispatcher import Accepted, Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
@@ -34,11 +39,6 @@ from orderstream.infrastructure.projection.projector import Projection, Projecto
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries import customers
-from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from orderstream import events
-from orderstream.bootstrap import Service, build_app, projections
 from tests.conftest import BACKENDS, SECRET, Databases, bearer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,6 +16,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+
+from orderstream.bootstrap import Service, projector_process
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
 from orderstream.commands.dispatcher import Accepted
 from orderstream.commands.order import PlaceOrder
@@ -25,8 +27,6 @@ from orderstream.infrastructure.projection.process import ProjectorProcess, deco
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries import orders, products
-
-from orderstream.bootstrap import Service, projector_process
 from tests.conftest import SECRET, bearer
 from tests.test_projector import ADDRESS, NAMES, STAFF, succeed
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from orderstream.infrastructure.settings import Settings
-from orderstream.infrastructure.web.rate_limit import RateLimit
 
 from orderstream.bootstrap import build_app
+from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.web.rate_limit import RateLimit
 from tests.conftest import SECRET, Api, bearer
 
 ADD_PRODUCT = """mutation($input: AddProductInput!) {

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from orderstream.infrastructure.settings import Settings
 
 from orderstream.bootstrap import Service, build_app
+from orderstream.infrastructure.settings import Settings
 from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
 
 STAFF = bearer("staff")

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import inspect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from orderstream.bootstrap import Service, build_app, projections
 from orderstream.commands.customer import RegisterCustomer
 from orderstream.commands.dispatcher import Accepted
 from orderstream.commands.order import CancelOrder, PayOrder, PlaceOrder, ShippingAddress
@@ -19,10 +23,6 @@ from orderstream.commands.product import AddProduct
 from orderstream.infrastructure.projection.projector import SHADOW
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
-from sqlalchemy import inspect
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from orderstream.bootstrap import Service, build_app, projections
 from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
 from tests.test_projector import copy_log, models_at
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from orderstream.infrastructure.settings import Settings
 from starlette.routing import Route
 
 from orderstream.bootstrap import build_app
+from orderstream.infrastructure.settings import Settings
 from tests.conftest import SECRET, Api, bearer
 
 STAFF = bearer("staff")

@@ -1,5 +1,6 @@
 """A product's stream grows with every order: loads stay short thanks to the cache and snapshots."""
 
+from orderstream import events
 from orderstream.commands.dispatcher import AggregateCache, UnitOfWork, new_event, snapshot_schema
 from orderstream.commands.product import AddProduct, RestockProduct
 from orderstream.domain.product import Product
@@ -7,8 +8,6 @@ from orderstream.domain.values import Money
 from orderstream.events import ProductAdded, ProductRestocked, StockReserved
 from orderstream.infrastructure.persistence.event_store import StreamWrite
 from orderstream.infrastructure.security.auth import Actor
-
-from orderstream import events
 
 STAFF = Actor(subject="staff-1", role="staff")
 EVERY = Product.SNAPSHOT_EVERY

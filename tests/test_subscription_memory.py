@@ -3,6 +3,9 @@
 import asyncio
 import gc
 
+from strawberry.dataloader import DataLoader
+
+from orderstream.bootstrap import Service
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductRestocked
 from orderstream.infrastructure.persistence.event_store import StreamWrite
@@ -10,9 +13,6 @@ from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.schema.app import build_schema
 from orderstream.schema.context import Context
-from strawberry.dataloader import DataLoader
-
-from orderstream.bootstrap import Service
 
 BATCH = 1000
 

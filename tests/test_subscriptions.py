@@ -26,6 +26,8 @@ import websockets
 from gql import Client, GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
+
+from orderstream.bootstrap import build_app
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductRestocked
 from orderstream.infrastructure.live.event_hub import EventHub
@@ -34,8 +36,6 @@ from orderstream.infrastructure.persistence.event_store import EventStore, Strea
 from orderstream.infrastructure.security.auth import issue_token
 from orderstream.infrastructure.settings import Settings
 from orderstream.schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp, connection_authorization
-
-from orderstream.bootstrap import build_app
 from tests.conftest import BACKENDS, SECRET, Databases, fetch
 
 TRANSPORT_WS = "graphql-transport-ws"

@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from orderstream.infrastructure.security.auth import MAX_LEEWAY, TokenSettings, TokenVerifier, Unauthenticated
-from orderstream.infrastructure.settings import Settings
 
 import orderstream.cli
 from orderstream.bootstrap import build_app
+from orderstream.infrastructure.security.auth import MAX_LEEWAY, TokenSettings, TokenVerifier, Unauthenticated
+from orderstream.infrastructure.settings import Settings
 from tests.conftest import SECRET, Api
 
 ISSUER = "https://id.example.com/"

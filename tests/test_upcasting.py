@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
+
 from orderstream.events import EVENT_TYPES, Event, from_data
 from orderstream.infrastructure.persistence.event_store import NewEvent, StreamWrite
 

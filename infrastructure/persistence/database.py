@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from orderstream.infrastructure.persistence import migrations
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from orderstream.infrastructure.persistence import migrations
 
 T = TypeVar("T")
 Item = TypeVar("Item")

@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from orderstream.infrastructure.persistence import personal_data
-from orderstream.infrastructure.persistence.database import Database, UTCDateTime
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -35,6 +33,9 @@ from sqlalchemy import (
     select,
     tuple_,
 )
+
+from orderstream.infrastructure.persistence import personal_data
+from orderstream.infrastructure.persistence.database import Database, UTCDateTime
 
 log = logging.getLogger("orderstream.event_store")
 

@@ -14,9 +14,6 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
-from orderstream.infrastructure.errors import PublicError
-from orderstream.infrastructure.persistence.database import Database, UTCDateTime
-from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -33,6 +30,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import conv
+
+from orderstream.infrastructure.errors import PublicError
+from orderstream.infrastructure.persistence.database import Database, UTCDateTime
+from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL
 
 T = TypeVar("T")
 

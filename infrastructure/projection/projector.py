@@ -16,10 +16,11 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from functools import partial
 
-from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
-from orderstream.infrastructure.persistence.read_store import Checkpoint, ReadStore, read_model_metadata, shadow_copy
 from sqlalchemy import Connection, MetaData, Table
 from sqlalchemy.exc import StatementError
+
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.persistence.read_store import Checkpoint, ReadStore, read_model_metadata, shadow_copy
 
 log = logging.getLogger("orderstream.projector")
 

@@ -13,6 +13,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
 from orderstream.infrastructure.errors import PublicError
 
 log = logging.getLogger(__name__)

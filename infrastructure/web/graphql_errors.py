@@ -7,8 +7,9 @@ INTERNAL_SERVER_ERROR with a correlation id; the log keeps the traceback under t
 import logging
 
 from graphql import GraphQLError
-from orderstream.infrastructure.errors import PublicError
 from strawberry.extensions import SchemaExtension
+
+from orderstream.infrastructure.errors import PublicError
 
 log = logging.getLogger("orderstream.errors")
 
