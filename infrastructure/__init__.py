@@ -1,3 +1,4 @@
 """Generic plumbing that knows no order, in rooms: persistence, projection, live, security,
-web (each sub-package's docstring says what it may import). `errors` and `settings` sit
-beside them: errors every room may raise, and the settings the composition root reads."""
+web (each sub-package's docstring says what it may import). Beside them: `errors`, which
+every room may raise; `internals`, every reach into strawberry's and graphql-core's
+internals, named once; and `settings`, read by the composition root."""

@@ -29,10 +29,9 @@ from typing import Any
 
 import strawberry
 from starlette.websockets import WebSocket
-from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
-from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types import ExecutionResult
 
+from orderstream.infrastructure.internals import BaseGraphQLTransportWSHandler, BaseGraphQLWSHandler
 from orderstream.infrastructure.live.event_hub import EventHub, Filter, Subscriber
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 

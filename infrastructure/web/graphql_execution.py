@@ -7,9 +7,15 @@ from typing import Any
 
 import strawberry
 from strawberry.relay.types import GlobalID
-from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
-from strawberry.types.arguments import InputContext
-from strawberry.types.base import StrawberryList, StrawberryMaybe, StrawberryObjectDefinition, StrawberryOptional
+
+from orderstream.infrastructure.internals import (
+    InputContext,
+    StrawberryGraphQLCoreExecutionContext,
+    StrawberryList,
+    StrawberryMaybe,
+    StrawberryObjectDefinition,
+    StrawberryOptional,
+)
 
 
 class PerEventMemo(StrawberryGraphQLCoreExecutionContext):

@@ -36,9 +36,9 @@ from graphql import (
 )
 from graphql.language import SKIP
 from graphql.validation import NoSchemaIntrospectionCustomRule
-from graphql.validation.rules.max_introspection_depth_rule import MaxIntrospectionDepthRule
 from strawberry.extensions import ParserCache, SchemaExtension
-from strawberry.schema.schema import validate_document
+
+from orderstream.infrastructure.internals import MaxIntrospectionDepthRule, validate_document
 
 # What graphql-core appends to an error that guesses at a name ("Did you mean 'orders'?").
 SUGGESTION = re.compile(r" Did you mean .*\?$", re.DOTALL)
