@@ -21,8 +21,8 @@ from orderstream.infrastructure.internals import (
 class PerEventMemo(StrawberryGraphQLCoreExecutionContext):
     """graphql-core 3.3 runs each subscription event on a shallow copy of the subscription's
     executor, so every copy shares one subfield memo. The memo is keyed by the identity of
-    lists built afresh for each event and keeps them alive: it grows by about 1 KB per
-    delivered event for as long as the subscription lives. Each event gets its own memo."""
+    lists built afresh for each event and keeps them alive: it grows with every delivered
+    event for as long as the subscription lives. Each event gets its own memo."""
 
     def build_per_event_executor(self, payload: Any):
         executor = super().build_per_event_executor(payload)
@@ -34,9 +34,9 @@ def prepare_inputs(schema: strawberry.Schema) -> None:
     """Build the schema's input objects from field lists made once, here.
 
     For every field of every input object of every request, strawberry looks up the
-    field's GraphQL name and resolves its type annotation again, about 5 µs a field: for
-    placeOrder's twelve input fields, 146 µs, a tenth of the server's time per order. Both
-    are fixed once the schema is built. Each input type's definition gets a `from_input`
+    field's GraphQL name and resolves its type annotation again: across placeOrder's twelve
+    input fields, a measurable share of the server's time per order. Both are fixed once
+    the schema is built. Each input type's definition gets a `from_input`
     (strawberry's hook for building an input value) that takes them from its list, with a
     converter for each value made here too: scalars, which graphql-core has parsed
     already, are taken as they are (as strawberry does), lists and nested input objects
