@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _settle_heap() -> None:
-    """Tune the garbage collector for a long-running process that handles many requests.
+    """Tune the garbage collector for a long-running process: the server, its projector.
 
     What start-up built (the schema, the tables of GraphQL, strawberry and SQLAlchemy)
     lives as long as the process: frozen, full collections no longer walk it. And every
