@@ -194,25 +194,24 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
     plan = points()
     rounds: dict[str, list[dict[str, Any]]] = {point.key: [] for point in plan}
     in_process: list[dict[str, dict[str, float]]] = []
-    progress = Progress(f"{NAME}: measuring", sizes.rounds * (len(plan) + 1), unit="points")
-    done = 0
-    async with InProcess(folder / "in_process") as side_by_side:
-        for number in range(sizes.rounds):
-            # Alternate the order, so that drift over the run favours neither side.
-            for point in plan if number % 2 == 0 else plan[::-1]:
-                template = folder / ("hot" if point.workload == "hotFresh" else "shop")
-                figures = await measure_point(point, template, folder / "run", secret, token, shop, sizes)
-                rounds[point.key].append(figures)
-                note(f"round {number + 1}/{sizes.rounds}, {point.key}: {describe(figures)}")
+    with Progress(f"{NAME}: measuring", sizes.rounds * (len(plan) + 1), unit="points") as progress:
+        done = 0
+        async with InProcess(folder / "in_process") as side_by_side:
+            for number in range(sizes.rounds):
+                # Alternate the order, so that drift over the run favours neither side.
+                for point in plan if number % 2 == 0 else plan[::-1]:
+                    template = folder / ("hot" if point.workload == "hotFresh" else "shop")
+                    figures = await measure_point(point, template, folder / "run", secret, token, shop, sizes)
+                    rounds[point.key].append(figures)
+                    note(f"round {number + 1}/{sizes.rounds}, {point.key}: {describe(figures)}")
+                    done += 1
+                    progress.update(done)
+                in_process.append(await side_by_side.round(sizes.in_process, flip=number % 2 == 1))
+                note(f"round {number + 1}/{sizes.rounds}, in process: " + ", ".join(
+                    f"{name} p50 {figures['p50_ms']:.2f} ms" for name, figures in in_process[-1].items()))
                 done += 1
                 progress.update(done)
-            in_process.append(await side_by_side.round(sizes.in_process, flip=number % 2 == 1))
-            note(f"round {number + 1}/{sizes.rounds}, in process: " + ", ".join(
-                f"{name} p50 {figures['p50_ms']:.2f} ms" for name, figures in in_process[-1].items()))
-            done += 1
-            progress.update(done)
-        synchronous = side_by_side.eventsourcing_synchronous()
-    progress.finish()
+            synchronous = side_by_side.eventsourcing_synchronous()
 
     median = {key: summary(values) for key, values in rounds.items()}
     in_process_median = {name: summary([r[name] for r in in_process]) for name in in_process[0]}
@@ -823,8 +822,8 @@ def trivial_app() -> Starlette:
 
 
 def note(message: str) -> None:
-    # Clear a progress line drawn in place first.
-    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + f"{NAME}: {message}\n")
+    # Under a progress bar, rich writes the line above it.
+    sys.stderr.write(f"{NAME}: {message}\n")
     sys.stderr.flush()
 
 

@@ -1,4 +1,4 @@
-"""What every benchmark shares: running and recording one (`measured`), the progress line,
+"""What every benchmark shares: running and recording one (`measured`), the progress bar,
 the machine description and the CPU other processes used meanwhile."""
 
 import asyncio
@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +14,11 @@ from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 from orderstream.commands.dispatcher import Accepted
 
@@ -59,33 +63,47 @@ def accepted(outcome: object, what: str) -> Accepted:
     return outcome
 
 
+class _Rate(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        rate = task.speed or 0.0
+        # Slow work (a few measured points a minute) needs a decimal to show a rate at all.
+        return Text(f"{rate:,.0f} {self.unit}/s" if rate >= 10 else f"{rate:.2f} {self.unit}/s")
+
+
 class Progress:
-    """How far, how fast and how long still to go, kept on one line of stderr."""
+    """How far, how fast and how long still to go: a rich bar on stderr, redrawn in place on a
+    terminal, written once when finished elsewhere. Finished on leaving its `with` block."""
 
     def __init__(self, label: str, total: int, unit: str = "events") -> None:
-        self.label, self.total, self.unit = label, total, unit
-        self.live = sys.stderr.isatty()
         self.started = time.perf_counter()
-        self.shown_at = 0.0
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console.width = 160  # a log file: room for the label and the figures on one line
+        # The drawing thread shares the interpreter with what is measured: a few frames a
+        # second. The rate is over the whole run, as slow work has no two updates within
+        # rich's default window.
+        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn(unit), _Rate(unit), TimeRemainingColumn(),
+                                console=console, refresh_per_second=4, speed_estimate_period=86_400)
+        self.task = self.bar.add_task(label, total=total)
+        self.bar.start()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *_exc_info) -> None:
+        self.finish()
 
     def update(self, done: int) -> None:
-        now = time.perf_counter()
-        # A terminal gets a line redrawn in place; a log file a line every few seconds.
-        if now - self.shown_at < (0.25 if self.live else 5.0) and done < self.total:
-            return
-        self.shown_at = now
-        rate = done / (now - self.started)
-        eta = (self.total - done) / rate if rate else 0.0
-        # Slow work (a few measured points a minute) needs a decimal to show a rate at all.
-        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
-        line = f"{self.label}: {done:,}/{self.total:,} {self.unit}, {shown} {self.unit}/s, ETA {eta:.0f} s"
-        sys.stderr.write(f"\r{line:<100}" if self.live else line + "\n")
-        sys.stderr.flush()
+        self.bar.update(self.task, completed=done)
 
     def finish(self) -> float:
-        """End the line; returns the seconds since the start."""
-        if self.live:
-            sys.stderr.write("\n")
+        """Stop drawing (again, if finished already); returns the seconds since the start."""
+        self.bar.stop()
         return time.perf_counter() - self.started
 
 

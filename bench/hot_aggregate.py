@@ -178,8 +178,8 @@ def fill_history(database: Path, sku: str, after_version: int, count: int,
     through append, SQLAlchemy inserts one row per round trip on SQLite, so a million
     events would take minutes. load_cold reads every one of them back through the store.
     """
-    progress = Progress(f"{NAME}: filling the hot product's history", count)
-    with closing(sqlite3.connect(database, isolation_level=None)) as connection:
+    with (Progress(f"{NAME}: filling the hot product's history", count) as progress,
+          closing(sqlite3.connect(database, isolation_level=None)) as connection):
         done = 0
         while done < count:
             batch = min(FILL_BATCH, count - done)

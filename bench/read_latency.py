@@ -165,8 +165,8 @@ class ReadModel:
         await self.service.open()
         catalogue, head = await self.project_real_commands()
         bulk = self.size - self.order_count
-        progress = Progress(f"{NAME}: filling the read model with {self.size:,} orders", bulk, "orders")
-        filled = fill_read_model(self.read_db, catalogue, bulk, head, progress)
+        with Progress(f"{NAME}: filling the read model with {self.size:,} orders", bulk, "orders") as progress:
+            filled = fill_read_model(self.read_db, catalogue, bulk, head, progress)
         self.customers = filled.pop("customers")
         self.order_count += bulk
         check_shape(self.read_db)
@@ -286,7 +286,6 @@ def fill_read_model(read_db: Path, catalogue: list[tuple[str, str, Decimal]], co
         # Measure against a checkpointed file, as a long-running read store would be.
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         line_count = db.execute("SELECT count(*) FROM order_lines").fetchone()[0]
-    progress.finish()
     seconds = time.perf_counter() - started
     # The first `count % customers` customers got one order more than the others.
     return {"orders": count, "customers": customer_ids[count % customers:], "customer_count": customers,

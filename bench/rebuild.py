@@ -317,7 +317,6 @@ def fill_log(log: Path, shop: ShopHistory, count: int, sample: dict[str, list[Ev
     infrastructure.persistence.personal_data. Every WATCH_EVERY-th new stream is also kept in `sample`,
     for check_sample to read back through the store.
     """
-    progress = Progress(f"{NAME}: writing the shop's history", count)
     versions: dict[str, int] = {}
     keys: dict[str, bytes] = {}
     moment = shop.start
@@ -325,7 +324,8 @@ def fill_log(log: Path, shop: ShopHistory, count: int, sample: dict[str, list[Ev
     new_keys: list[tuple] = []
     written = 0
     commits = shop.commits()
-    with closing(sqlite3.connect(log, isolation_level=None)) as connection:
+    with (Progress(f"{NAME}: writing the shop's history", count) as progress,
+          closing(sqlite3.connect(log, isolation_level=None)) as connection):
         while written < count:
             commit = next(commits)
             if written + len(rows) + len(commit) > count:
@@ -446,9 +446,9 @@ async def rebuild_in_turns(log: Path, read_db: Path, ceiling: "Ceiling",
         turns = Turns(ceiling, head, tenths)
         names = [p.name for p in service.projector.projections]
         started = time.perf_counter()
-        position = await service.projector.rebuild(names, turns.passed)
-        seconds = time.perf_counter() - started
-        turns.progress.finish()
+        with turns.progress:
+            position = await service.projector.rebuild(names, turns.passed)
+            seconds = time.perf_counter() - started
     finally:
         await service.close()
     if position != head or len(turns.tenths) != tenths:

@@ -162,23 +162,22 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
     token = issue_token(secret, "staff", subject="bench", ttl=timedelta(hours=12))
     rounds: dict[str, list[dict[str, Any]]] = {point.key: [] for point in POINTS}
     tailer_rounds: list[dict[str, Any]] = []
-    progress = Progress(f"{NAME}: measuring", sizes.rounds * (len(POINTS) + 1), unit="points")
-    done = 0
-    for number in range(sizes.rounds):
-        # Alternate the order, so that drift over the run favours no point.
-        for point in POINTS if number % 2 == 0 else POINTS[::-1]:
-            figures = await measure_point(point, folder / f"{point.backend}-{point.processes}-{number}", server,
-                                          secret, token, sizes)
-            rounds[point.key].append(figures)
-            note(f"round {number + 1}/{sizes.rounds}, {point.key}: {describe(figures)}")
+    with Progress(f"{NAME}: measuring", sizes.rounds * (len(POINTS) + 1), unit="points") as progress:
+        done = 0
+        for number in range(sizes.rounds):
+            # Alternate the order, so that drift over the run favours no point.
+            for point in POINTS if number % 2 == 0 else POINTS[::-1]:
+                figures = await measure_point(point, folder / f"{point.backend}-{point.processes}-{number}", server,
+                                              secret, token, sizes)
+                rounds[point.key].append(figures)
+                note(f"round {number + 1}/{sizes.rounds}, {point.key}: {describe(figures)}")
+                done += 1
+                progress.update(done)
+            tailer = await measure_tailer(folder / f"tailer-{number}", server, sizes)
+            tailer_rounds.append({**tailer, **await measure_commits(server, sizes.commit_s)})
+            note(f"round {number + 1}/{sizes.rounds}, tailer: {describe_tailer(tailer_rounds[-1])}")
             done += 1
             progress.update(done)
-        tailer = await measure_tailer(folder / f"tailer-{number}", server, sizes)
-        tailer_rounds.append({**tailer, **await measure_commits(server, sizes.commit_s)})
-        note(f"round {number + 1}/{sizes.rounds}, tailer: {describe_tailer(tailer_rounds[-1])}")
-        done += 1
-        progress.update(done)
-    progress.finish()
 
     median = {key: summary(values) for key, values in rounds.items()}
     return {
@@ -612,8 +611,8 @@ def percentile(ordered: list[float], fraction: float) -> float:
 
 
 def note(message: str) -> None:
-    # Clear a progress line drawn in place first.
-    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + f"{NAME}: {message}\n")
+    # Under a progress bar, rich writes the line above it.
+    sys.stderr.write(f"{NAME}: {message}\n")
     sys.stderr.flush()
 
 

@@ -6,19 +6,20 @@ The command line: serve, tokens, migrations and the projections' chores.
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import signal
 import sys
-import time
 from datetime import timedelta
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
-from orderstream.infrastructure.projection.process import MAX_MESSAGE, decode_events
+from orderstream.infrastructure.projection.process import project_as_child
 from orderstream.infrastructure.security.auth import ROLES, TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries.projection_status import projection_status
@@ -41,18 +42,15 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _settle_heap() -> None:
-    """Tune the garbage collector for a long-running process that handles many requests.
+    """Tune the garbage collector for a long-running process: the server, its projector.
 
-    What start-up built (the schema, the tables of GraphQL, strawberry and SQLAlchemy:
-    over 100,000 objects) lives as long as the process: frozen, full collections no
-    longer walk it. And every request leaves a few dozen objects in reference cycles
-    (graphql-core's execution, uvicorn's and starlette's request objects) that only the
-    collector frees: with its default of a young collection every 700 new objects, those
-    of the requests still in flight were carried into the older generations, whose
-    collections then held every request in flight for up to 40 ms. Collecting the young
-    every 10,000 objects lets most of them die young: at 32 clients placing orders the
-    collector's time (server and projector) fell from 0.77 to 0.29 s in 8 s, its longest
-    pause from 38 to 22 ms."""
+    What start-up built (the schema, the tables of GraphQL, strawberry and SQLAlchemy)
+    lives as long as the process: frozen, full collections no longer walk it. And every
+    request leaves a few dozen objects in reference cycles (graphql-core's execution,
+    uvicorn's and starlette's request objects) that only the collector frees. With the
+    default young threshold, those of the requests still in flight are carried into the
+    older generations, whose collections then hold up every request in flight; a higher
+    one lets most of them die young, and the collector pauses less often and less long."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
@@ -84,46 +82,18 @@ def _projections_run(parent: bool, poll_interval: float):
         loop = asyncio.get_running_loop()
         for stop_signal in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(stop_signal, service.stop_all)
-        if not parent:
+
+        async def project() -> None:
+            await asyncio.gather(service.project(), service.listen())
+
+        if parent:
+            # Started by `serve`: its commits come in on stdin, the checkpoints go out on stdout.
+            await project_as_child(service.store, service.projector, project, service.stop_all)
+        else:
             log.info("projecting into %s; stop with Ctrl-C", service.settings.read_store_url)
-            await asyncio.gather(service.project(), service.listen())
-            return
-        # Started by `serve` (infrastructure.projection.process): commits arrive on stdin,
-        # and where each batch left the checkpoints leaves on stdout.
-        output = sys.stdout.buffer
-
-        def report(moved) -> None:
-            output.write(json.dumps(moved).encode() + b"\n")
-            output.flush()
-
-        service.projector.on_moved(report)
-        report({})  # ready: the databases are open
-        following = asyncio.create_task(_follow_parent(service))
-        try:
-            await asyncio.gather(service.project(), service.listen())
-        finally:
-            following.cancel()
+            await project()
 
     return run
-
-
-async def _follow_parent(service: Service) -> None:
-    """Keep the events of each commit the server sends (infrastructure.projection.process) and
-    wake the projector; stop when the input ends (the server is gone)."""
-    reader = asyncio.StreamReader(limit=2 * MAX_MESSAGE)
-    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while True:
-        try:
-            line = await reader.readline()
-            if not line:
-                break
-            service.store.remember(decode_events(line))
-        except ValueError as error:
-            # Read from the log instead, like a commit sent as its position alone.
-            log.warning("a message from the server was not read (%s)", error)
-            service.store.remember(())
-        service.projector.wake()
-    service.stop_all()
 
 
 async def _projections_status(service: Service) -> None:
@@ -134,20 +104,15 @@ async def _projections_status(service: Service) -> None:
         sys.stdout.write(f"{s.name:<12} {s.position:>10} {s.head:>10} {s.lag:>8}  {state}\n")
 
 
-def _progress_bar() -> callable:
-    started = time.monotonic()
+class _EventsPerSecond(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} events/s")
 
-    def show(done: int, total: int) -> None:
-        elapsed = max(time.monotonic() - started, 1e-9)
-        rate = done / elapsed
-        left = (total - done) / rate if rate else 0
-        width = 30
-        filled = int(width * done / total) if total else width
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} events "
-                         f"{rate:,.0f}/s, {left:,.0f} s left ")
-        sys.stderr.flush()
 
-    return show
+def _rebuild_progress() -> Progress:
+    """A bar on stderr: events done of the log's, events per second, time left."""
+    return Progress(TextColumn("rebuilding"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
+                    _EventsPerSecond(), TimeRemainingColumn(), console=Console(stderr=True))
 
 
 async def _migrate(args: argparse.Namespace) -> None:
@@ -170,8 +135,10 @@ def _projections_rebuild(names: list[str]):
             sys.exit(f"orderstream projections rebuild: no projection {', '.join(sorted(unknown))}; "
                      f"choose from {', '.join(known)}")
         chosen = names or known
-        position = await service.projector.rebuild(chosen, _progress_bar())
-        sys.stderr.write("\n")
+        with _rebuild_progress() as bar:
+            replay = bar.add_task("rebuild", total=None)
+            position = await service.projector.rebuild(
+                chosen, lambda done, total: bar.update(replay, completed=done, total=total))
         log.info("rebuilt %s up to position %d and swapped them in", ", ".join(chosen), position)
 
     return rebuild

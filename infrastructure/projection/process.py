@@ -1,4 +1,6 @@
-"""The projector in a process of its own, started and watched by the server.
+"""The projector in a process of its own, started and watched by the server: both halves
+of the protocol between them, `ProjectorProcess` in the server and `project_as_child` in
+the child.
 
 In one process, projecting and serving take turns on the interpreter's one lock; apart,
 they run on two cores. The child is `orderstream projections run --parent`, and the two
@@ -17,12 +19,14 @@ server, however the server ends. A child that dies is started again.
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
 
-from orderstream.infrastructure.persistence.event_store import RecordedEvent
+from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.projection.projector import Projector
 
 log = logging.getLogger("orderstream.projector")
 
@@ -174,3 +178,41 @@ class ProjectorProcess:
     async def _pause(self) -> None:
         with suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), self.restart_delay)
+
+
+async def project_as_child(store: EventStore, projector: Projector, project: Callable[[], Awaitable[None]],
+                           stop: Callable[[], None]) -> None:
+    """The child's half: run `project()` (the projector over `store`, until `stop()`), keep the
+    events of each commit read from stdin and wake `projector`, and report on stdout where
+    each of its batches left the checkpoints. Input that ends (the server is gone) calls
+    `stop()`."""
+    output = sys.stdout.buffer
+
+    def report(moved: Mapping[str, int]) -> None:
+        output.write(json.dumps(moved).encode() + b"\n")
+        output.flush()
+
+    projector.on_moved(report)
+    report({})  # ready: the databases are open
+    following = asyncio.create_task(_follow_server(store, projector, stop))
+    try:
+        await project()
+    finally:
+        following.cancel()
+
+
+async def _follow_server(store: EventStore, projector: Projector, stop: Callable[[], None]) -> None:
+    reader = asyncio.StreamReader(limit=2 * MAX_MESSAGE)
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        try:
+            line = await reader.readline()
+            if not line:
+                break
+            store.remember(decode_events(line))
+        except ValueError as error:
+            # Read from the log instead, like a commit sent as its position alone.
+            log.warning("a message from the server was not read (%s)", error)
+            store.remember(())
+        projector.wake()
+    stop()
