@@ -5,7 +5,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -48,6 +48,13 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
     engine = create_async_engine(url, hide_parameters=True, **options)
     _configured(engine.sync_engine, begin)
     return engine
+
+
+class _Threads(NamedTuple):
+    """Where SQLite's transactions run: the one writer, and the scans."""
+
+    writer: ThreadPoolExecutor
+    readers: ThreadPoolExecutor
 
 
 class Batches(Protocol[Item]):
@@ -100,7 +107,8 @@ class Database:
             self._reader = _configured(create_engine(
                 sync_url, hide_parameters=True, pool_size=readers,
                 connect_args={"check_same_thread": False}), "BEGIN")
-            self._threads = ThreadPoolExecutor(1, "sqlite-writer"), ThreadPoolExecutor(readers, "sqlite-reader")
+            self._threads = _Threads(ThreadPoolExecutor(1, "sqlite-writer"),
+                                     ThreadPoolExecutor(readers, "sqlite-reader"))
         else:
             self._writer, self._reader = _postgres_engines(url)
 
@@ -122,7 +130,7 @@ class Database:
                 return await conn.run_sync(work)
         if self._inline:
             return _in_transaction(self._writer, work)
-        return await asyncio.get_running_loop().run_in_executor(self._threads[0], _in_transaction,
+        return await asyncio.get_running_loop().run_in_executor(self._threads.writer, _in_transaction,
                                                                 self._writer, work)
 
     async def write_each(self, batches: "Batches[Item]", most: int = 4) -> None:
@@ -164,7 +172,7 @@ class Database:
                 if error is not None and not isinstance(error, Exception):
                     raise error
 
-        await loop.run_in_executor(self._threads[0], run)
+        await loop.run_in_executor(self._threads.writer, run)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` on a reader: on SQLite a snapshot of the last commit, never waiting
@@ -185,7 +193,7 @@ class Database:
         that the event loop goes on meanwhile."""
         if self._threads is None or self._inline:
             return await self.read(work)
-        return await asyncio.get_running_loop().run_in_executor(self._threads[1], _in_transaction,
+        return await asyncio.get_running_loop().run_in_executor(self._threads.readers, _in_transaction,
                                                                 self._reader, work)
 
     async def dispose(self) -> None:
