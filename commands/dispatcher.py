@@ -15,7 +15,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from orderstream import events
 from orderstream.domain.aggregate import Aggregate
@@ -23,12 +23,12 @@ from orderstream.domain.errors import ConcurrencyConflict, DomainError, NotFound
 from orderstream.domain.values import text
 from orderstream.infrastructure.errors import PublicError
 from orderstream.infrastructure.persistence.event_store import (
-    Append,
     EventStore,
     IdempotencyKeyTaken,
     IdempotencyRecord,
     Metadata,
     NewEvent,
+    PendingAppend,
     StreamWrite,
     WrongExpectedVersion,
 )
@@ -56,6 +56,16 @@ class TooMuchContention(PublicError):
     code = "CONFLICT"
 
 
+class Cached(NamedTuple):
+    """An aggregate as the cache holds it."""
+
+    aggregate: Aggregate
+    # The store's foreign_appends when the command that cached it began (-1: distrusted).
+    epoch: int
+    # The append it is ahead of the log by, until that is decided.
+    landing: PendingAppend | None
+
+
 class AggregateCache:
     """Recently used aggregates, as of their last committed version or ahead of it by an
     append in flight.
@@ -75,12 +85,10 @@ class AggregateCache:
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        # (aggregate, the store's foreign_appends when the command that cached it began,
-        # the append it is ahead of the log by, until that is decided)
-        self._entries: OrderedDict[tuple[type, str], tuple[Aggregate, int, Append | None]] = OrderedDict()
+        self._entries: OrderedDict[tuple[type, str], Cached] = OrderedDict()
         self._classes: set[type] = set()
 
-    def get(self, cls: type[A], id: str) -> tuple[A, int, Append | None] | None:
+    def get(self, cls: type[A], id: str) -> Cached | None:
         """A copy of the cached aggregate, the foreign_appends it is current as of, and
         the append it is ahead of the log by while that is in flight."""
         key = (cls, id)
@@ -91,15 +99,15 @@ class AggregateCache:
         if _failed(landing):
             del self._entries[key]  # the state it is ahead by will never reach the log
             return None
-        if landing is not None and landing.outcome.done():
+        if landing is not None and landing.decided:
             landing = None
         self._entries.move_to_end(key)
-        return aggregate.copy(), epoch, landing
+        return Cached(aggregate.copy(), epoch, landing)
 
     def distrust(self, cls: type[Aggregate], id: str) -> None:
         """The cached state may not be the log's: the next load reads the log after it."""
         if (entry := self._entries.get((cls, id))) is not None:
-            self._entries[(cls, id)] = entry[0], -1, entry[2]
+            self._entries[(cls, id)] = entry._replace(epoch=-1)
 
     def distrust_streams(self, ids: set[str]) -> None:
         """Other processes appended to these streams: `distrust` what is cached of them."""
@@ -107,25 +115,22 @@ class AggregateCache:
             for id in ids:
                 self.distrust(cls, id)
 
-    def put(self, aggregate: Aggregate, epoch: int, landing: Append | None = None) -> None:
+    def put(self, aggregate: Aggregate, epoch: int, landing: PendingAppend | None = None) -> None:
         """Keep `aggregate`; `landing`: the append it is ahead of the log by."""
         self._classes.add(type(aggregate))
         key = (type(aggregate), aggregate.id)
         entry = self._entries.get(key)
-        if entry is not None and entry[0].version > aggregate.version and not _failed(entry[2]):
+        if entry is not None and entry.aggregate.version > aggregate.version and not _failed(entry.landing):
             return  # a later command's append already built on this one
-        self._entries[key] = aggregate, epoch, landing
+        self._entries[key] = Cached(aggregate, epoch, landing)
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
 
-def _failed(landing: Append | None) -> bool:
+def _failed(landing: PendingAppend | None) -> bool:
     """The append failed, or is sure to: its state will never be the log's."""
-    if landing is None:
-        return False
-    outcome = landing.outcome
-    return landing.doomed or outcome.done() and (outcome.cancelled() or outcome.exception() is not None)
+    return landing is not None and landing.failed
 
 
 class UnitOfWork:
@@ -135,7 +140,7 @@ class UnitOfWork:
         # Taken before any load: what is cached at the end is current as of then at least.
         self.epoch = store.foreign_appends
         self.trusted = False  # an aggregate came from the cache, the log unread
-        self.after: list[tuple[Append, str]] = []  # appends in flight it decided on, and their streams
+        self.after: list[tuple[PendingAppend, str]] = []  # appends in flight it decided on, and their streams
         self.seen: dict[str, Aggregate] = {}
         self.loaded_versions: dict[str, int] = {}
         self.client_versions: dict[str, int] = {}
@@ -147,10 +152,10 @@ class UnitOfWork:
             return self.seen[id]
         while True:
             cached = self.cache.get(cls, id)
-            if cached and not self.fresh and cached[1] == self.store.foreign_appends:
-                aggregate, self.trusted = cached[0], True
-                if cached[2] is not None:
-                    self.after.append((cached[2], id))
+            if cached and not self.fresh and cached.epoch == self.store.foreign_appends:
+                aggregate, self.trusted = cached.aggregate, True
+                if cached.landing is not None:
+                    self.after.append((cached.landing, id))
                 self.seen[id] = aggregate
                 self.loaded_versions[id] = aggregate.version
                 return aggregate
@@ -159,8 +164,8 @@ class UnitOfWork:
             # decided on its state and cached the next one.
             if (pending := self.store.in_flight(id)) is None:
                 break
-            await asyncio.wait([pending])
-        aggregate = cached[0] if cached else await self._from_snapshot(cls, id)
+            await pending.wait_decided()
+        aggregate = cached.aggregate if cached else await self._from_snapshot(cls, id)
         applied = 0
         # In pages, so that even a first load of a long stream holds one page in memory.
         while batch := await self.store.load(id, after_version=aggregate.version, limit=LOAD_PAGE):
@@ -227,7 +232,7 @@ class UnitOfWork:
             for aggregate in self.seen.values()
         ]
 
-    def submitted(self, landing: Append) -> None:
+    def submitted(self, landing: PendingAppend) -> None:
         """The append is queued: what it changes is cached ahead of the log until `landing`."""
         for aggregate in self.seen.values():
             if aggregate.pending:
@@ -316,7 +321,7 @@ class Dispatcher:
                         # The next retry on the stream may decide on this one's state now.
                         turn.release()
                         turn = None
-                    recorded = await landing.outcome
+                    recorded = await landing
                 except WrongExpectedVersion as conflict:
                     # On cached state the conflict may be the cache's, not the client's:
                     # the client's expected version is held against the log's state.

@@ -213,15 +213,15 @@ async def test_in_flight_is_the_streams_undecided_append(store):
 
     pending_a, pending_b = store.in_flight("a"), store.in_flight("b")
     assert pending_a is not None and pending_b is not None
-    assert pending_a is not checking.outcome  # a check alone is nothing a load waits for
-    await asyncio.wait([pending_a, pending_b])
+    assert pending_a is not checking  # a check alone is nothing a load waits for
+    await asyncio.gather(pending_a.wait_decided(), pending_b.wait_decided())
 
     assert appending.done() and failing.done()  # an append that fails is decided too
     assert store.in_flight("a") is None and store.in_flight("b") is None
     assert await store.stream_version("a") == 2
     assert isinstance(failing.exception(), WrongExpectedVersion)
     assert store.in_flight("never-written") is None
-    await asyncio.gather(checking.outcome, return_exceptions=True)
+    await asyncio.gather(checking, return_exceptions=True)
 
 
 async def test_a_key_destroyed_in_a_batch_shreds_that_subject_only(store):
@@ -259,7 +259,7 @@ async def test_an_append_decided_on_a_failed_one_fails_whatever_the_version(stor
     e = store.submit([write("P", 0, 3)])
     b = store.submit([write("P", 1, 4)], after=[(a, "P")])
 
-    results = await asyncio.gather(a.outcome, e.outcome, b.outcome, return_exceptions=True)
+    results = await asyncio.gather(a, e, b, return_exceptions=True)
 
     assert isinstance(results[0], WrongExpectedVersion) and results[0].stream_id == "X"
     assert not isinstance(results[1], BaseException)
@@ -273,7 +273,7 @@ async def test_an_append_decided_on_a_written_one_follows_it_in_the_next_batch(s
     await asyncio.sleep(0)  # the first batch is under way
     second = store.submit([write("P", 1, 2)], after=[(first, "P")])
 
-    await asyncio.gather(first.outcome, second.outcome)
+    await asyncio.gather(first, second)
 
     assert [event.data["n"] for event in await store.load("P")] == [1, 2]
 
@@ -285,14 +285,14 @@ async def test_appends_decided_on_a_failed_one_are_known_to_fail_at_once(store):
     b = store.submit([write("P", 1, 3)], after=[(a, "P")])
 
     with pytest.raises(WrongExpectedVersion):
-        await a.outcome
+        await a
 
     # The writer may have taken b's batch already (it takes the next batch itself once it
     # has committed or failed one), but b was marked before that batch, so it fails there.
     assert b.doomed
     c = store.submit([write("P", 2, 4)], after=[(b, "P")])
     assert c.doomed
-    results = await asyncio.gather(b.outcome, c.outcome, return_exceptions=True)
+    results = await asyncio.gather(b, c, return_exceptions=True)
     assert all(isinstance(result, WrongExpectedVersion) for result in results), results
     assert await store.load("P") == []
 
@@ -310,8 +310,8 @@ async def test_the_writer_takes_the_next_batch_without_waiting_for_the_event_loo
         while store.commits < 2:  # the event loop does nothing meanwhile
             assert time.monotonic() < deadline, f"{store.commits} commit(s) with the event loop held up"
             time.sleep(0.01)
-        assert not first.outcome.done()  # settling waits for the event loop
-        await asyncio.gather(first.outcome, *(append.outcome for append in rest))
+        assert not first.decided  # settling waits for the event loop
+        await asyncio.gather(first, *rest)
         assert [e.stream_id for e in await assert_gap_free(store)] == ["A", "B", "C"]
     finally:
         await store.close()
@@ -321,17 +321,26 @@ async def test_the_writer_hands_back_after_a_few_batches_for_other_writes_to_tak
     # However much is queued, the writer thread returns after `most` transactions, so that
     # a write waiting behind it (a snapshot, a destroyed key) is not held up for good.
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'writes.db'}")
-    taken, settled = [], []
-    try:
-        def take() -> int | None:  # a hundred items queued
+    taken, settled, results = [], [], {}
+
+    class Items:
+        def take(self) -> int | None:  # a hundred items queued
             if len(taken) == 100:
                 return None
             taken.append(len(taken) + 1)
             return taken[-1]
 
-        await asyncio.wait_for(database.write_each(
-            take, lambda item, conn: conn.exec_driver_sql("SELECT ?", (item,)).scalar(),
-            lambda *_: None, lambda item, result, error: settled.append((item, result, error)), most=3), 30)
+        def write(self, item: int, conn) -> None:
+            results[item] = conn.exec_driver_sql("SELECT ?", (item,)).scalar()
+
+        def finish(self, item: int, error: BaseException | None) -> None:
+            pass
+
+        def settle(self, item: int, error: BaseException | None) -> None:
+            settled.append((item, results[item], error))
+
+    try:
+        await asyncio.wait_for(database.write_each(Items(), most=3), 30)
         assert taken == [1, 2, 3]
         assert settled == [(1, 1, None), (2, 2, None), (3, 3, None)]  # each in the event loop, in order
     finally:

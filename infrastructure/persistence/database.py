@@ -5,7 +5,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -50,6 +50,30 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
     return engine
 
 
+class _Threads(NamedTuple):
+    """Where SQLite's transactions run: the one writer, and the scans."""
+
+    writer: ThreadPoolExecutor
+    readers: ThreadPoolExecutor
+
+
+class Batches(Protocol[Item]):
+    """Work that `Database.write_each` commits an item at a time, one transaction each."""
+
+    def take(self) -> Item | None:
+        """The next item, or None when there is none; called where the transaction runs."""
+
+    def write(self, item: Item, conn: Connection) -> None:
+        """The item's statements, in its transaction; what they come to stays with the item."""
+
+    def finish(self, item: Item, error: BaseException | None) -> None:
+        """After the transaction, committed (`error` None) or not, where the next one runs:
+        what that one must see."""
+
+    def settle(self, item: Item, error: BaseException | None) -> None:
+        """Then in the event loop, in order: the item's outcome told to whoever waits for it."""
+
+
 class Database:
     """Runs units of work, plain functions of a Connection, on a writer or a reader.
 
@@ -83,7 +107,8 @@ class Database:
             self._reader = _configured(create_engine(
                 sync_url, hide_parameters=True, pool_size=readers,
                 connect_args={"check_same_thread": False}), "BEGIN")
-            self._threads = ThreadPoolExecutor(1, "sqlite-writer"), ThreadPoolExecutor(readers, "sqlite-reader")
+            self._threads = _Threads(ThreadPoolExecutor(1, "sqlite-writer"),
+                                     ThreadPoolExecutor(readers, "sqlite-reader"))
         else:
             self._writer, self._reader = _postgres_engines(url)
 
@@ -105,17 +130,12 @@ class Database:
                 return await conn.run_sync(work)
         if self._inline:
             return _in_transaction(self._writer, work)
-        return await asyncio.get_running_loop().run_in_executor(self._threads[0], _in_transaction,
+        return await asyncio.get_running_loop().run_in_executor(self._threads.writer, _in_transaction,
                                                                 self._writer, work)
 
-    async def write_each(self, take: Callable[[], Item | None], work: Callable[[Item, Connection], T],
-                         finish: Callable[[Item, T | None, BaseException | None], None],
-                         settle: Callable[[Item, T | None, BaseException | None], None],
-                         most: int = 4) -> None:
-        """`work(item, conn)` in a write transaction of its own for each item `take()` gives,
-        up to `most` of them or until it gives None. After each transaction, committed or
-        failed: `finish(item, result, error)` where the next one runs (what it must see),
-        then `settle(item, result, error)` in the event loop.
+    async def write_each(self, batches: "Batches[Item]", most: int = 4) -> None:
+        """Write each item `batches` hands out, up to `most` of them or until it has none,
+        in a write transaction of its own (see `Batches`).
 
         On SQLite the writer thread takes the next item itself once it has committed one:
         under load the event loop can be busy for many milliseconds before it would take up
@@ -124,14 +144,15 @@ class Database:
         (snapshots, say) take their turn."""
         if self._threads is None or self._inline:
             for _ in range(most):
-                if (item := take()) is None:
+                if (item := batches.take()) is None:
                     return
                 try:
-                    result, error = await self.write(partial(work, item)), None
+                    await self.write(partial(batches.write, item))
+                    error = None
                 except BaseException as failure:
-                    result, error = None, failure
-                finish(item, result, error)
-                settle(item, result, error)
+                    error = failure
+                batches.finish(item, error)
+                batches.settle(item, error)
                 if error is not None and not isinstance(error, Exception):
                     raise error
             return
@@ -139,18 +160,19 @@ class Database:
 
         def run() -> None:
             for _ in range(most):
-                if (item := take()) is None:
+                if (item := batches.take()) is None:
                     return
                 try:
-                    result, error = _in_transaction(self._writer, partial(work, item)), None
+                    _in_transaction(self._writer, partial(batches.write, item))
+                    error = None
                 except BaseException as failure:
-                    result, error = None, failure
-                finish(item, result, error)
-                loop.call_soon_threadsafe(settle, item, result, error)
+                    error = failure
+                batches.finish(item, error)
+                loop.call_soon_threadsafe(batches.settle, item, error)
                 if error is not None and not isinstance(error, Exception):
                     raise error
 
-        await loop.run_in_executor(self._threads[0], run)
+        await loop.run_in_executor(self._threads.writer, run)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` on a reader: on SQLite a snapshot of the last commit, never waiting
@@ -158,9 +180,8 @@ class Database:
 
         A read of a few rows through an index takes SQLite microseconds from memory; the
         hop to a thread and back cost more, and under load the wait for Python's lock
-        after it cost milliseconds (read-your-writes 7.5 -> 5.4 ms, placeOrder at 32
-        clients 326 -> 390 a second). The price: a read that must go to the disk holds
-        the loop meanwhile. Reads of many rows go through `scan`.
+        after it cost milliseconds. The price: a read that must go to the disk holds the
+        loop meanwhile. Reads of many rows go through `scan`.
         """
         if self._threads is None:
             async with self._reader.connect() as conn:
@@ -172,7 +193,7 @@ class Database:
         that the event loop goes on meanwhile."""
         if self._threads is None or self._inline:
             return await self.read(work)
-        return await asyncio.get_running_loop().run_in_executor(self._threads[1], _in_transaction,
+        return await asyncio.get_running_loop().run_in_executor(self._threads.readers, _in_transaction,
                                                                 self._reader, work)
 
     async def dispose(self) -> None:
