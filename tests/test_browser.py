@@ -242,6 +242,9 @@ def browser_page(chromium) -> Iterator[tuple[Any, Watched]]:
 
     context.route("**/*", only_loopback)
     page = context.new_page()
+    # WebSockets pass no route: counted here (the page's policy would block them anyway).
+    page.on("websocket",
+            lambda socket: urlsplit(socket.url).hostname != LOOPBACK and watched.aborted.append(socket.url))
     page.on("console", lambda message: message.type == "error" and watched.errors.append(message.text))
     page.on("pageerror", lambda error: watched.errors.append(f"uncaught: {error}"))
     page.set_default_timeout(15_000)
@@ -305,8 +308,12 @@ def test_graphiql_runs_a_query_and_a_subscription_from_this_origin_only(server, 
     # The first document holds two operations: the run button opens a menu to choose one (a
     # menu that adds a <style> element, allowed by the nonce of the page's policy).
     page.locator(".graphiql-execute-button[aria-haspopup]").click()
-    page.get_by_role("menuitem", name="Catalogue").click()
+    with page.expect_request(lambda request: request.method == "POST" and request.url.endswith("/graphql")
+                             and "Catalogue" in (request.post_data or "")) as sent:
+        page.get_by_role("menuitem", name="Catalogue").click()
     wait_for_response(page, '"totalCount": 1', '"sku": "MUG-1"')
+    # The hint is no token, and is not sent as one.
+    assert "authorization" not in sent.value.headers
 
     replace_text(page, ".graphiql-query-editor", '{ products(first: 5) { edges { node { '
                                                  'price { formatted(locale: "en-GB") } } } } }')

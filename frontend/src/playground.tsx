@@ -5,6 +5,7 @@ import { explorerPlugin } from "@graphiql/plugin-explorer";
 import { createGraphiQLFetcher, type Fetcher } from "@graphiql/toolkit";
 import { setNonce } from "get-nonce";
 import { GraphiQL } from "graphiql";
+import { type DocumentNode, parse } from "graphql";
 import { createRoot } from "react-dom/client";
 
 import "graphiql/graphiql.css";
@@ -31,8 +32,18 @@ const fetcher: Fetcher = (params, options) => {
   if (hintedAuthorization !== undefined && headers.Authorization === hintedAuthorization) {
     delete headers.Authorization;
   }
-  return send(params, { ...options, headers });
+  // The document as sent decides between HTTP and WebSocket: GraphiQL's own parse of the
+  // editor lags a keystroke behind, and a subscription run at once went out over HTTP.
+  return send(params, { ...options, headers, documentAST: parsed(params.query) ?? options?.documentAST });
 };
+
+function parsed(query: string): DocumentNode | undefined {
+  try {
+    return parse(query);
+  } catch {
+    return undefined;
+  }
+}
 
 const plugins = [explorerPlugin()];
 const defaultQuery = `# orderstream: queries and mutations run over HTTP, subscriptions over WebSocket.
