@@ -47,12 +47,18 @@ PAGE = """<!doctype html>
 
 
 class BuiltFiles(StaticFiles):
-    """The built files; until there is a build, every one of them is a 404 (StaticFiles
+    """The built files, checked with the server on every use (their names stay the same
+    from build to build); until there is a build, every one of them is a 404 (StaticFiles
     would fail on the missing folder)."""
 
     async def check_config(self) -> None:
         if Path(self.directory).is_dir():
             await super().check_config()
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 class Pages:

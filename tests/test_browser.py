@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from starlette.requests import Request
 
 from orderstream.bootstrap import build_app
@@ -70,6 +71,9 @@ async def test_a_page_not_built_says_how_to_build_it(api, tmp_path):
         response = await page(Request({"type": "http", "path": "/graphql", "headers": [], "query_string": b""}))
         assert response.status_code == 503
         assert b"npm ci" in response.body and b"<script" not in response.body
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Starlette(routes=pages.routes())),
+                                 base_url="http://orderstream") as http:
+        assert (await http.get("/static/playground.js")).status_code == 404
     assert (await api.http.get("/static/no-such-file.js")).status_code == 404
 
 
@@ -79,7 +83,8 @@ async def test_graphiql_is_prefilled_with_where_a_token_comes_from_in_developmen
     page = (await api.http.get("/graphql", headers={"Accept": "text/html"})).text
     assert "orderstream token --role staff" in page
     assert '<script src="/static/playground.js" defer></script>' in page
-    assert (await api.http.get("/static/playground.js")).status_code == 200
+    script = await api.http.get("/static/playground.js")
+    assert script.status_code == 200 and script.headers["cache-control"] == "no-cache"
 
     settings = Settings.load(str(tmp_path / "production"), environ={
         "ORDERSTREAM_JWT_SECRET": SECRET, "ORDERSTREAM_ENV": "production", "ORDERSTREAM_INTROSPECTION": "on"})
