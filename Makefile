@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./var
 
-.PHONY: serve test bench lint clean
+.PHONY: serve test bench lint clean frontend screenshots
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "orderstream needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -17,11 +17,38 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-serve: $(STAMP)
+# The playground (GraphiQL) and the live board: npm packages pinned in frontend/package-lock.json,
+# bundled by frontend/build.mjs into orderstream/static. Built again when a source changes; the
+# API serves without them.
+NODE_MODULES_STAMP := frontend/node_modules/.installed-stamp
+FRONTEND_STAMP := orderstream/static/.built-stamp
+NODE_18 := $(shell node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 18 ? 1 : 0)' 2>/dev/null && echo yes)
+
+$(NODE_MODULES_STAMP): frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --prefer-offline --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(FRONTEND_STAMP): $(NODE_MODULES_STAMP) frontend/build.mjs $(wildcard frontend/src/*)
+	cd frontend && npm run --silent build
+	@touch $@
+
+frontend:
+ifeq ($(NODE_18),yes)
+	@$(MAKE) -s --no-print-directory $(FRONTEND_STAMP) || \
+		echo "The playground and /live failed to build (see above); the API serves without them"
+else
+	@echo "Node.js 18+ not found: the playground and /live are not built; the API serves without them"
+endif
+
+serve: $(STAMP) frontend
 	$(VENV)/bin/orderstream serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
-test: $(STAMP)
+test: $(STAMP) frontend
 	$(VENV)/bin/python -m pytest
+
+# The README's pictures of both pages, taken by the browser tests.
+screenshots: $(STAMP) frontend
+	ORDERSTREAM_SCREENSHOTS=docs $(VENV)/bin/python -m pytest -q tests/test_browser.py -k "graphiql_runs or board_shows"
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 
@@ -36,4 +63,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache orderstream/static frontend/node_modules

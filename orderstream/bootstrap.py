@@ -30,6 +30,7 @@ from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
+from orderstream.pages import Pages
 from orderstream.queries import customers, orders, products, sales
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.schema.app import GraphQLApp, build_schema
@@ -133,8 +134,10 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
     bounds = QueryBounds(settings.query_limits)
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    pages = Pages(development=settings.environment == "development")
     graphql = GraphQLApp(build_schema(bounds), service.dispatcher, service.store, service.read, service.hub,
-                         service.owners, tokens, rate_limit=rate_limit, graphiql=settings.query_limits.introspection,
+                         service.owners, tokens, rate_limit=rate_limit,
+                         graphiql=pages.playground if settings.query_limits.introspection else None,
                          websocket_origins=settings.websocket_origins)
 
     @asynccontextmanager
@@ -184,6 +187,7 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
             Route("/healthz", healthz),
             Route("/graphql", graphql, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
+            *pages.routes(),
         ],
         # Outermost first: every response gets the security headers, a 413 the CORS headers
         # (so that a page can read it); bodies are counted before anything reads them.

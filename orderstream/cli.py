@@ -23,6 +23,7 @@ from orderstream.infrastructure.projection.process import project_as_child
 from orderstream.infrastructure.security.auth import ROLES, TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries.projection_status import projection_status
+from orderstream.schema.app import build_schema
 
 log = logging.getLogger("orderstream")
 
@@ -144,6 +145,11 @@ def _projections_rebuild(names: list[str]):
     return rebuild
 
 
+def _schema(args: argparse.Namespace) -> None:
+    # schema.graphql at the repository's root is this output (tests/test_schema_file.py).
+    sys.stdout.write(build_schema().as_str() + "\n")
+
+
 def _seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -197,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     rebuild = actions.add_parser("rebuild", help="replay the log into fresh tables and swap them in")
     rebuild.add_argument("names", nargs="*", metavar="NAME", help="projections to rebuild (default: all)")
     rebuild.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_rebuild(a.names))))
+
+    schema = commands.add_parser("schema", help="print the GraphQL schema (SDL), for generating typed clients")
+    schema.set_defaults(run=_schema)
 
     for sub in (serve, token, migrate, run, status, rebuild):
         sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "

@@ -20,7 +20,7 @@ from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
 from orderstream.infrastructure.web.graphql_errors import ErrorCodes
 from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
-from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP
+from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
 from orderstream.infrastructure.web.rate_limit import RateLimit
 from orderstream.queries.event_feed import OrderOwners
@@ -94,7 +94,7 @@ class GraphQLApp(GraphQLOverHTTP):
 
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
                  read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier, *,
-                 rate_limit: RateLimit | None = None, graphiql: bool = True,
+                 rate_limit: RateLimit | None = None, graphiql: IdePage | None = None,
                  websocket_origins: Sequence[str] = ()) -> None:
         # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
         super().__init__(schema, graphiql=graphiql, websocket_origins=websocket_origins, keep_alive=True,

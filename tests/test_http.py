@@ -6,8 +6,6 @@ a free local port); a refused mutation appends nothing to the log.
 """
 
 import asyncio
-import base64
-import hashlib
 import json
 import re
 import sqlite3
@@ -231,24 +229,18 @@ async def graphiql(api: Api) -> httpx.Response:
     return await api.http.get("/graphql", headers={"Accept": "text/html"})
 
 
-def inline_script_hashes(html: str) -> set[str]:
-    return {f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
-            for script in re.findall(r"<script>(.*?)</script>", html, re.DOTALL)}
-
-
 async def test_graphiql_loads_under_its_own_content_security_policy(api):
     response = await graphiql(api)
-    assert response.status_code == 200
+    # 503: the page's scripts are not built, and the page says how to build them.
+    assert response.status_code in (200, 503)
     assert "GraphiQL" in response.text
     policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
     assert policy["default-src"] == "'none'"
-    # Its scripts: from unpkg with integrity, and its one inline script by hash.
-    script_sources = re.findall(r'<script\s+crossorigin\s+src="([^"]+)"', response.text)
-    assert script_sources and all(src.startswith("https://unpkg.com/") for src in script_sources)
-    hashes = inline_script_hashes(response.text)
-    assert len(hashes) == 1 and hashes <= set(policy["script-src"].split())
-    assert "'unsafe-eval'" not in policy["script-src"] and "'unsafe-inline'" not in policy["script-src"]
-    assert "https://unpkg.com" in policy["style-src"]
+    # Its scripts: from this origin only, none inline (orderstream.pages; tests/test_browser.py).
+    assert re.findall(r"<script>", response.text) == []
+    assert all(src.startswith("/static/") for src in re.findall(r'<script[^>]*\ssrc="([^"]+)"', response.text))
+    assert policy["script-src"] == "'self'"
+    assert "'unsafe-eval'" not in policy["style-src"] and "'unsafe-inline'" not in policy["style-src"]
     assert policy["connect-src"] == "'self'"
     assert policy["frame-ancestors"] == "'none'"
     assert response.headers["x-frame-options"] == "DENY"

