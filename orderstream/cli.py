@@ -16,6 +16,7 @@ from datetime import timedelta
 from sqlalchemy.engine import make_url
 
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
+from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
 from orderstream.infrastructure.projection.process import MAX_MESSAGE, decode_events
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+    except SettingsError as error:
+        sys.exit(f"orderstream {args.command}: {error}")
     except KeyboardInterrupt:
         pass
 
