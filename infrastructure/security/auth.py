@@ -188,8 +188,8 @@ class TokenVerifier:
         if settings.algorithms == (SHARED_SECRET_ALGORITHM,):
             secret = settings.secret or load_or_create_secret(data_dir)
             if len(secret.encode()) < MIN_SECRET_BYTES:
-                raise SettingsError(f"the HS256 secret must be at least {MIN_SECRET_BYTES} bytes long: set a longer "
-                                 "ORDERSTREAM_JWT_SECRET (e.g. from `openssl rand -base64 48`)")
+                raise SettingsError(f"the HS256 secret must be at least {MIN_SECRET_BYTES} bytes long: set a "
+                                    "longer ORDERSTREAM_JWT_SECRET (e.g. from `openssl rand -base64 48`)")
             keys = [VerificationKey(SHARED_SECRET_ALGORITHM, secret)]
         elif settings.public_key_file is not None:
             keys = [_pem_key(settings.public_key_file, settings.algorithms)]
