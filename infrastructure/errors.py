@@ -6,3 +6,8 @@ class PublicError(Exception):
 
 class BadUserInput(PublicError):
     code = "BAD_USER_INPUT"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; the message names it and says what it expects. The command
+    line shows it as one line and stops."""

@@ -2,10 +2,26 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from orderstream.infrastructure.security.auth import TokenSettings
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from orderstream.infrastructure.errors import SettingsError
+from orderstream.infrastructure.security.auth import (
+    DEFAULT_LEEWAY,
+    MAX_LEEWAY,
+    PUBLIC_KEY_ALGORITHMS,
+    SHARED_SECRET_ALGORITHM,
+    TokenSettings,
+)
 from orderstream.infrastructure.web.limits import QueryLimits
+
+PREFIX = "ORDERSTREAM_"
+LIMITS = QueryLimits()
+ORIGINS = "origins such as https://shop.example.com, comma-separated"
 
 
 @dataclass(frozen=True)
@@ -24,7 +40,15 @@ class Settings:
       WebSocket [the CORS origins]. Same-origin pages and non-browser clients always may.
     - ORDERSTREAM_RATE_LIMIT [50]: requests a second per caller on average, 0 for no limit;
       ORDERSTREAM_RATE_BURST [200]: requests a caller may make at once. A caller is the
-      token's subject, or the client address for calls without a valid token.
+      token's subject, or the client address for calls without a valid token. Each
+      operation a WebSocket starts counts as a request.
+    - ORDERSTREAM_RATE_LIMIT_STORAGE: where the counts are kept: `memory://` [default], per
+      process, or a Redis URL (`redis://host:6379/0`), which every process using it shares;
+      ORDERSTREAM_RATE_LIMIT_PREFIX [orderstream]: the Redis keys' prefix, to keep several
+      deployments on one Redis apart.
+
+    `Environment` reads and checks the variables; a bad value raises SettingsError naming
+    the variable and what it expects.
     """
 
     data_dir: Path
@@ -40,86 +64,147 @@ class Settings:
     websocket_origins: tuple[str, ...] = ()
     rate_limit: float = 50.0
     rate_burst: int = 200
+    rate_limit_storage: str = "memory://"
+    rate_limit_prefix: str = "orderstream"
 
     @classmethod
-    def load(cls, data_dir: str | None = None, environ=os.environ) -> "Settings":
+    def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
         """Command-line values win over the environment, which wins over defaults."""
-        folder = Path(data_dir or environ.get("ORDERSTREAM_DATA_DIR") or "./var").resolve()
-        timeout = environ.get("ORDERSTREAM_CONSISTENCY_TIMEOUT") or "5"
-        try:
-            consistency_timeout = float(timeout)
-        except ValueError:
-            raise ValueError(f"ORDERSTREAM_CONSISTENCY_TIMEOUT must be seconds, e.g. 5; got {timeout!r}") from None
+        env = Environment.read(environ)
+        folder = Path(data_dir or env.data_dir).resolve()
+        development = env.env == "development"
         return cls(
             data_dir=folder,
-            event_store_url=environ.get("ORDERSTREAM_EVENT_STORE_URL")
-            or f"sqlite+aiosqlite:///{folder / 'events.db'}",
-            read_store_url=environ.get("ORDERSTREAM_READ_STORE_URL")
-            or f"sqlite+aiosqlite:///{folder / 'read.db'}",
-            tokens=TokenSettings.from_environ(environ),
-            consistency_timeout=consistency_timeout,
-            **_request_bounds(environ),
+            event_store_url=env.event_store_url or f"sqlite+aiosqlite:///{folder / 'events.db'}",
+            read_store_url=env.read_store_url or f"sqlite+aiosqlite:///{folder / 'read.db'}",
+            tokens=TokenSettings(
+                algorithms=env.jwt_algorithms or (PUBLIC_KEY_ALGORITHMS if env.jwt_public_key_file or env.jwt_jwks_file
+                                                   else (SHARED_SECRET_ALGORITHM,)),
+                secret=env.jwt_secret, public_key_file=env.jwt_public_key_file, jwks_file=env.jwt_jwks_file,
+                issuer=env.jwt_issuer, audience=env.jwt_audience, leeway=env.jwt_leeway),
+            consistency_timeout=env.consistency_timeout,
+            environment=env.env,
+            query_limits=QueryLimits(
+                max_depth=env.max_query_depth, max_tokens=env.max_query_tokens, max_aliases=env.max_query_aliases,
+                max_cost=env.max_query_cost,
+                introspection=development if env.introspection is None else env.introspection,
+                suggestions=development if env.field_suggestions is None else env.field_suggestions),
+            max_body_bytes=env.max_body_bytes,
+            cors_origins=env.cors_origins,
+            websocket_origins=env.cors_origins if env.ws_origins is None else env.ws_origins,
+            rate_limit=env.rate_limit,
+            rate_burst=env.rate_burst,
+            rate_limit_storage=env.rate_limit_storage,
+            rate_limit_prefix=env.rate_limit_prefix,
         )
 
 
-def _request_bounds(environ: Mapping[str, str]) -> dict[str, object]:
-    environment = environ.get("ORDERSTREAM_ENV") or "development"
-    if environment not in ("development", "production"):
-        raise ValueError(f"ORDERSTREAM_ENV must be development or production; got {environment!r}")
-    development, defaults = environment == "development", QueryLimits()
-    cors_origins = _origins(environ, "ORDERSTREAM_CORS_ORIGINS", ())
-    return dict(
-        environment=environment,
-        query_limits=QueryLimits(
-            max_depth=_number(environ, "ORDERSTREAM_MAX_QUERY_DEPTH", defaults.max_depth, minimum=1),
-            max_tokens=_number(environ, "ORDERSTREAM_MAX_QUERY_TOKENS", defaults.max_tokens, minimum=1),
-            max_aliases=_number(environ, "ORDERSTREAM_MAX_QUERY_ALIASES", defaults.max_aliases, minimum=0),
-            max_cost=_number(environ, "ORDERSTREAM_MAX_QUERY_COST", defaults.max_cost, minimum=1),
-            introspection=_switch(environ, "ORDERSTREAM_INTROSPECTION", development),
-            suggestions=_switch(environ, "ORDERSTREAM_FIELD_SUGGESTIONS", development),
-        ),
-        max_body_bytes=_number(environ, "ORDERSTREAM_MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1),
-        cors_origins=cors_origins,
-        websocket_origins=_origins(environ, "ORDERSTREAM_WS_ORIGINS", cors_origins),
-        rate_limit=_number(environ, "ORDERSTREAM_RATE_LIMIT", Settings.rate_limit, kind=float, minimum=0),
-        rate_burst=_number(environ, "ORDERSTREAM_RATE_BURST", Settings.rate_burst, minimum=1),
-    )
+Origins = Annotated[tuple[str, ...], NoDecode]
 
 
-def _number(environ: Mapping[str, str], name: str, default, kind=int, minimum=0):
-    raw = environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, e.g. {default}; got {raw!r}") from None
-    if not value >= minimum:  # also refuses nan
-        raise ValueError(f"{name} must be at least {minimum}; got {raw!r}")
-    return value
+class Environment(BaseSettings):
+    """The ORDERSTREAM_* variables, checked one by one (Settings puts them together). Each
+    field's description says what its variable expects; an empty variable counts as unset,
+    except for the origins, where it means none."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
+
+    data_dir: Path = Field(Path("./var"), description="a folder")
+    event_store_url: str | None = Field(None, description="a database URL")
+    read_store_url: str | None = Field(None, description="a database URL")
+    consistency_timeout: float = Field(5.0, ge=0, allow_inf_nan=False, description="a number of seconds, e.g. 5")
+    env: Literal["development", "production"] = Field("development", description="development or production")
+    introspection: bool | None = Field(None, description="on or off")
+    field_suggestions: bool | None = Field(None, description="on or off")
+    max_query_depth: int = Field(LIMITS.max_depth, ge=1, description="a whole number, at least 1")
+    max_query_tokens: int = Field(LIMITS.max_tokens, ge=1, description="a whole number, at least 1")
+    max_query_aliases: int = Field(LIMITS.max_aliases, ge=0, description="a whole number, at least 0")
+    max_query_cost: int = Field(LIMITS.max_cost, ge=1, description="a whole number, at least 1")
+    max_body_bytes: int = Field(Settings.max_body_bytes, ge=1, description="a number of bytes, at least 1")
+    cors_origins: Origins = Field((), description=ORIGINS)
+    ws_origins: Origins | None = Field(None, description=ORIGINS)
+    rate_limit: float = Field(Settings.rate_limit, ge=0, allow_inf_nan=False,
+                              description="requests a second, e.g. 50, or 0 for no limit")
+    rate_burst: int = Field(Settings.rate_burst, ge=1, description="a whole number of requests, at least 1")
+    rate_limit_storage: str = Field(Settings.rate_limit_storage, pattern=r"^(memory://|rediss?://.+)$",
+                                    description="memory:// or a Redis URL such as redis://localhost:6379/0")
+    rate_limit_prefix: str = Field(Settings.rate_limit_prefix, pattern=r"^[\w.:-]+$",
+                                   description="letters, digits and . : _ -")
+    jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
+        None, description="HS256, or RS256 and/or ES256, comma-separated")
+    jwt_secret: str | None = Field(None, description="the HS256 secret")
+    jwt_public_key_file: Path | None = Field(None, description="a PEM file")
+    jwt_jwks_file: Path | None = Field(None, description="a JWKS JSON file")
+    jwt_issuer: str | None = Field(None, description="the tokens' iss")
+    jwt_audience: str | None = Field(None, description="the audience tokens' aud must include")
+    jwt_leeway: int = Field(DEFAULT_LEEWAY, ge=0, le=MAX_LEEWAY,
+                            description=f"whole seconds from 0 to {MAX_LEEWAY}, e.g. {DEFAULT_LEEWAY}")
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str]) -> "Environment":
+        """The variables in `environ`; SettingsError says what is wrong with the first bad one."""
+        try:
+            return cls(**MappingSource(cls, environ)())
+        except ValidationError as invalid:
+            error = invalid.errors()[0]
+            name = str(error["loc"][0]) if error["loc"] else ""
+            field = cls.model_fields.get(name)
+            if field is None:
+                raise SettingsError(error["msg"]) from None
+            raise SettingsError(f"{PREFIX}{name.upper()}: expected {field.description}, "
+                                f"got {error['input']!r}") from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `read` hands in the variables of the mapping it was given: os.environ or a test's own.
+        return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_unset(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return {name: value for name, value in values.items()
+                if value != "" or name in ("cors_origins", "ws_origins")}
+
+    @field_validator("introspection", "field_suggestions", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cors_origins", "ws_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        origins = []
+        for origin in filter(None, (part.strip() for part in value.split(","))):
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                                  or parts.path.strip("/") or parts.query or parts.fragment):
+                raise ValueError(origin)
+            origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
+        return tuple(origins)
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        return tuple(name.strip() for name in value.split(",") if name.strip()) if isinstance(value, str) else value
+
+    @field_validator("jwt_public_key_file", "jwt_jwks_file")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
 
-def _switch(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = (environ.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("on", "true", "yes", "1"):
-        return True
-    if raw in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(f"{name} must be on or off; got {raw!r}")
+class MappingSource(EnvSettingsSource):
+    """The environment variables of a given mapping, os.environ or a test's own."""
 
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        super().__init__(settings_cls)
 
-def _origins(environ: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = environ.get(name)
-    if raw is None:
-        return default
-    origins = []
-    for origin in filter(None, (part.strip() for part in raw.split(","))):
-        parts = urlsplit(origin)
-        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
-                              or parts.path.strip("/") or parts.query or parts.fragment):
-            raise ValueError(f"{name} takes origins such as https://shop.example.com, comma-separated; "
-                             f"got {origin!r}")
-        origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
-    return tuple(origins)
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # The extension point pydantic-settings' own sources override (dotenv files, cloud secrets).
+        return parse_env_vars(self.environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)

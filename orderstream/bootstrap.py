@@ -133,7 +133,8 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
         service.store.on_append(child.wake)
     tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
     bounds = QueryBounds(settings.query_limits)
-    rate_limit = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    rate_limit = RateLimit(settings.rate_limit, settings.rate_burst, settings.rate_limit_storage,
+                           settings.rate_limit_prefix) if settings.rate_limit else None
     pages = Pages(development=settings.environment == "development")
     graphql = GraphQLApp(build_schema(bounds), service.dispatcher, service.store, service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,

@@ -17,6 +17,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
+from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
 from orderstream.infrastructure.projection.process import project_as_child
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+    except SettingsError as error:
+        sys.exit(f"orderstream {args.command}: {error}")
     except KeyboardInterrupt:
         pass
 

@@ -1,6 +1,6 @@
 """Who may see which event of the live feed."""
 
-from collections import OrderedDict
+from cachetools import LRUCache
 
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
 from orderstream.infrastructure.security.auth import Actor
@@ -15,22 +15,23 @@ class OrderOwners:
     def __init__(self, store: EventStore, capacity: int = 100_000) -> None:
         self.store = store
         self.capacity = capacity
-        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._owners: LRUCache[str, str] = LRUCache(capacity)
+
+    def __len__(self) -> int:
+        return len(self._owners)
 
     def remember(self, order_id: str, customer_id: str) -> None:
         self._owners[order_id] = customer_id
-        self._owners.move_to_end(order_id)
-        while len(self._owners) > self.capacity:
-            self._owners.popitem(last=False)
 
     async def owner(self, order_id: str) -> str | None:
-        if order_id in self._owners:
-            return self._owners[order_id]
+        customer_id = self._owners.get(order_id)
+        if customer_id is not None:
+            return customer_id
         first = await self.store.load(order_id, limit=1)
         if not first or first[0].stream_type != "Order":
             return None
-        self.remember(order_id, first[0].data["customer_id"])
-        return self._owners[order_id]
+        customer_id = self._owners[order_id] = first[0].data["customer_id"]
+        return customer_id
 
 
 async def may_see(actor: Actor, event: RecordedEvent, owners: OrderOwners) -> bool:

@@ -6,6 +6,7 @@ from contextlib import suppress
 from datetime import UTC, datetime
 
 import strawberry
+from graphql import GraphQLError
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 from strawberry.dataloader import DataLoader
@@ -22,7 +23,7 @@ from orderstream.infrastructure.web.graphql_errors import ErrorCodes
 from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
 from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
-from orderstream.infrastructure.web.rate_limit import RateLimit
+from orderstream.infrastructure.web.rate_limit import RateLimit, RateLimited
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.queries.orders import lines_of
 from orderstream.schema.context import Context
@@ -85,9 +86,10 @@ def connection_authorization(params: object) -> object | None:
 class GraphQLApp(GraphQLOverHTTP):
     """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET, and
     subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws).
-    `rate_limit` counts HTTP requests per caller; WebSocket origins other than this one
-    and `websocket_origins` are refused at the handshake. Subscriptions with the same
-    document, variables and rights share their executions (infrastructure.live.multiplex)."""
+    `rate_limit` counts HTTP requests, and operations started over WebSocket, per caller;
+    WebSocket origins other than this one and `websocket_origins` are refused at the
+    handshake. Subscriptions with the same document, variables and rights share their
+    executions (infrastructure.live.multiplex)."""
 
     graphql_transport_ws_handler_class = SharingTransportWS
     graphql_ws_handler_class = SharingLegacyWS
@@ -120,7 +122,7 @@ class GraphQLApp(GraphQLOverHTTP):
         except Unauthenticated as failure:
             actor, error = None, failure
         if self.rate_limit is not None and request.scope["type"] == "http":
-            self.rate_limit.admit(caller(request, actor))
+            await self.rate_limit.admit(caller(request, actor))
         read = self.read
         return Context(dispatcher=self.dispatcher, store=self.store, read=read,
                        # Batching, not caching: a WebSocket's context lives as long as the
@@ -128,6 +130,17 @@ class GraphQLApp(GraphQLOverHTTP):
                        order_lines=DataLoader(lambda ids: lines_of(read, ids), cache=False), hub=self.hub,
                        owners=self.owners, correlation_id=correlation_id, verified_actor=actor,
                        auth_error=error, connection=request)
+
+    async def refuse_operation(self, context: Context) -> GraphQLError | None:
+        """Each operation a WebSocket starts counts against its caller's rate limit, as an
+        HTTP request does; a refused one gets a RATE_LIMITED error, the socket stays open."""
+        if self.rate_limit is None:
+            return None
+        try:
+            await self.rate_limit.admit(caller(context.connection, context.verified_actor))
+        except RateLimited as refusal:
+            return refusal.graphql_error()
+        return None
 
     async def on_ws_connect(self, context: Context) -> None:
         """Browsers cannot set headers on a WebSocket: the token comes in connection_init."""

@@ -128,9 +128,10 @@ class Server:
 
 @pytest.fixture
 async def server(tmp_path: Path, databases: Databases) -> AsyncIterator[Server]:
-    # No clock-skew leeway: the expiry tests count on the tokens' own exp.
+    # No clock-skew leeway: the expiry tests count on the tokens' own exp. No rate limit: every
+    # operation a socket starts counts, and these tests start hundreds as one caller.
     settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, "ORDERSTREAM_JWT_LEEWAY": "0",
-                                                     **databases.environ})
+                                                     "ORDERSTREAM_RATE_LIMIT": "0", **databases.environ})
     app = build_app(settings)
     graphql = next(route.endpoint for route in app.routes if isinstance(getattr(route, "endpoint", None), GraphQLApp))
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",

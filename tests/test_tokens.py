@@ -32,7 +32,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 import orderstream.cli
 from orderstream.bootstrap import build_app
-from orderstream.infrastructure.security.auth import MAX_LEEWAY, TokenSettings, TokenVerifier, Unauthenticated
+from orderstream.infrastructure.errors import SettingsError
+from orderstream.infrastructure.security.auth import MAX_LEEWAY, VERIFIED_TOKENS_KEPT, TokenVerifier, Unauthenticated
 from orderstream.infrastructure.settings import Settings
 from tests.conftest import SECRET, Api
 
@@ -385,7 +386,8 @@ async def test_clock_skew_is_tolerated_within_the_leeway_only(leeway, token_clai
 
 
 def test_a_token_accepted_within_the_leeway_expires_for_this_server_at_exp_plus_leeway(tmp_path):
-    verifier = TokenVerifier.load(TokenSettings.from_environ({"ORDERSTREAM_JWT_SECRET": SECRET}), tmp_path)
+    verifier = TokenVerifier.load(Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET}).tokens,
+                                  tmp_path)
     token_claims = claims(issued_ago=3610)
     actor = verifier.verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
     # Sockets close and subscriptions stop at the same moment HTTP requests start failing.
@@ -394,17 +396,56 @@ def test_a_token_accepted_within_the_leeway_expires_for_this_server_at_exp_plus_
 
 
 
+class Clock:
+    """Unix time that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def verifier_with(clock: Clock, tmp_path: Path) -> TokenVerifier:
+    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, "ORDERSTREAM_JWT_LEEWAY": "0"})
+    return TokenVerifier.load(settings.tokens, tmp_path, clock=clock)
+
+
 def test_a_verified_token_is_remembered_until_it_expires_and_no_longer(tmp_path):
-    verifier = TokenVerifier.load(TokenSettings.from_environ({"ORDERSTREAM_JWT_SECRET": SECRET,
-                                                              "ORDERSTREAM_JWT_LEEWAY": "0"}), tmp_path)
-    now = int(time.time())
-    token = jwt.encode({"sub": "staff-1", "role": "staff", "iat": now, "exp": now + 2}, SECRET, algorithm="HS256")
+    clock = Clock()
+    verifier = verifier_with(clock, tmp_path)
+    token = jwt.encode({"sub": "staff-1", "role": "staff", "iat": int(clock.now), "exp": int(clock.now) + 60},
+                       SECRET, algorithm="HS256")
     first = verifier.verify(token)
 
     assert verifier.verify(token) is first  # remembered, not decoded again
-    time.sleep(max(0.0, first.expires_at.timestamp() - time.time()) + 0.1)
-    with pytest.raises(Unauthenticated, match="expired"):
-        verifier.verify(token)
+    clock.now = first.expires_at.timestamp() - 0.001
+    assert verifier.verify(token) is first
+    # From its expiry on, the verifier's clock says the token is no longer remembered: it is
+    # decoded again (and accepted, since PyJWT checks the claims against the system clock,
+    # which has not moved).
+    clock.now = first.expires_at.timestamp()
+    again = verifier.verify(token)
+    assert again is not first and again == first
+
+
+def test_the_verified_tokens_remembered_are_bounded_and_the_least_recently_used_go_first(tmp_path):
+    clock = Clock()
+    verifier = verifier_with(clock, tmp_path)
+
+    def token(n: int) -> str:
+        return jwt.encode({"sub": f"staff-{n}", "role": "staff", "exp": int(clock.now) + 600}, SECRET,
+                          algorithm="HS256")
+
+    oldest, busy = token(-1), token(-2)
+    first_oldest, first_busy = verifier.verify(oldest), verifier.verify(busy)
+    for n in range(VERIFIED_TOKENS_KEPT - 1):
+        verifier.verify(token(n))
+        if n % 1000 == 0:
+            assert verifier.verify(busy) is first_busy  # used again: kept
+    verifier.verify(token(VERIFIED_TOKENS_KEPT))
+    assert verifier.verify(busy) is first_busy
+    assert verifier.verify(oldest) is not first_oldest  # dropped, decoded again
 
 
 # ---------------------------------------------------------------- WebSocket connection_init
@@ -464,10 +505,12 @@ async def test_connection_init_refuses_alg_none_on_the_transport_protocol(tmp_pa
 CONFIGURATION_ERRORS = {
     "leeway above the cap": (
         lambda p, k: {"ORDERSTREAM_JWT_LEEWAY": str(MAX_LEEWAY + 1)},
-        "ORDERSTREAM_JWT_LEEWAY must be whole seconds from 0 to 300"),
+        "ORDERSTREAM_JWT_LEEWAY: expected whole seconds from 0 to 300, e.g. 30, got '301'"),
     "leeway not a number": (
-        lambda p, k: {"ORDERSTREAM_JWT_LEEWAY": "half a minute"}, "ORDERSTREAM_JWT_LEEWAY must be whole seconds"),
-    "negative leeway": (lambda p, k: {"ORDERSTREAM_JWT_LEEWAY": "-5"}, "ORDERSTREAM_JWT_LEEWAY must be whole seconds"),
+        lambda p, k: {"ORDERSTREAM_JWT_LEEWAY": "half a minute"},
+        "ORDERSTREAM_JWT_LEEWAY: expected whole seconds from 0 to 300, e.g. 30, got 'half a minute'"),
+    "negative leeway": (
+        lambda p, k: {"ORDERSTREAM_JWT_LEEWAY": "-5"}, "ORDERSTREAM_JWT_LEEWAY: expected whole seconds"),
     "HS256 mixed with RS256": (
         lambda p, k: {**rsa_pem(p, k), "ORDERSTREAM_JWT_ALGORITHMS": "HS256,RS256"},
         "ORDERSTREAM_JWT_ALGORITHMS must be HS256, or RS256 and/or ES256"),
@@ -513,7 +556,7 @@ CONFIGURATION_ERRORS = {
 def test_a_bad_configuration_stops_the_start_up_saying_what_to_fix(name, tmp_path, keys):
     make_environ, message = CONFIGURATION_ERRORS[name]
     environ = make_environ(tmp_path, keys)
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(SettingsError) as refused:
         build_app(Settings.load(str(tmp_path), environ=environ))
     assert str(refused.value).startswith(message), str(refused.value)
 
@@ -522,9 +565,9 @@ def test_the_jwks_skips_keys_it_cannot_trust_and_keeps_the_rest(tmp_path, keys):
     document = jwks(keys)
     document["keys"].append({"kty": "oct", "k": b64(SECRET.encode()), "kid": "hs", "alg": "HS256"})
     (tmp_path / "jwks.json").write_text(json.dumps(document))
-    settings = TokenSettings.from_environ({"ORDERSTREAM_JWT_ALGORITHMS": "RS256",
-                                           "ORDERSTREAM_JWT_JWKS_FILE": str(tmp_path / "jwks.json")})
-    verifier = TokenVerifier.load(settings, tmp_path)
+    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_ALGORITHMS": "RS256",
+                                                     "ORDERSTREAM_JWT_JWKS_FILE": str(tmp_path / "jwks.json")})
+    verifier = TokenVerifier.load(settings.tokens, tmp_path)
     assert verifier.algorithms == ("RS256",)
     assert verifier.verify(jwt.encode(claims(), keys.rsa, algorithm="RS256", headers={"kid": "rsa-1"})).role == "staff"
     # The symmetric JWK's secret, used as an HS256 key, must not open the door.

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import strawberry
+from graphql import GraphQLError
 from starlette.websockets import WebSocket
 from strawberry.types import ExecutionResult
+from strawberry.types.execution import PreExecutionError
 
 from orderstream.infrastructure.internals import BaseGraphQLTransportWSHandler, BaseGraphQLWSHandler
 from orderstream.infrastructure.live.event_hub import EventHub, Filter, Subscriber
@@ -253,7 +255,9 @@ class Multiplexer:
 
 class _SharingSchema:
     """Stands in for the schema in a WebSocket handler: each operation gets its Member as
-    its root value (the handler itself passes none)."""
+    its root value (the handler itself passes none). The view may refuse an operation before
+    it starts: `await view.refuse_operation(context)` gives the GraphQLError to answer it
+    with, or None; the handler sends that as the operation's error, the socket stays open."""
 
     def __init__(self, multiplexer: Multiplexer, handler: "SharingTransportWS | SharingLegacyWS") -> None:
         self.multiplexer = multiplexer
@@ -261,12 +265,16 @@ class _SharingSchema:
 
     async def stream(self, query, variable_values=None, context_value=None, root_value=None, operation_name=None,
                      **options):
+        if (error := await self.handler.view.refuse_operation(context_value)) is not None:
+            return _refused(error)
         root_value = self._member(query, variable_values, operation_name, context_value) or root_value
         return await self.multiplexer.schema.stream(query, variable_values, context_value, root_value,
                                                     operation_name, **options)
 
     async def subscribe(self, query, variable_values=None, context_value=None, root_value=None, operation_name=None,
                         **options):
+        if (error := await self.handler.view.refuse_operation(context_value)) is not None:
+            return _refused(error)
         root_value = self._member(query, variable_values, operation_name, context_value) or root_value
         return await self.multiplexer.schema.subscribe(query, variable_values, context_value, root_value,
                                                        operation_name, **options)
@@ -278,6 +286,10 @@ class _SharingSchema:
             return None
         return self.multiplexer.member(self.handler.websocket.ws, self.handler.frame_prefix(id), query, variables,
                                        operation_name, context)
+
+
+async def _refused(error: GraphQLError) -> AsyncIterator[PreExecutionError]:
+    yield PreExecutionError(data=None, errors=[error])
 
 
 class SharingTransportWS(BaseGraphQLTransportWSHandler):

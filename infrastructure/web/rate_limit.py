@@ -1,9 +1,13 @@
-"""Requests per caller: a token bucket each, in memory, per process."""
+"""Requests per caller, counted by the `limits` library: in this process's memory, or in a
+Redis that every process using it shares."""
 
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+
+from graphql import GraphQLError
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from orderstream.infrastructure.web.graphql_http import Refusal
 
@@ -15,47 +19,48 @@ class RateLimited(Refusal):
                               f"(at most {rate:g} a second on average, {burst} at once).",
                          "RATE_LIMITED", headers={"Retry-After": str(seconds)}, extensions={"retryAfter": seconds})
 
+    def graphql_error(self) -> GraphQLError:
+        """The refusal as the error of one operation, for a WebSocket that stays open."""
+        return GraphQLError(self.reason, extensions={"code": self.code, **self.extensions})
+
 
 class RateLimit:
-    """A token bucket per caller: `burst` requests at once, refilled at `rate` a second.
+    """`burst` requests at once per caller, and `rate` a second on average.
 
-    Memory stays bounded. Buckets are kept least recently used first, and one idle long
-    enough to have filled up again is dropped, since a new bucket is the same. Past
-    `max_callers` the least recently used goes even if not yet full: under a flood of
-    distinct callers, one of them may get a fresh bucket a little early.
+    `storage`: `memory://`, counted in this process, or a Redis URL (`redis://host:6379/0`),
+    where every process with the same `prefix` draws on one budget per caller. The limit is
+    `burst` requests in a window of burst/rate seconds, rounded up to whole seconds (limits
+    counts in seconds): with a burst below one second's worth, the average is the burst a
+    second. Counts expire two windows after a caller's last request, so memory is bounded by
+    the callers of the last two windows.
     """
 
-    def __init__(self, rate: float, burst: int, max_callers: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int, storage: str = "memory://", prefix: str = "orderstream") -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("a rate limit needs a rate above 0 and a burst of at least 1")
-        self.rate, self.burst, self.max_callers, self.clock = rate, burst, max_callers, clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # caller -> (tokens, as of)
+        self.rate, self.burst = rate, burst
+        self.window = max(1, math.ceil(burst / rate))
+        self.item = RateLimitItemPerSecond(burst, self.window, namespace=prefix)
+        self.storage: Storage = (MemoryStorage() if storage == "memory://" else
+                                 RedisStorage(f"async+{storage}", implementation="redispy", key_prefix=prefix))
+        # The sliding window counter rather than the moving window: two counters per caller
+        # whatever the burst (the moving window keeps a timestamp per request, 200 a caller
+        # by default, in memory and in Redis), and a caller who spent the burst gets requests
+        # back at about `rate` a second, as from the token bucket this replaced, rather than
+        # the whole burst at once a window later.
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
 
-    def __len__(self) -> int:
-        return len(self._buckets)
+    async def take(self, caller: str) -> float:
+        """Counts a request of `caller`: 0.0 if it may go ahead, else the seconds until one may.
+        A refused request is not counted."""
+        if await self.limiter.hit(self.item, caller):
+            return 0.0
+        stats = await self.limiter.get_window_stats(self.item, caller)
+        # limits tells when, by time.time(), the next request may go ahead.
+        return max(stats.reset_time - time.time(), 0.001)
 
-    def take(self, caller: str) -> float:
-        """Takes a token from `caller`'s bucket: 0.0 if there was one, else the seconds until
-        there will be."""
-        now = self.clock()
-        tokens, as_of = self._buckets.pop(caller, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - as_of) * self.rate)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-        self._buckets[caller] = (tokens - 1 if tokens >= 1 else tokens, now)
-        self._drop_idle(now)
-        return wait
-
-    def admit(self, caller: str) -> None:
+    async def admit(self, caller: str) -> None:
         """Raises RateLimited unless `caller` may make a request now."""
-        wait = self.take(caller)
+        wait = await self.take(caller)
         if wait:
             raise RateLimited(wait, self.rate, self.burst)
-
-    def _drop_idle(self, now: float) -> None:
-        refilled = self.burst / self.rate  # seconds for an empty bucket to fill up
-        while self._buckets:
-            tokens, as_of = next(iter(self._buckets.values()))
-            if len(self._buckets) <= self.max_callers and now - as_of < refilled:
-                return
-            self._buckets.popitem(last=False)
