@@ -21,7 +21,7 @@ from orderstream.infrastructure.persistence.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
-from tests.test_event_store import (
+from tests.support.event_log import (
     ANN,
     ANN_ORDERED,
     ANN_REGISTERED,

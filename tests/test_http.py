@@ -17,13 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from orderstream.bootstrap import build_app
-from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Api, bearer
+from tests.support.api import Api, asgi_api
+from tests.support.server import real_server
+from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -36,11 +35,8 @@ SHOP = "https://shop.example.com"
 
 @asynccontextmanager
 async def serving(tmp_path: Path, **environ: str) -> AsyncIterator[Api]:
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **environ})
-    app = build_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orderstream") as http:
-            yield Api(http, settings.data_dir)
+    async with asgi_api(tmp_path, environ) as api:
+        yield api
 
 
 @pytest.fixture
@@ -318,19 +314,8 @@ async def test_without_configured_origins_no_page_may_call(tmp_path):
 @asynccontextmanager
 async def uvicorn_serving(tmp_path: Path, **environ: str) -> AsyncIterator[str]:
     """The app under uvicorn on a free local port: yields the WebSocket URL."""
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **environ})
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=0, log_level="warning"))
-    serving_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving_task.done():
-            serving_task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"ws://127.0.0.1:{port}/graphql"
-    finally:
-        server.should_exit = True
-        await serving_task
+    async with real_server(tmp_path, environ) as server:
+        yield server.ws_url
 
 
 async def handshake(url: str, origin: str | None) -> str:

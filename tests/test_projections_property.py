@@ -30,7 +30,8 @@ from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.projection.projector import Projector
 from orderstream.infrastructure.security.auth import Actor
-from tests.test_projector import checkpoints_at, models_at, open_stores, replayed, sqlite_url
+from tests.support.databases import sqlite_url
+from tests.support.projections import checkpoints_at, models_at, open_stores, replayed
 
 STAFF = Actor(subject="staff-1", role="staff")
 NAMES = [p.name for p in projections()]

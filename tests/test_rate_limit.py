@@ -15,7 +15,8 @@ import pytest
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.rate_limit import RateLimit
-from tests.conftest import SECRET, Api, bearer
+from tests.support.api import Api
+from tests.support.tokens import SECRET, bearer
 
 ADD_PRODUCT = """mutation($input: AddProductInput!) {
   addProduct(input: $input) { __typename ... on ProductSuccess { sku position } }

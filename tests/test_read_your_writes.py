@@ -13,7 +13,9 @@ import pytest
 
 from orderstream.bootstrap import Service, build_app
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
+from tests.support.api import Api
+from tests.support.databases import BACKENDS, Databases
+from tests.support.tokens import SECRET, bearer
 
 STAFF = bearer("staff")
 ADDRESS = {"name": "Ann", "line1": "Main St 1", "city": "Berlin", "postalCode": "10115", "country": "DE"}

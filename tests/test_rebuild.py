@@ -23,8 +23,10 @@ from orderstream.commands.product import AddProduct
 from orderstream.infrastructure.projection.projector import SHADOW
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
-from tests.test_projector import copy_log, models_at
+from tests.support.api import Api
+from tests.support.databases import BACKENDS, Databases
+from tests.support.projections import copy_log, models_at
+from tests.support.tokens import SECRET, bearer
 
 STAFF_ACTOR = Actor(subject="staff-test", role="staff")
 STAFF = bearer("staff")

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import jwt
 import pytest
-import uvicorn
 import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -34,7 +32,9 @@ import orderstream.cli
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.security.auth import MAX_LEEWAY, TokenSettings, TokenVerifier, Unauthenticated
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Api
+from tests.support.api import Api, asgi_api
+from tests.support.server import real_server
+from tests.support.tokens import SECRET
 
 ISSUER = "https://id.example.com/"
 AUDIENCE = "https://api.shop.example"
@@ -153,12 +153,8 @@ VALID = {
 
 @asynccontextmanager
 async def serving(tmp_path: Path, environ: dict[str, str]) -> AsyncIterator[Api]:
-    settings = Settings.load(str(tmp_path), environ=environ)
-    app = build_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
-            yield Api(http, settings.data_dir)
+    async with asgi_api(tmp_path, environ, secret=None) as api:
+        yield api
 
 
 def logged_events(data_dir: Path) -> list[tuple]:
@@ -413,18 +409,8 @@ def test_a_verified_token_is_remembered_until_it_expires_and_no_longer(tmp_path)
 @asynccontextmanager
 async def uvicorn_server(tmp_path: Path, environ: dict[str, str]) -> AsyncIterator[str]:
     """A real server on a free port; yields its WebSocket URL."""
-    server = uvicorn.Server(uvicorn.Config(build_app(Settings.load(str(tmp_path), environ=environ)),
-                                           host="127.0.0.1", port=0, log_level="warning"))
-    serving_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving_task.done():
-            serving_task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"ws://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/graphql"
-    finally:
-        server.should_exit = True
-        await serving_task
+    async with real_server(tmp_path, environ, secret=None) as server:
+        yield server.ws_url
 
 
 async def connection_init(url: str, token: str) -> dict:
