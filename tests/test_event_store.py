@@ -338,6 +338,7 @@ async def test_a_sealed_box_cannot_be_moved_to_another_event(store):
 
 # ---------------------------------------------------------------- durability
 
+@pytest.mark.slow
 async def test_a_killed_writer_loses_nothing_it_acknowledged(tmp_path):
     path = tmp_path / "events.db"
 

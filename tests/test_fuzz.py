@@ -30,6 +30,9 @@ from orderstream.infrastructure.security.auth import issue_token
 from tests.support.api import Api
 from tests.support.tokens import SECRET
 
+# Generated input by the hundred: slow.
+pytestmark = pytest.mark.slow
+
 # mutation -> (input type, success type, success fields)
 MUTATIONS = {
     "registerCustomer": ("RegisterCustomerInput", "RegisterCustomerSuccess", "customerId position"),

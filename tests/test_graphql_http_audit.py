@@ -17,6 +17,9 @@ import pytest
 
 from tests.support.server import real_server
 
+# npm, node and a real server: slow.
+pytestmark = pytest.mark.slow
+
 PACKAGE = "graphql-http@1"
 HELPER = Path(__file__).with_name("graphql_http_audit.mjs")
 

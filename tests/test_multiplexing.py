@@ -9,6 +9,7 @@ import gc
 import json
 from typing import Any
 
+import pytest
 import websockets
 
 from orderstream.commands.dispatcher import new_event
@@ -36,6 +37,9 @@ from tests.support.live import (
 )
 from tests.support.memory import rss_mb
 from tests.support.tokens import token
+
+# Real servers and WebSocket clients, hundreds of thousands of deliveries: slow.
+pytestmark = pytest.mark.slow
 
 PAY = {"amount": "10.00", "currency": "EUR"}
 

@@ -27,7 +27,7 @@ from tests.support.tokens import SECRET, bearer
 ROOT = Path(__file__).resolve().parent.parent
 WRITERS, EVENTS_PER_WRITER = 8, 2_500
 
-pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"])]
 
 WRITER = """
 import asyncio, sys

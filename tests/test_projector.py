@@ -230,6 +230,7 @@ def dying(projection: Projection, countdown: Countdown, seen: list[int]) -> Proj
     return Projection(projection.name, projection.tables, apply)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_duplicates(
         tmp_path, small_log, databases: Databases):
@@ -300,6 +301,7 @@ def kill_while_projecting(directory: Path, delay: float) -> dict[str, int]:
     return positions(directory / "read.db")
 
 
+@pytest.mark.slow
 async def test_a_killed_projector_process_resumes_without_loss_or_duplicates(tmp_path, large_shop):
     copy_database(large_shop / "events.db", tmp_path / "events.db")
     store = EventStore(sqlite_url(tmp_path / "events.db"))
@@ -366,6 +368,7 @@ async def projection_status(settings: Settings, headers: dict[str, str]) -> dict
     return response.json()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoint_after_a_restart(
         tmp_path, small_log, databases: Databases):
@@ -510,6 +513,7 @@ def cli(*args: str, directory: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 async def test_status_prints_each_projection_with_its_position_lag_and_state(tmp_path, small_log):
     copy_database(small_log, tmp_path / "events.db")
     service = Service(Settings.load(str(tmp_path), environ={}))
@@ -544,6 +548,7 @@ async def test_status_prints_each_projection_with_its_position_lag_and_state(tmp
 PROGRESS = re.compile(r"\[([#.]{30})\] (\d+)/(\d+) events ([\d,]+)/s, ([\d,]+) s left")
 
 
+@pytest.mark.slow
 async def test_rebuild_shows_progress_and_leaves_the_read_models_as_they_were(tmp_path, large_shop):
     for name in ("events.db", "read.db"):
         copy_database(large_shop / name, tmp_path / name)
@@ -565,6 +570,7 @@ async def test_rebuild_shows_progress_and_leaves_the_read_models_as_they_were(tm
     assert await checkpoints_at(sqlite_url(tmp_path / "read.db")) == {name: (head, 0, None, None) for name in NAMES}
 
 
+@pytest.mark.slow
 async def test_rebuild_of_an_unknown_projection_changes_nothing(tmp_path, small_log):
     copy_database(small_log, tmp_path / "events.db")
 

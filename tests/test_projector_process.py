@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from orderstream.bootstrap import Service, projector_process
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
@@ -29,6 +30,9 @@ from tests.support.projections import NAMES
 from tests.support.server import ServeProcess
 from tests.support.shop import ADDRESS, STAFF, succeed
 from tests.support.tokens import bearer
+
+# Child processes and `orderstream serve`: slow.
+pytestmark = pytest.mark.slow
 
 # Long enough that no poll, of the child or of the read store, finds anything within a
 # test: what the tests wait for can only come through the messages between the two.

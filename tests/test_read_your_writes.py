@@ -68,6 +68,7 @@ async def query(api: Api, document: str, variables: dict, headers: dict | None =
     return result["data"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_every_write_is_visible_to_the_query_that_names_its_position(api: Api):
     rng = random.Random(20260308)
@@ -141,6 +142,7 @@ async def test_every_write_is_visible_to_the_query_that_names_its_position(api: 
     assert min(done.values()) >= 20, done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_the_query_waits_for_a_projector_in_another_process(tmp_path: Path, databases: Databases):
     # The app does not project; a second service on the same databases does, later. The

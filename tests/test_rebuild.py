@@ -161,6 +161,7 @@ async def service(tmp_path: Path, shop: dict) -> AsyncIterator[Service]:
     await service.close()
 
 
+@pytest.mark.slow
 async def test_a_rebuild_leaves_the_read_models_as_they_were(service: Service):
     path = read_db(service.settings)
     head = await service.store.head()
@@ -192,6 +193,7 @@ async def test_a_rebuild_of_an_empty_log(tmp_path: Path):
     assert shadow_tables(read_db(service.settings)) == []
 
 
+@pytest.mark.slow
 async def test_a_cancelled_rebuild_cleans_up_and_the_next_one_succeeds(service: Service):
     path = read_db(service.settings)
     before = snapshot(path)
@@ -226,6 +228,7 @@ asyncio.run(rebuild())
 """
 
 
+@pytest.mark.slow
 async def test_a_rebuild_after_a_crashed_one_succeeds_and_leaves_no_shadows(service: Service):
     path = read_db(service.settings)
     before = snapshot(path)
@@ -303,6 +306,7 @@ PLACE = """mutation($input: PlaceOrderInput!) {
 PLACED_AT_MOST = 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_queries_and_commands_go_on_during_a_rebuild(busy_app):
     api, settings, shop = busy_app

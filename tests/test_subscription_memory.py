@@ -3,6 +3,7 @@
 import asyncio
 import gc
 
+import pytest
 from strawberry.dataloader import DataLoader
 
 from orderstream.bootstrap import Service
@@ -14,6 +15,9 @@ from orderstream.infrastructure.settings import Settings
 from orderstream.schema.app import build_schema
 from orderstream.schema.context import Context
 from tests.support.memory import rss_mb
+
+# Tens of thousands of deliveries: slow.
+pytestmark = pytest.mark.slow
 
 BATCH = 1000
 

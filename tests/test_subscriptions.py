@@ -52,6 +52,9 @@ from tests.support.live import (
 )
 from tests.support.tokens import token
 
+# Real servers and WebSocket clients, thousands of events: slow.
+pytestmark = pytest.mark.slow
+
 ORDER_UPDATED = """
 subscription($orderId: ID!) {
   orderUpdated(orderId: $orderId) { id customerId status trackingNumber version }

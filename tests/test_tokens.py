@@ -390,6 +390,7 @@ def test_a_token_accepted_within_the_leeway_expires_for_this_server_at_exp_plus_
 
 
 
+@pytest.mark.slow
 def test_a_verified_token_is_remembered_until_it_expires_and_no_longer(tmp_path):
     verifier = TokenVerifier.load(TokenSettings.from_environ({"ORDERSTREAM_JWT_SECRET": SECRET,
                                                               "ORDERSTREAM_JWT_LEEWAY": "0"}), tmp_path)
