@@ -85,13 +85,6 @@ class Server:
         return response.json()
 
 
-@asynccontextmanager
-async def running_server(data_dir: Path, environ: dict[str, str] | None = None) -> AsyncIterator[Server]:
-    """The real app under uvicorn on 127.0.0.1, on a port the system picks."""
-    async with real_server(data_dir, environ) as served:
-        yield Server(served.http, served.ws_url, served.data_dir)
-
-
 # ---------------------------------------------------------------- the shop
 
 STAFF = issue_token(SECRET, "staff")
@@ -158,7 +151,8 @@ class Shop:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shop(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Shop]:
     # Rate limits are not what this table is about: the shop set-up alone is a burst of staff calls.
-    async with running_server(tmp_path_factory.mktemp("authorization"), {"ORDERSTREAM_RATE_LIMIT": "0"}) as server:
+    async with real_server(tmp_path_factory.mktemp("authorization"), {"ORDERSTREAM_RATE_LIMIT": "0"}) as served:
+        server = Server(served.http, served.ws_url, served.data_dir)
         owner_id, other_id = await register(server, "Ann Owner"), await register(server, "Bob Other")
         await command(server, "addProduct", {
             "sku": "MUG", "name": "Mug", "price": EUR_10, "initialStock": 1_000_000})

@@ -311,13 +311,6 @@ async def test_without_configured_origins_no_page_may_call(tmp_path):
 # ---------------------------------------------------------------- WebSocket origins
 
 
-@asynccontextmanager
-async def uvicorn_serving(tmp_path: Path, **environ: str) -> AsyncIterator[str]:
-    """The app under uvicorn on a free local port: yields the WebSocket URL."""
-    async with real_server(tmp_path, environ) as server:
-        yield server.ws_url
-
-
 async def handshake(url: str, origin: str | None) -> str:
     """Opens a graphql-transport-ws socket from `origin`: the server's first answer."""
     async with websockets.connect(url, subprotocols=["graphql-transport-ws"], origin=origin) as ws:
@@ -326,7 +319,8 @@ async def handshake(url: str, origin: str | None) -> str:
 
 
 async def test_websockets_from_other_origins_are_refused_at_the_handshake(tmp_path):
-    async with uvicorn_serving(tmp_path, ORDERSTREAM_CORS_ORIGINS=SHOP) as url:
+    async with real_server(tmp_path, {"ORDERSTREAM_CORS_ORIGINS": SHOP}) as server:
+        url = server.ws_url
         with pytest.raises(InvalidStatus) as refused:
             await handshake(url, "https://evil.example")
         assert refused.value.response.status_code == 403
@@ -336,8 +330,9 @@ async def test_websockets_from_other_origins_are_refused_at_the_handshake(tmp_pa
 
 
 async def test_websocket_origins_may_differ_from_the_cors_origins(tmp_path):
-    async with uvicorn_serving(tmp_path, ORDERSTREAM_CORS_ORIGINS=SHOP,
-                               ORDERSTREAM_WS_ORIGINS="https://live.example.com") as url:
+    async with real_server(tmp_path, {"ORDERSTREAM_CORS_ORIGINS": SHOP,
+                                      "ORDERSTREAM_WS_ORIGINS": "https://live.example.com"}) as server:
+        url = server.ws_url
         assert await handshake(url, "https://live.example.com") == "connection_ack"
         with pytest.raises(InvalidStatus):
             await handshake(url, SHOP)

@@ -407,13 +407,6 @@ def test_a_verified_token_is_remembered_until_it_expires_and_no_longer(tmp_path)
 # ---------------------------------------------------------------- WebSocket connection_init
 
 
-@asynccontextmanager
-async def uvicorn_server(tmp_path: Path, environ: dict[str, str]) -> AsyncIterator[str]:
-    """A real server on a free port; yields its WebSocket URL."""
-    async with real_server(tmp_path, environ, secret=None) as server:
-        yield server.ws_url
-
-
 async def connection_init(url: str, token: str) -> dict:
     """The server's answer to connection_init on the legacy protocol, which carries the reason."""
     async with websockets.connect(url, subprotocols=["graphql-ws"]) as ws:
@@ -422,7 +415,8 @@ async def connection_init(url: str, token: str) -> dict:
 
 
 async def test_connection_init_verifies_tokens_like_http(tmp_path, keys):
-    async with uvicorn_server(tmp_path, jwks_file(tmp_path, keys)) as url:
+    async with real_server(tmp_path, jwks_file(tmp_path, keys), secret=None) as server:
+        url = server.ws_url
         assert await connection_init(url, VALID[jwks_file](keys)) == {"type": "connection_ack"}
         for name in ("unknown kid", "no kid with several keys", "forged with a known kid",
                      "HS256 signed with a JWKS key's PEM"):
@@ -436,7 +430,8 @@ async def test_connection_init_verifies_tokens_like_http(tmp_path, keys):
 
 
 async def test_connection_init_refuses_alg_none_on_the_transport_protocol(tmp_path, keys):
-    async with uvicorn_server(tmp_path, shared_secret(tmp_path, keys)) as url:
+    async with real_server(tmp_path, shared_secret(tmp_path, keys), secret=None) as server:
+        url = server.ws_url
         async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
             token = jwt.encode(claims(), None, algorithm="none")
             await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}}))

@@ -3,8 +3,9 @@
 Two kinds, one shape: `real_server` runs the app under uvicorn in the test's own event loop
 (the test can reach into the app: its hub, store, multiplexer); `ServeProcess` runs
 `orderstream serve` in a process of its own, as an operator would. Both take the data
-folder and the settings' environment, wait until the server answers, and stop it at
-the end.
+folder and the settings' environment (signing with the tests' SECRET unless told not to)
+and wait until the server answers; `real_server` stops it when its block ends, a
+`ServeProcess` when told to (`stop`, `kill`).
 """
 
 import asyncio
