@@ -26,13 +26,11 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
 import websockets
 
-from orderstream.bootstrap import build_app
 from orderstream.infrastructure.security.auth import issue_token
-from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET
+from tests.support.server import real_server
+from tests.support.tokens import SECRET
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -85,26 +83,6 @@ class Server:
                                         headers=headers)
         assert response.status_code < 500, response.text
         return response.json()
-
-
-@asynccontextmanager
-async def running_server(data_dir: Path, environ: dict[str, str] | None = None) -> AsyncIterator[Server]:
-    """The real app under uvicorn on 127.0.0.1, on a port the system picks."""
-    settings = Settings.load(str(data_dir), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **(environ or {})})
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            serving.result()  # start-up failed: raise its error
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            yield Server(http, f"ws://127.0.0.1:{port}/graphql", settings.data_dir)
-    finally:
-        server.should_exit = True
-        await serving
 
 
 # ---------------------------------------------------------------- the shop
@@ -173,7 +151,8 @@ class Shop:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shop(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Shop]:
     # Rate limits are not what this table is about: the shop set-up alone is a burst of staff calls.
-    async with running_server(tmp_path_factory.mktemp("authorization"), {"ORDERSTREAM_RATE_LIMIT": "0"}) as server:
+    async with real_server(tmp_path_factory.mktemp("authorization"), {"ORDERSTREAM_RATE_LIMIT": "0"}) as served:
+        server = Server(served.http, served.ws_url, served.data_dir)
         owner_id, other_id = await register(server, "Ann Owner"), await register(server, "Bob Other")
         await command(server, "addProduct", {
             "sku": "MUG", "name": "Mug", "price": EUR_10, "initialStock": 1_000_000})

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orderstream.infrastructure.persistence.event_store import EventStore
-from tests.conftest import BACKENDS, Api, bearer
-from tests.test_mutations import (
+from tests.support.api import Api
+from tests.support.databases import BACKENDS
+from tests.support.mutations import (
     STAFF,
     money,
     order_input,
@@ -18,6 +19,7 @@ from tests.test_mutations import (
     run,
     succeed,
 )
+from tests.support.tokens import bearer
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 

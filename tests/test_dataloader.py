@@ -3,7 +3,7 @@
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from tests.conftest import bearer
+from tests.support.tokens import bearer
 
 ADD = """mutation($sku: String!) { addProduct(input: {sku: $sku, name: "Mug", initialStock: 100,
     price: {amount: "2.00", currency: "EUR"}}) { __typename } }"""

@@ -5,7 +5,7 @@ import asyncio
 
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.persistence.event_store import EventStore
-from tests.test_event_store import write
+from tests.support.event_log import write
 
 
 class CountingStore(EventStore):

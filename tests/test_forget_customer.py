@@ -5,7 +5,7 @@ import sqlite3
 from orderstream.bootstrap import Service
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import bearer
+from tests.support.tokens import bearer
 
 REGISTER = """mutation { registerCustomer(input: {name: "Ada Lovelace", email: "ada@example.com", country: "GB"}) {
     ... on RegisterCustomerSuccess { customerId } } }"""

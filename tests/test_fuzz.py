@@ -27,7 +27,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from orderstream.infrastructure.security.auth import issue_token
-from tests.conftest import SECRET, Api
+from tests.support.api import Api
+from tests.support.tokens import SECRET
+
+# Generated input by the hundred: slow.
+pytestmark = pytest.mark.slow
 
 # mutation -> (input type, success type, success fields)
 MUTATIONS = {

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_authorization import running_server
+from tests.support.server import real_server
+
+# npm, node and a real server: slow.
+pytestmark = pytest.mark.slow
 
 PACKAGE = "graphql-http@1"
 HELPER = Path(__file__).with_name("graphql_http_audit.mjs")
@@ -43,9 +46,9 @@ def graphql_http() -> Path:
 
 
 async def test_every_must_and_should_audit_passes(graphql_http: Path, tmp_path: Path):
-    async with running_server(tmp_path, {"ORDERSTREAM_ENV": "development"}) as server:
+    async with real_server(tmp_path, {"ORDERSTREAM_ENV": "development"}) as server:
         node = await asyncio.create_subprocess_exec(
-            "node", str(HELPER), str(graphql_http), str(server.http.base_url.join("/graphql")),
+            "node", str(HELPER), str(graphql_http), f"{server.url}/graphql",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await asyncio.wait_for(node.communicate(), 120)
     assert node.returncode == 0, stderr.decode()

@@ -21,7 +21,7 @@ from orderstream.infrastructure.persistence.event_store import (
     StreamWrite,
     WrongExpectedVersion,
 )
-from tests.test_event_store import (
+from tests.support.event_log import (
     ANN,
     ANN_ORDERED,
     ANN_REGISTERED,
@@ -176,6 +176,7 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 async def test_a_killed_writer_of_concurrent_appends_loses_nothing_it_acknowledged(tmp_path):
     path = tmp_path / "events.db"
     lines = acknowledged_until_killed(path, at_least=400, script=APPEND_CONCURRENTLY)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from orderstream.bootstrap import build_app
-from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Api, bearer
+from tests.support.api import Api, asgi_api
+from tests.support.server import real_server
+from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -34,11 +33,8 @@ SHOP = "https://shop.example.com"
 
 @asynccontextmanager
 async def serving(tmp_path: Path, **environ: str) -> AsyncIterator[Api]:
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **environ})
-    app = build_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orderstream") as http:
-            yield Api(http, settings.data_dir)
+    async with asgi_api(tmp_path, environ) as api:
+        yield api
 
 
 @pytest.fixture
@@ -307,24 +303,6 @@ async def test_without_configured_origins_no_page_may_call(tmp_path):
 # ---------------------------------------------------------------- WebSocket origins
 
 
-@asynccontextmanager
-async def uvicorn_serving(tmp_path: Path, **environ: str) -> AsyncIterator[str]:
-    """The app under uvicorn on a free local port: yields the WebSocket URL."""
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **environ})
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=0, log_level="warning"))
-    serving_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving_task.done():
-            serving_task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"ws://127.0.0.1:{port}/graphql"
-    finally:
-        server.should_exit = True
-        await serving_task
-
-
 async def handshake(url: str, origin: str | None) -> str:
     """Opens a graphql-transport-ws socket from `origin`: the server's first answer."""
     async with websockets.connect(url, subprotocols=["graphql-transport-ws"], origin=origin) as ws:
@@ -333,7 +311,8 @@ async def handshake(url: str, origin: str | None) -> str:
 
 
 async def test_websockets_from_other_origins_are_refused_at_the_handshake(tmp_path):
-    async with uvicorn_serving(tmp_path, ORDERSTREAM_CORS_ORIGINS=SHOP) as url:
+    async with real_server(tmp_path, {"ORDERSTREAM_CORS_ORIGINS": SHOP}) as server:
+        url = server.ws_url
         with pytest.raises(InvalidStatus) as refused:
             await handshake(url, "https://evil.example")
         assert refused.value.response.status_code == 403
@@ -343,8 +322,9 @@ async def test_websockets_from_other_origins_are_refused_at_the_handshake(tmp_pa
 
 
 async def test_websocket_origins_may_differ_from_the_cors_origins(tmp_path):
-    async with uvicorn_serving(tmp_path, ORDERSTREAM_CORS_ORIGINS=SHOP,
-                               ORDERSTREAM_WS_ORIGINS="https://live.example.com") as url:
+    async with real_server(tmp_path, {"ORDERSTREAM_CORS_ORIGINS": SHOP,
+                                      "ORDERSTREAM_WS_ORIGINS": "https://live.example.com"}) as server:
+        url = server.ws_url
         assert await handshake(url, "https://live.example.com") == "connection_ack"
         with pytest.raises(InvalidStatus):
             await handshake(url, SHOP)

@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
-import httpx
 import pytest
 
-from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
 from orderstream.schema.app import build_schema
-from tests.conftest import SECRET, Api, bearer
+from tests.support.api import Api, asgi_api
+from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
 ADD_PRODUCT = """mutation($input: AddProductInput!) {
@@ -34,11 +33,8 @@ CUSTOMER_ORDERS = f"""query($first: Int!) {{
 @asynccontextmanager
 async def serving(tmp_path: Path, **environ: str) -> AsyncIterator[Api]:
     """The real app over HTTP, with settings from `environ`."""
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **environ})
-    app = build_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orderstream") as http:
-            yield Api(http, settings.data_dir)
+    async with asgi_api(tmp_path, environ) as api:
+        yield api
 
 
 def log_head(api: Api) -> int:

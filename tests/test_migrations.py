@@ -14,7 +14,8 @@ from orderstream.infrastructure.persistence import event_store, migrations
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.read_store import _checkpoint_metadata
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import BACKENDS, SECRET, Databases
+from tests.support.databases import BACKENDS, Databases
+from tests.support.tokens import SECRET
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 

@@ -9,39 +9,42 @@ import gc
 import json
 from typing import Any
 
+import pytest
 import websockets
 
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductRestocked
 from orderstream.infrastructure.persistence.event_store import StreamWrite
-from tests import test_subscriptions
-from tests.test_subscription_memory import rss_mb
-from tests.test_subscriptions import (
+from tests.support.graphql_ws import (
     EVENTS,
     LEGACY_WS,
-    STAFF,
     TRANSPORT_WS,
-    Server,
-    add_product,
     connect,
-    place_order,
     receive,
     receive_events,
-    register,
-    rows,
     stalling_socket,
     start,
+)
+from tests.support.live import (
+    STAFF,
+    LiveServer,
+    add_product,
+    place_order,
+    register,
+    rows,
     tasks_since,
-    token,
     wait_until,
 )
+from tests.support.memory import rss_mb
+from tests.support.tokens import token
+
+# Real servers and WebSocket clients, hundreds of thousands of deliveries: slow.
+pytestmark = pytest.mark.slow
 
 PAY = {"amount": "10.00", "currency": "EUR"}
-# The same uvicorn server as test_subscriptions' (its Server now shows the groups too).
-server = test_subscriptions.server
 
 
-async def restock(server: Server, sku: str, version: int, count: int) -> int:
+async def restock(server: LiveServer, sku: str, version: int, count: int) -> int:
     """Appends `count` ProductRestocked events to `sku` (at `version`) in one commit; the new version."""
     events = [new_event(ProductRestocked(sku=sku, quantity=1)) for _ in range(count)]
     await server.store.append([StreamWrite(sku, "Product", version, events)])

@@ -13,53 +13,23 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 import pytest_asyncio
 
-from orderstream.bootstrap import build_app
-from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Api, bearer
-
-MEMBER_FIELDS = {
-    "RegisterCustomerSuccess": "customerId position",
-    "ProductSuccess": "sku version position",
-    "OrderSuccess": "orderId version position",
-    "ValidationError": "code message field",
-    "NotFoundError": "code message id",
-    "BusinessRuleViolation": "code message",
-    "InsufficientStockError": "code message sku requested available",
-    "ConcurrencyConflict": "code message streamId expectedVersion actualVersion",
-}
-
-# The result unions as the contract spells them: a member missing from the schema fails
-# validation of the document.
-MUTATIONS = {
-    "registerCustomer": ("RegisterCustomerInput",
-                         "RegisterCustomerSuccess ValidationError BusinessRuleViolation"),
-    "addProduct": ("AddProductInput", "ProductSuccess ValidationError BusinessRuleViolation"),
-    "changeProductPrice": ("ChangeProductPriceInput",
-                           "ProductSuccess ValidationError NotFoundError ConcurrencyConflict"),
-    # BusinessRuleViolation (STOCK_LIMIT) is an addition to the contract's union.
-    "restockProduct": ("RestockProductInput", "ProductSuccess ValidationError NotFoundError "
-                                              "ConcurrencyConflict BusinessRuleViolation"),
-    "placeOrder": ("PlaceOrderInput", "OrderSuccess ValidationError NotFoundError "
-                                      "InsufficientStockError BusinessRuleViolation"),
-    **{
-        name: (input_type, "OrderSuccess ValidationError NotFoundError BusinessRuleViolation "
-                           "ConcurrencyConflict")
-        for name, input_type in [("payOrder", "PayOrderInput"), ("shipOrder", "ShipOrderInput"),
-                                 ("deliverOrder", "DeliverOrderInput"),
-                                 ("cancelOrder", "CancelOrderInput")]
-    },
-}
-
-
-def document(mutation: str) -> str:
-    input_type, members = MUTATIONS[mutation]
-    spreads = " ".join(f"... on {member} {{ {MEMBER_FIELDS[member]} }}" for member in members.split())
-    return f"mutation($input: {input_type}!) {{ result: {mutation}(input: $input) {{ __typename {spreads} }} }}"
-
+from tests.support.api import Api, asgi_api
+from tests.support.mutations import (
+    STAFF,
+    address,
+    customer_input,
+    document,
+    money,
+    order_input,
+    product_input,
+    register,
+    run,
+    succeed,
+)
+from tests.support.tokens import bearer
 
 ORDER_HISTORY = """
 query($orderId: ID!) {
@@ -69,7 +39,6 @@ query($orderId: ID!) {
 
 UNKNOWN_ORDER = "00000000-0000-4000-8000-000000000000"
 MAX_STOCK = 1_000_000_000
-STAFF = bearer("staff")
 
 
 # ---------------------------------------------------------------- helpers
@@ -78,50 +47,6 @@ STAFF = bearer("staff")
 def log_head(api: Api) -> int:
     with closing(sqlite3.connect(api.data_dir / "events.db")) as db:
         return db.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
-
-
-async def run(api: Api, mutation: str, input: dict[str, Any],
-              headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """The mutation's result union member; fails on any GraphQL error."""
-    body = await api.execute(document(mutation), {"input": input}, headers)
-    assert "errors" not in body, body
-    return body["data"]["result"]
-
-
-async def succeed(api: Api, mutation: str, input: dict[str, Any],
-                  headers: dict[str, str] | None = None) -> dict[str, Any]:
-    result = await run(api, mutation, input, headers)
-    assert result["__typename"].endswith("Success"), result
-    return result
-
-
-def money(amount: str, currency: str = "EUR") -> dict[str, str]:
-    return {"amount": amount, "currency": currency}
-
-
-def customer_input(**changes: Any) -> dict[str, Any]:
-    return {"name": "Ann Example", "email": "ann@example.com", "country": "DE", **changes}
-
-
-def product_input(sku: str, price: str = "10.00", currency: str = "EUR", stock: int = 5,
-                  **changes: Any) -> dict[str, Any]:
-    return {"sku": sku, "name": f"Product {sku}", "price": money(price, currency),
-            "initialStock": stock, **changes}
-
-
-def address(**changes: Any) -> dict[str, Any]:
-    return {"name": "Ann Example", "line1": "Hauptstr. 1", "city": "Berlin",
-            "postalCode": "10115", "country": "DE", **changes}
-
-
-def order_input(customer_id: str, *items: tuple[str, int], **changes: Any) -> dict[str, Any]:
-    return {"customerId": customer_id,
-            "items": [{"sku": sku, "quantity": quantity} for sku, quantity in items],
-            "shippingAddress": address(), **changes}
-
-
-async def register(api: Api, name: str = "Ann Example") -> str:
-    return (await succeed(api, "registerCustomer", customer_input(name=name)))["customerId"]
 
 
 @dataclass
@@ -168,13 +93,8 @@ async def shop(api: Api) -> Shop:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shared_shop(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Shop]:
     """One shop for the tests that must leave it as it was: they check that nothing is appended."""
-    settings = Settings.load(str(tmp_path_factory.mktemp("shop")),
-                             environ={"ORDERSTREAM_JWT_SECRET": SECRET})
-    app = build_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
-            yield await open_shop(Api(http, settings.data_dir))
+    async with asgi_api(tmp_path_factory.mktemp("shop")) as api:
+        yield await open_shop(api)
 
 
 in_shared_shop = pytest.mark.asyncio(loop_scope="module")

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.conftest import Api, bearer
+from tests.support.api import Api
+from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
 ANY_CUSTOMER = "00000000-0000-4000-8000-00000000000a"

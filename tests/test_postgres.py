@@ -4,9 +4,6 @@ and three `orderstream serve` processes act as one service."""
 
 import asyncio
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +20,14 @@ from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductAdded
 from orderstream.infrastructure.persistence.event_store import EventStore, StreamWrite
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Databases, bearer
+from tests.support.databases import Databases
+from tests.support.server import ServeProcess
+from tests.support.tokens import SECRET, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITERS, EVENTS_PER_WRITER = 8, 2_500
 
-pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"])]
 
 WRITER = """
 import asyncio, sys
@@ -175,31 +174,12 @@ async def test_notifications_wake_other_services_without_polling(databases: Data
 # ---------------------------------------------------------------- three serve processes
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Process:
+class Process(ServeProcess):
     """`orderstream serve` in a process of its own, on the test's PostgreSQL databases."""
 
     def __init__(self, databases: Databases, folder: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environ = {**os.environ, **databases.environ, "ORDERSTREAM_JWT_SECRET": SECRET,
-                   "ORDERSTREAM_RATE_LIMIT": "0", "ORDERSTREAM_CONSISTENCY_TIMEOUT": "20"}
-        self.log = (folder / f"serve-{self.port}.log").open("wb")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-c", "from orderstream.cli import main; main()", "serve", "--port", str(self.port),
-             "--data-dir", str(folder)], cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def health(self, http: httpx.AsyncClient) -> dict[str, Any] | None:
-        try:
-            return (await http.get(f"{self.url}/healthz")).json()
-        except httpx.TransportError:
-            assert self.popen.poll() is None, f"serve on {self.port} exited: {self.output()}"
-            return None
+        super().__init__(folder, {**databases.environ, "ORDERSTREAM_RATE_LIMIT": "0",
+                                  "ORDERSTREAM_CONSISTENCY_TIMEOUT": "20"})
 
     async def graphql(self, http: httpx.AsyncClient, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         response = await http.post(f"{self.url}/graphql", json={"query": query, "variables": variables},
@@ -207,20 +187,6 @@ class Process:
         body = response.json()
         assert response.status_code == 200 and "errors" not in body, body
         return body["data"]
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self.log.close()
 
 
 STAFF = bearer("staff")
@@ -279,7 +245,7 @@ async def test_three_serve_processes_act_as_one_service(databases: Databases, tm
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             for process in processes:
-                await wait_for(lambda p=process: p.health(http), 60, f"serve on {process.port} did not start")
+                await process.until_healthy(http)
             commands, subscriber, reader = processes
 
             customer = (await commands.graphql(http, REGISTER, {"input": {
@@ -305,8 +271,7 @@ async def test_three_serve_processes_act_as_one_service(databases: Databases, tm
             states = [(await process.health(http))["projector"] for process in processes]
             assert sorted(states) == ["leading", "standby", "standby"], states
             leader = processes[states.index("leading")]
-            leader.popen.send_signal(signal.SIGKILL)
-            leader.popen.wait()
+            leader.kill()
             survivors = [process for process in processes if process is not leader]
 
             more = await place_orders(survivors[0], http, customer["customerId"], 10)

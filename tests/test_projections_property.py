@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from babel.numbers import get_currency_precision
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,11 @@ from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.projection.projector import Projector
 from orderstream.infrastructure.security.auth import Actor
-from tests.test_projector import checkpoints_at, models_at, open_stores, replayed, sqlite_url
+from tests.support.databases import sqlite_url
+from tests.support.projections import checkpoints_at, models_at, open_stores, replayed
+
+# Generated command sequences by the hundred: slow.
+pytestmark = pytest.mark.slow
 
 STAFF = Actor(subject="staff-1", role="staff")
 NAMES = [p.name for p in projections()]

@@ -20,39 +20,29 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from orderstream import events
 from orderstream.bootstrap import Service, build_app, projections
 from orderstream.commands.customer import RegisterCustomer
-from orderstream.commands.dispatcher import Accepted, Dispatcher
+from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
-from orderstream.commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder, ShippingAddress
+from orderstream.commands.order import CancelOrder, DeliverOrder, PayOrder, PlaceOrder, ShipOrder
 from orderstream.commands.product import AddProduct, ChangeProductPrice, RestockProduct
-from orderstream.domain.aggregate import Aggregate
 from orderstream.domain.order import Order
-from orderstream.infrastructure.persistence import event_store
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ConsistencyTimeout, ReadStore
 from orderstream.infrastructure.projection.projector import Projection, Projector
-from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries import customers
-from tests.conftest import BACKENDS, SECRET, Databases, bearer
+from tests.support.databases import BACKENDS, Databases, sqlite_url
+from tests.support.projections import NAMES, checkpoints_at, copy_log, models_at, open_stores, replayed
+from tests.support.shop import ADDRESS, succeed
+from tests.support.tokens import SECRET, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
-STAFF = Actor(subject="staff-1", role="staff")
-NAMES = [p.name for p in projections()]
-ADDRESS = ShippingAddress("Ann Example", "Hauptstr. 1", None, "Berlin", "10115", "DE")
 CLI = [sys.executable, "-c", "from orderstream.cli import main; main()"]
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def sqlite_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
 
 
 def table_shapes(path: Path) -> dict[str, tuple]:
@@ -68,45 +58,6 @@ def table_shapes(path: Path) -> dict[str, tuple]:
             )
             shapes[name] = (columns, indexes)
         return shapes
-
-
-async def models_at(url: str) -> dict[str, list[tuple]]:
-    """Every row of every projection's tables, by primary key, as the column types read them
-    (so that SQLite and PostgreSQL databases compare equal when their contents are)."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return {table.name: [row for row in await conn.execute(
-                        select(table).order_by(*table.primary_key.columns))]
-                    for projection in projections() for table in projection.tables}
-    finally:
-        await engine.dispose()
-
-
-async def checkpoints_at(url: str) -> dict[str, tuple]:
-    """(position, rebuilding, failed_position, error) by projection."""
-    read = ReadStore(url)
-    try:
-        return {name: (c.position, c.rebuilding, c.failed_position, c.error)
-                for name, c in (await read.checkpoints()).items()}
-    finally:
-        await read.close()
-
-
-async def copy_log(source: Path, url: str) -> None:
-    """The log of the SQLite file `source`, with its personal-data keys, into the event store at `url`."""
-    target = EventStore(url)
-    await target.open()
-    await target.close()
-    reading, writing = create_async_engine(sqlite_url(source)), create_async_engine(url)
-    try:
-        async with reading.connect() as src, writing.begin() as dst:
-            for table in (event_store.events, event_store.personal_keys):
-                rows = [dict(row) for row in (await src.execute(select(table))).mappings()]
-                await dst.execute(insert(table), rows)
-    finally:
-        await reading.dispose()
-        await writing.dispose()
 
 
 async def reference_models(events_url: str, directory: Path) -> dict[str, list[tuple]]:
@@ -135,25 +86,6 @@ def positions(path: Path) -> dict[str, int]:
             return dict(db.execute("SELECT name, position FROM projection_checkpoints"))
     except sqlite3.OperationalError:
         return {}
-
-
-async def open_stores(store: EventStore, read: ReadStore) -> None:
-    await store.open()
-    await read.open(NAMES)
-
-
-async def replayed(store: EventStore, cls: type[Aggregate], stream_id: str) -> Aggregate:
-    """The aggregate rebuilt from its stream in the log."""
-    aggregate = cls(stream_id)
-    for recorded in await store.load(stream_id):
-        aggregate.replay(events.from_data(recorded.type, recorded.schema_version, recorded.data))
-    return aggregate
-
-
-async def succeed(dispatcher: Dispatcher, command: Any) -> Accepted:
-    result = await dispatcher.execute(command, STAFF)
-    assert isinstance(result, Accepted), result
-    return result
 
 
 async def populate(dispatcher: Dispatcher, store: EventStore, rng: random.Random, *, products: int,
@@ -298,6 +230,7 @@ def dying(projection: Projection, countdown: Countdown, seen: list[int]) -> Proj
     return Projection(projection.name, projection.tables, apply)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_projector_that_dies_at_random_points_resumes_without_loss_or_duplicates(
         tmp_path, small_log, databases: Databases):
@@ -368,6 +301,7 @@ def kill_while_projecting(directory: Path, delay: float) -> dict[str, int]:
     return positions(directory / "read.db")
 
 
+@pytest.mark.slow
 async def test_a_killed_projector_process_resumes_without_loss_or_duplicates(tmp_path, large_shop):
     copy_database(large_shop / "events.db", tmp_path / "events.db")
     store = EventStore(sqlite_url(tmp_path / "events.db"))
@@ -434,6 +368,7 @@ async def projection_status(settings: Settings, headers: dict[str, str]) -> dict
     return response.json()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoint_after_a_restart(
         tmp_path, small_log, databases: Databases):
@@ -579,6 +514,7 @@ def cli(*args: str, directory: Path, env: dict[str, str] | None = None) -> subpr
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 async def test_status_prints_each_projection_with_its_position_lag_and_state(tmp_path, small_log):
     copy_database(small_log, tmp_path / "events.db")
     service = Service(Settings.load(str(tmp_path), environ={}))
@@ -615,6 +551,7 @@ PROGRESS = re.compile(r"rebuilding \S+ +(\d+)/(\d+) events ([\d,]+) events/s (\d
 CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+@pytest.mark.slow
 async def test_rebuild_shows_progress_and_leaves_the_read_models_as_they_were(tmp_path, large_shop):
     for name in ("events.db", "read.db"):
         copy_database(large_shop / name, tmp_path / name)
@@ -636,6 +573,7 @@ async def test_rebuild_shows_progress_and_leaves_the_read_models_as_they_were(tm
     assert await checkpoints_at(sqlite_url(tmp_path / "read.db")) == {name: (head, 0, None, None) for name in NAMES}
 
 
+@pytest.mark.slow
 async def test_rebuild_of_an_unknown_projection_changes_nothing(tmp_path, small_log):
     copy_database(small_log, tmp_path / "events.db")
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from orderstream.bootstrap import Service, projector_process
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
@@ -27,10 +26,14 @@ from orderstream.infrastructure.projection.process import ProjectorProcess, deco
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries import orders, products
-from tests.conftest import SECRET, bearer
-from tests.test_projector import ADDRESS, NAMES, STAFF, succeed
+from tests.support.projections import NAMES
+from tests.support.server import ServeProcess
+from tests.support.shop import ADDRESS, STAFF, succeed
+from tests.support.tokens import bearer
 
-ROOT = Path(__file__).resolve().parent.parent
+# Child processes and `orderstream serve`: slow.
+pytestmark = pytest.mark.slow
+
 # Long enough that no poll, of the child or of the read store, finds anything within a
 # test: what the tests wait for can only come through the messages between the two.
 NEVER = 3600.0
@@ -187,16 +190,11 @@ ORDER = "query($id: ID!, $at: Position!) { order(id: $id, consistentWith: $at) {
 
 
 async def test_serve_projects_in_a_child_that_ends_with_it(tmp_path):
-    port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("ORDERSTREAM_")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "orderstream", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-        cwd=ROOT, env={**environ, "ORDERSTREAM_JWT_SECRET": SECRET}, stdout=log, stderr=subprocess.STDOUT)
+    server = ServeProcess(tmp_path / "data", log=tmp_path / "serve.log")
     child = None
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=bearer("staff"), timeout=30) as http:
-            health = await until_up(http, server, tmp_path / "serve.log")
+        async with httpx.AsyncClient(base_url=server.url, headers=bearer("staff"), timeout=30) as http:
+            health = await server.until_healthy(http, ready=lambda health: health["projector"] != "starting")
             assert health["projector"] == "process"
             [child] = children(server.pid)
 
@@ -219,9 +217,7 @@ async def test_serve_projects_in_a_child_that_ends_with_it(tmp_path):
             order = await call(ORDER, "order", {"id": placed["orderId"], "at": placed["position"]})
             assert order == {"status": "PENDING", "lines": [{"sku": "MUG", "quantity": 2}]}
     finally:
-        server.kill()
-        server.wait()
-        log.close()
+        server.stop(signal.SIGKILL)
     if child is not None:
         # Its input ended with the server: it stops on its own.
         deadline = time.monotonic() + 30
@@ -231,26 +227,6 @@ async def test_serve_projects_in_a_child_that_ends_with_it(tmp_path):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def until_up(http: httpx.AsyncClient, server: subprocess.Popen, log: Path) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        assert server.poll() is None, f"serve exited: {log.read_text()[-3000:]}"
-        try:
-            response = await http.get("/healthz")
-            if response.status_code == 200 and response.json()["projector"] != "starting":
-                return response.json()
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"serve did not start: {log.read_text()[-3000:]}"
-        await asyncio.sleep(0.1)
 
 
 def children(pid: int) -> list[int]:

@@ -29,7 +29,8 @@ from orderstream.bootstrap import build_app
 from orderstream.infrastructure.security.auth import issue_token
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.rate_limit import RateLimit
-from tests.conftest import SECRET, Api, bearer
+from tests.support.api import Api
+from tests.support.tokens import SECRET, bearer
 
 REDIS = os.environ.get("ORDERSTREAM_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
 

@@ -13,7 +13,9 @@ import pytest
 
 from orderstream.bootstrap import Service, build_app
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
+from tests.support.api import Api
+from tests.support.databases import BACKENDS, Databases
+from tests.support.tokens import SECRET, bearer
 
 STAFF = bearer("staff")
 ADDRESS = {"name": "Ann", "line1": "Main St 1", "city": "Berlin", "postalCode": "10115", "country": "DE"}
@@ -66,6 +68,7 @@ async def query(api: Api, document: str, variables: dict, headers: dict | None =
     return result["data"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_every_write_is_visible_to_the_query_that_names_its_position(api: Api):
     rng = random.Random(20260308)
@@ -139,6 +142,7 @@ async def test_every_write_is_visible_to_the_query_that_names_its_position(api: 
     assert min(done.values()) >= 20, done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_the_query_waits_for_a_projector_in_another_process(tmp_path: Path, databases: Databases):
     # The app does not project; a second service on the same databases does, later. The

@@ -23,8 +23,10 @@ from orderstream.commands.product import AddProduct
 from orderstream.infrastructure.projection.projector import SHADOW
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import BACKENDS, SECRET, Api, Databases, bearer
-from tests.test_projector import copy_log, models_at
+from tests.support.api import Api
+from tests.support.databases import BACKENDS, Databases
+from tests.support.projections import copy_log, models_at
+from tests.support.tokens import SECRET, bearer
 
 STAFF_ACTOR = Actor(subject="staff-test", role="staff")
 STAFF = bearer("staff")
@@ -159,6 +161,7 @@ async def service(tmp_path: Path, shop: dict) -> AsyncIterator[Service]:
     await service.close()
 
 
+@pytest.mark.slow
 async def test_a_rebuild_leaves_the_read_models_as_they_were(service: Service):
     path = read_db(service.settings)
     head = await service.store.head()
@@ -190,6 +193,7 @@ async def test_a_rebuild_of_an_empty_log(tmp_path: Path):
     assert shadow_tables(read_db(service.settings)) == []
 
 
+@pytest.mark.slow
 async def test_a_cancelled_rebuild_cleans_up_and_the_next_one_succeeds(service: Service):
     path = read_db(service.settings)
     before = snapshot(path)
@@ -224,6 +228,7 @@ asyncio.run(rebuild())
 """
 
 
+@pytest.mark.slow
 async def test_a_rebuild_after_a_crashed_one_succeeds_and_leaves_no_shadows(service: Service):
     path = read_db(service.settings)
     before = snapshot(path)
@@ -301,6 +306,7 @@ PLACE = """mutation($input: PlaceOrderInput!) {
 PLACED_AT_MOST = 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_queries_and_commands_go_on_during_a_rebuild(busy_app):
     api, settings, shop = busy_app

@@ -15,7 +15,8 @@ from starlette.routing import Route
 
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Api, bearer
+from tests.support.api import Api
+from tests.support.tokens import SECRET, bearer
 
 STAFF = bearer("staff")
 ADDRESS = {"name": "Ann", "line1": "Main St 1", "city": "Berlin", "postalCode": "10115", "country": "DE"}

@@ -1,4 +1,4 @@
-from tests.conftest import bearer
+from tests.support.tokens import bearer
 
 REGISTER = """
 mutation($input: RegisterCustomerInput!) {

@@ -3,6 +3,7 @@
 import asyncio
 import gc
 
+import pytest
 from strawberry.dataloader import DataLoader
 
 from orderstream.bootstrap import Service
@@ -13,16 +14,12 @@ from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.schema.app import build_schema
 from orderstream.schema.context import Context
+from tests.support.memory import rss_mb
+
+# Tens of thousands of deliveries: slow.
+pytestmark = pytest.mark.slow
 
 BATCH = 1000
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 async def test_memory_is_flat_over_tens_of_thousands_of_deliveries(tmp_path):

@@ -8,47 +8,52 @@ what is delivered run on SQLite and on PostgreSQL.
 
 import asyncio
 import json
-import socket
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import closing, suppress
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
-import uvicorn
 import websockets
-from gql import Client, GraphQLRequest
+from gql import GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
-from gql.transport.websockets import WebsocketsTransport
 
-from orderstream.bootstrap import build_app
 from orderstream.commands.dispatcher import new_event
 from orderstream.events import ProductRestocked
-from orderstream.infrastructure.live.event_hub import EventHub
-from orderstream.infrastructure.live.multiplex import Multiplexer
 from orderstream.infrastructure.persistence.event_store import EventStore, StreamWrite
 from orderstream.infrastructure.security.auth import issue_token
-from orderstream.infrastructure.settings import Settings
-from orderstream.schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, GraphQLApp, connection_authorization
-from tests.conftest import BACKENDS, SECRET, Databases, fetch
+from orderstream.schema.app import MAX_SUBSCRIPTIONS_PER_CONNECTION, connection_authorization
+from tests.support.databases import BACKENDS
+from tests.support.graphql_ws import (
+    EVENTS,
+    LEGACY_WS,
+    TRANSPORT_WS,
+    collect_events,
+    connect,
+    finish,
+    gql_client,
+    read_subscriptions,
+    receive,
+    receive_events,
+    stalling_socket,
+    start,
+)
+from tests.support.live import (
+    STAFF,
+    add_product,
+    last_position,
+    place_order,
+    place_orders,
+    register,
+    rows,
+    stop,
+    tasks_since,
+    wait_until,
+)
+from tests.support.tokens import token
 
-TRANSPORT_WS = "graphql-transport-ws"
-LEGACY_WS = "graphql-ws"
-
-EVENTS = """
-subscription($after: Position) {
-  events(after: $after) {
-    position eventId streamId streamType version type schemaVersion occurredAt data
-    correlationId causationId actor
-  }
-}
-"""
+# Real servers and WebSocket clients, thousands of events: slow.
+pytestmark = pytest.mark.slow
 
 ORDER_UPDATED = """
 subscription($orderId: ID!) {
@@ -56,248 +61,7 @@ subscription($orderId: ID!) {
 }
 """
 
-SUCCESS_FIELDS = {
-    "RegisterCustomerSuccess": "customerId position",
-    "ProductSuccess": "sku version position",
-    "OrderSuccess": "orderId version position",
-}
-COMMANDS = {
-    "registerCustomer": ("RegisterCustomerInput", "RegisterCustomerSuccess"),
-    "addProduct": ("AddProductInput", "ProductSuccess"),
-    "restockProduct": ("RestockProductInput", "ProductSuccess"),
-    "placeOrder": ("PlaceOrderInput", "OrderSuccess"),
-    "payOrder": ("PayOrderInput", "OrderSuccess"),
-    "shipOrder": ("ShipOrderInput", "OrderSuccess"),
-    "deliverOrder": ("DeliverOrderInput", "OrderSuccess"),
-}
-
-
-def token(role: str, customer_id: str | None = None, ttl: timedelta = timedelta(hours=1)) -> str:
-    return issue_token(SECRET, role, customer_id, ttl=ttl)
-
-
-STAFF = token("staff")
 WRITERS = ("MUG", "CAP", "HAT", "BAG")
-
-
-# ---------------------------------------------------------------- the server
-
-
-@dataclass
-class Server:
-    """A uvicorn server on a free local port, its data folder, its event hub and the groups
-    of its shared subscriptions."""
-
-    http: httpx.AsyncClient
-    ws_url: str
-    data_dir: Path
-    hub: EventHub
-    store: EventStore
-    multiplexer: Multiplexer
-
-    async def command(self, name: str, input: dict[str, Any], bearer: str = STAFF) -> dict[str, Any]:
-        """Runs a mutation over HTTP; fails unless it succeeds."""
-        input_type, success = COMMANDS[name]
-        document = (f"mutation($input: {input_type}!) {{ result: {name}(input: $input) "
-                    f"{{ __typename ... on {success} {{ {SUCCESS_FIELDS[success]} }} }} }}")
-        response = await self.http.post("/graphql", json={"query": document, "variables": {"input": input}},
-                                         headers={"Authorization": f"Bearer {bearer}"})
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert "errors" not in body, body
-        result = body["data"]["result"]
-        assert result["__typename"] == success, result
-        return result
-
-    def log(self, after: int = 0) -> list[tuple[int, str, str, int]]:
-        """(position, stream id, type, version) of every event after `after`, read from the
-        database itself."""
-        return self._fetch("SELECT position, stream_id, type, version FROM events WHERE position > $1 "
-                           "ORDER BY position", after)
-
-    def head(self) -> int:
-        return self._fetch("SELECT coalesce(max(position), 0) FROM events")[0][0]
-
-    def _fetch(self, query: str, *arguments: Any) -> list[tuple]:
-        url = self.store.url
-        if url.startswith("sqlite"):
-            with closing(sqlite3.connect(url.removeprefix("sqlite+aiosqlite:///"))) as db:
-                return db.execute(query.replace("$1", "?"), arguments).fetchall()
-        return fetch(url, query, *arguments)
-
-
-@pytest.fixture
-async def server(tmp_path: Path, databases: Databases) -> AsyncIterator[Server]:
-    # No clock-skew leeway: the expiry tests count on the tokens' own exp. No rate limit: every
-    # operation a socket starts counts, and these tests start hundreds as one caller.
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, "ORDERSTREAM_JWT_LEEWAY": "0",
-                                                     "ORDERSTREAM_RATE_LIMIT": "0", **databases.environ})
-    app = build_app(settings)
-    graphql = next(route.endpoint for route in app.routes if isinstance(getattr(route, "endpoint", None), GraphQLApp))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                   timeout_graceful_shutdown=5))
-    serving = asyncio.create_task(uvicorn_server.serve())
-    while not uvicorn_server.started:
-        if serving.done():
-            serving.result()  # start-up failed: raise its error
-        await asyncio.sleep(0.01)
-    port = uvicorn_server.servers[0].sockets[0].getsockname()[1]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-        yield Server(http, f"ws://127.0.0.1:{port}/graphql", settings.data_dir, graphql.hub, graphql.store,
-                     graphql.multiplexer)
-    uvicorn_server.should_exit = True
-    await serving
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 30, message: str = "",
-                     watching: tuple[asyncio.Task, ...] = ()) -> None:
-    """Polls `condition`, and fails at once if a task in `watching` (a reader) failed. The
-    generous timeout only keeps a broken build from hanging."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for task in watching:
-            if task.done():
-                task.result()
-        assert time.monotonic() < deadline, message or "timed out waiting"
-        await asyncio.sleep(0.01)
-
-
-# ---------------------------------------------------------------- the shop
-
-
-def address() -> dict[str, str]:
-    return {"name": "Ann Example", "line1": "Hauptstr. 1", "city": "Berlin", "postalCode": "10115",
-            "country": "DE"}
-
-
-async def register(server: Server, name: str = "Ann Example") -> str:
-    result = await server.command("registerCustomer", {"name": name, "email": "ann@example.com", "country": "DE"})
-    return result["customerId"]
-
-
-async def add_product(server: Server, sku: str, stock: int = 1_000_000) -> int:
-    result = await server.command("addProduct", {"sku": sku, "name": f"Product {sku}",
-                                                 "price": {"amount": "10.00", "currency": "EUR"},
-                                                 "initialStock": stock})
-    return int(result["position"])
-
-
-async def place_order(server: Server, customer_id: str, sku: str = "MUG", bearer: str = STAFF) -> str:
-    result = await server.command("placeOrder", {"customerId": customer_id, "items": [{"sku": sku, "quantity": 1}],
-                                                 "shippingAddress": address()}, bearer)
-    return result["orderId"]
-
-
-async def place_orders(server: Server, customer_id: str, count: int, placed: list[str],
-                       skus: tuple[str, ...] = ("MUG",)) -> None:
-    """`count` orders from one concurrent HTTP writer per SKU (each its own product, so that
-    they do not fight over one stream), each id added to `placed` as it commits."""
-    async def write(sku: str, share: int) -> None:
-        for _ in range(share):
-            placed.append(await place_order(server, customer_id, sku))
-
-    writers = len(skus)
-    await asyncio.gather(*(write(sku, count // writers + (n < count % writers)) for n, sku in enumerate(skus)))
-
-
-# ---------------------------------------------------------------- clients
-
-
-def gql_client(server: Server, bearer: str | None, protocol: str = TRANSPORT_WS) -> Client:
-    init = {"authorization": f"Bearer {bearer}"} if bearer else {}
-    return Client(transport=WebsocketsTransport(url=server.ws_url, init_payload=init, subprotocols=[protocol]))
-
-
-async def collect_events(server: Server, bearer: str, after: int, into: list[dict[str, Any]]) -> None:
-    """Appends every event the subscription delivers to `into`, until cancelled."""
-    async with gql_client(server, bearer) as session:
-        request = GraphQLRequest(EVENTS, variable_values={"after": str(after)})
-        async for result in session.subscribe(request):
-            into.append(result["events"])
-
-
-def tasks_since(before: set[asyncio.Task]) -> set[asyncio.Task]:
-    """Tasks started since `before` and still running, but for the short waits of the hub's
-    and the projector's polls (`asyncio.wait_for` wraps each in a task of its own)."""
-    return {task for task in asyncio.all_tasks() - before if task.get_coro().__qualname__ != "Event.wait"}
-
-
-async def stop(task: asyncio.Task) -> None:
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
-
-
-def rows(received: list[dict[str, Any]]) -> list[tuple[int, str, str, int]]:
-    return [(int(e["position"]), e["streamId"], e["type"], e["version"]) for e in received]
-
-
-def last_position(received: list[dict[str, Any]]) -> int:
-    return int(received[-1]["position"]) if received else 0
-
-
-async def connect(server: Server, bearer: str | None, protocol: str = TRANSPORT_WS,
-                  **options: Any) -> websockets.ClientConnection:
-    """A raw WebSocket, initialised and acknowledged."""
-    ws = await websockets.connect(server.ws_url, subprotocols=[protocol], **options)
-    payload = {"authorization": f"Bearer {bearer}"} if bearer else {}
-    await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
-    assert (await receive(ws))["type"] == "connection_ack"
-    return ws
-
-
-async def stalling_socket(server: Server) -> socket.socket:
-    """A socket to the server with a tiny receive window: a client that stops reading soon
-    stops the server from sending."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.http.base_url.port))
-    return sock
-
-
-async def start(ws: websockets.ClientConnection, id: str, query: str, variables: dict[str, Any],
-                protocol: str = TRANSPORT_WS) -> None:
-    kind = "subscribe" if protocol == TRANSPORT_WS else "start"
-    await ws.send(json.dumps({"id": id, "type": kind, "payload": {"query": query, "variables": variables}}))
-
-
-async def receive(ws: websockets.ClientConnection, timeout: float = 30) -> dict[str, Any]:
-    """The next message, keep-alives skipped."""
-    while True:
-        message = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        if message["type"] not in ("ka", "ping", "pong"):
-            return message
-
-
-async def receive_events(ws: websockets.ClientConnection, count: int, id: str = "1") -> list[dict[str, Any]]:
-    """The next `count` events of subscription `id`, on either protocol."""
-    received = []
-    while len(received) < count:
-        message = await receive(ws)
-        assert message["type"] in ("next", "data") and message["id"] == id, message
-        assert "errors" not in message["payload"], message
-        received.append(message["payload"]["data"]["events"])
-    return received
-
-
-async def read_subscriptions(ws: websockets.ClientConnection, into: dict[str, list[dict[str, Any]]]) -> None:
-    """Sorts the events of every subscription on the socket into `into` by id, until cancelled."""
-    while True:
-        message = json.loads(await ws.recv())
-        if message["type"] == "ka":
-            continue
-        assert message["type"] in ("next", "data") and "errors" not in message["payload"], message
-        into.setdefault(message["id"], []).append(message["payload"]["data"]["events"])
-
-
-async def finish(ws: websockets.ClientConnection, id: str, protocol: str) -> None:
-    """Ends subscription `id` from the client side."""
-    if protocol == TRANSPORT_WS:
-        await ws.send(json.dumps({"id": id, "type": "complete"}))
-    else:
-        await ws.send(json.dumps({"id": id, "type": "stop"}))
-        assert await receive(ws) == {"type": "complete", "id": id}
 
 
 # ---------------------------------------------------------------- no gap, no duplicate

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import jwt
 import pytest
-import uvicorn
 import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -35,7 +33,9 @@ from orderstream.bootstrap import build_app
 from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.security.auth import MAX_LEEWAY, VERIFIED_TOKENS_KEPT, TokenVerifier, Unauthenticated
 from orderstream.infrastructure.settings import Settings
-from tests.conftest import SECRET, Api
+from tests.support.api import Api, asgi_api
+from tests.support.server import real_server
+from tests.support.tokens import SECRET
 
 ISSUER = "https://id.example.com/"
 AUDIENCE = "https://api.shop.example"
@@ -154,12 +154,8 @@ VALID = {
 
 @asynccontextmanager
 async def serving(tmp_path: Path, environ: dict[str, str]) -> AsyncIterator[Api]:
-    settings = Settings.load(str(tmp_path), environ=environ)
-    app = build_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
-            yield Api(http, settings.data_dir)
+    async with asgi_api(tmp_path, environ, secret=None) as api:
+        yield api
 
 
 def logged_events(data_dir: Path) -> list[tuple]:
@@ -451,23 +447,6 @@ def test_the_verified_tokens_remembered_are_bounded_and_the_least_recently_used_
 # ---------------------------------------------------------------- WebSocket connection_init
 
 
-@asynccontextmanager
-async def uvicorn_server(tmp_path: Path, environ: dict[str, str]) -> AsyncIterator[str]:
-    """A real server on a free port; yields its WebSocket URL."""
-    server = uvicorn.Server(uvicorn.Config(build_app(Settings.load(str(tmp_path), environ=environ)),
-                                           host="127.0.0.1", port=0, log_level="warning"))
-    serving_task = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving_task.done():
-            serving_task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"ws://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/graphql"
-    finally:
-        server.should_exit = True
-        await serving_task
-
-
 async def connection_init(url: str, token: str) -> dict:
     """The server's answer to connection_init on the legacy protocol, which carries the reason."""
     async with websockets.connect(url, subprotocols=["graphql-ws"]) as ws:
@@ -476,7 +455,8 @@ async def connection_init(url: str, token: str) -> dict:
 
 
 async def test_connection_init_verifies_tokens_like_http(tmp_path, keys):
-    async with uvicorn_server(tmp_path, jwks_file(tmp_path, keys)) as url:
+    async with real_server(tmp_path, jwks_file(tmp_path, keys), secret=None) as server:
+        url = server.ws_url
         assert await connection_init(url, VALID[jwks_file](keys)) == {"type": "connection_ack"}
         for name in ("unknown kid", "no kid with several keys", "forged with a known kid",
                      "HS256 signed with a JWKS key's PEM"):
@@ -490,7 +470,8 @@ async def test_connection_init_verifies_tokens_like_http(tmp_path, keys):
 
 
 async def test_connection_init_refuses_alg_none_on_the_transport_protocol(tmp_path, keys):
-    async with uvicorn_server(tmp_path, shared_secret(tmp_path, keys)) as url:
+    async with real_server(tmp_path, shared_secret(tmp_path, keys), secret=None) as server:
+        url = server.ws_url
         async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:
             token = jwt.encode(claims(), None, algorithm="none")
             await ws.send(json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}}))
