@@ -11,11 +11,9 @@ ORDERSTREAM_SCREENSHOTS=docs writes the screenshots the README shows (`make scre
 otherwise they go to the test's temporary folder.
 """
 
+import asyncio
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +29,8 @@ from starlette.requests import Request
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
 from orderstream.pages import STATIC, Pages
-from tests.conftest import SECRET, bearer
+from tests.support.server import ServeProcess, free_port
+from tests.support.tokens import SECRET, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -119,12 +118,6 @@ def chromium() -> Iterator[Any]:
         browser.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
 class Server:
     """`orderstream serve` on a port of its own, with its data in `folder`; it can be
     stopped and started again on the same port and data."""
@@ -132,40 +125,21 @@ class Server:
     def __init__(self, folder: Path) -> None:
         self.folder, self.port = folder, free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self.process: subprocess.Popen | None = None
+        self.process: ServeProcess | None = None
         self.http = httpx.Client(base_url=self.url, headers=bearer("staff"), timeout=30)
 
     def start(self) -> None:
-        environ = {key: value for key, value in os.environ.items() if not key.startswith("ORDERSTREAM_")}
-        log = (self.folder / "serve.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "orderstream", "serve", "--host", LOOPBACK, "--port", str(self.port),
-             "--data-dir", str(self.folder / "data")],
-            cwd=ROOT, env={**environ, "ORDERSTREAM_JWT_SECRET": SECRET}, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, f"serve exited: {self.log()}"
-            try:
-                health = self.http.get("/healthz")
-                if health.status_code == 200 and health.json()["projector"] != "starting":
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"serve did not start: {self.log()}"
-            time.sleep(0.1)
+        self.process = ServeProcess(self.folder / "data", port=self.port, log=self.folder / "serve.log")
+
+        async def ready() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                await self.process.until_healthy(http, ready=lambda health: health["projector"] != "starting")
+
+        asyncio.run(ready())
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log(self) -> str:
-        return (self.folder / "serve.log").read_text(errors="replace")[-3000:]
+        if self.process is not None:
+            self.process.stop()
 
     def call(self, field_name: str, input_type: str, values: dict[str, Any], success: str,
              headers: dict[str, str] | None = None) -> dict[str, Any]:

@@ -101,16 +101,17 @@ class ServeProcess:
     """`orderstream serve` in a process of its own on a free port, over `data_dir`, with the
     settings' environment `environ` (signing with `secret` unless None) on top of this
     process's environment without its ORDERSTREAM_ variables. Its output goes to `log`
-    (by default serve-<port>.log in `data_dir`)."""
+    (by default serve-<port>.log in `data_dir`; appended to, so that a server started again
+    on the same `port` and data adds to it)."""
 
     def __init__(self, data_dir: Path, environ: Mapping[str, str] | None = None, *,
-                 secret: str | None = SECRET, log: Path | None = None) -> None:
-        self.port = free_port()
+                 secret: str | None = SECRET, log: Path | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         data_dir.mkdir(parents=True, exist_ok=True)
         inherited = {key: value for key, value in os.environ.items() if not key.startswith("ORDERSTREAM_")}
         self.log_path = log or data_dir / f"serve-{self.port}.log"
-        self.log = self.log_path.open("wb")
+        self.log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "orderstream", "serve", "--port", str(self.port), "--data-dir", str(data_dir)],
             cwd=ROOT, env={**inherited, **settings_environ(environ, secret)},
