@@ -8,7 +8,9 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -44,11 +46,13 @@ def projections() -> list[Projection]:
 class Service:
     """The stores, the dispatcher and the projector, opened and closed together."""
 
-    def __init__(self, settings: Settings, inline: bool = False) -> None:
+    def __init__(self, settings: Settings, inline: bool = False,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         """`inline`: a process that only projects runs its SQLite statements in its event
-        loop (see infrastructure.persistence.database)."""
+        loop (see infrastructure.persistence.database). `clock`: the log's time (the demo
+        shop spreads its history over past days)."""
         self.settings = settings
-        self.store = EventStore(settings.event_store_url, inline=inline)
+        self.store = EventStore(settings.event_store_url, clock=clock, inline=inline)
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline)
         self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS)
         self.projector = Projector(self.store, self.read, projections())

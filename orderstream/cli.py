@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from sqlalchemy.engine import make_url
 
+from orderstream import demo
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
 from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.persistence.database import Database
@@ -146,6 +147,42 @@ def _projections_rebuild(names: list[str]):
     return rebuild
 
 
+async def _seed_demo(args: argparse.Namespace) -> None:
+    clock = demo.starting_clock()
+    service = Service(Settings.load(args.data_dir), clock=clock)
+    await service.open()
+    try:
+        if (head := await service.store.head()) > 0:
+            sys.exit(f"orderstream seed-demo: the log at {service.settings.event_store_url} already holds {head} "
+                     "events; the demo shop goes into a fresh data folder: pass another --data-dir")
+        shop = demo.Shop(products=args.products, customers=args.customers, orders=args.orders, days=args.days)
+        with Progress(TextColumn("seeding"), BarColumn(), MofNCompleteColumn(), TextColumn("products, customers "
+                      "and orders"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+            work = bar.add_task("seed", total=shop.products + shop.customers + shop.orders)
+            statuses = await demo.seed(service.dispatcher, clock, shop, args.seed,
+                                       lambda done: bar.advance(work, done))
+        await service.projector.catch_up()
+        log.info("seeded %d products, %d customers and %d orders (%s) into %s, up to position %d",
+                 shop.products, shop.customers, shop.orders,
+                 ", ".join(f"{count} {status.lower()}" for status, count in statuses.items()),
+                 service.settings.data_dir, await service.store.head())
+    finally:
+        await service.close()
+
+
+def _count(least: int, most: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = least - 1
+        if not least <= number <= most:
+            raise argparse.ArgumentTypeError(f"a whole number from {least:,} to {most:,}; got {value!r}")
+        return number
+
+    return parse
+
+
 def _schema(args: argparse.Namespace) -> None:
     # schema.graphql at the repository's root is this output (tests/test_schema_file.py).
     sys.stdout.write(build_schema().as_str() + "\n")
@@ -208,7 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     schema = commands.add_parser("schema", help="print the GraphQL schema (SDL), for generating typed clients")
     schema.set_defaults(run=_schema)
 
-    for sub in (serve, token, migrate, run, status, rebuild):
+    seed = commands.add_parser("seed-demo", help="fill a fresh data folder with a demo shop, through the commands")
+    seed.add_argument("--products", type=_count(1, 10_000), default=24, help="products in EUR, USD and GBP [24]")
+    seed.add_argument("--customers", type=_count(1, 100_000), default=40, help="customers in six countries [40]")
+    seed.add_argument("--orders", type=_count(0, 1_000_000), default=300, help="orders in every status [300]")
+    seed.add_argument("--days", type=_count(1, 3650), default=30, help="days the history spans, up to now [30]")
+    seed.add_argument("--seed", type=int, default=1, help="the same seed gives the same shop, ids aside [1]")
+    seed.set_defaults(run=lambda a: asyncio.run(_seed_demo(a)))
+
+    for sub in (serve, token, migrate, run, status, rebuild, seed):
         sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "
                                             "(default: $ORDERSTREAM_DATA_DIR or ./var)")
     args = parser.parse_args(argv)
