@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import gc
 import logging
+import shutil
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
@@ -19,6 +21,7 @@ from sqlalchemy.engine import make_url
 from orderstream import demo
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
 from orderstream.infrastructure.errors import SettingsError
+from orderstream.infrastructure.persistence.backup import copy_database, sqlite_path
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
 from orderstream.infrastructure.projection.process import project_as_child
@@ -170,6 +173,34 @@ async def _seed_demo(args: argparse.Namespace) -> None:
         await service.close()
 
 
+def _backup(args: argparse.Namespace) -> None:
+    settings = Settings.load(args.data_dir)
+    # The read models first: copied before the log, their checkpoints can only be behind
+    # the copied log's head, and a server started on the copy projects the difference.
+    files = [("read.db", sqlite_path(settings.read_store_url)), ("events.db", sqlite_path(settings.event_store_url))]
+    if any(path is None for _, path in files):
+        sys.exit("orderstream backup copies SQLite databases; on PostgreSQL back up with pg_dump or "
+                 "pg_basebackup (see the README)")
+    target = Path(args.to).resolve()
+    if any((target / name).exists() for name, _ in files):
+        sys.exit(f"orderstream backup: {target} already holds a backup; choose an empty folder")
+    for _, path in files:
+        if not path.exists():
+            sys.exit(f"orderstream backup: there is no database at {path}; pass the server's --data-dir")
+    target.mkdir(parents=True, exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pages"),
+                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        for name, path in files:
+            task = bar.add_task(f"copying {name}", total=None)
+            copy_database(path, target / name, lambda done, total, task=task: bar.update(task, completed=done,
+                                                                                           total=total))
+    secret = settings.data_dir / "jwt-secret"
+    if secret.exists():  # tokens signed before the backup stay valid on a server started from it
+        shutil.copy2(secret, target / "jwt-secret")
+    log.info("backed up %s to %s: start a server on it with `orderstream serve --data-dir %s`",
+             settings.data_dir, target, target)
+
+
 def _count(least: int, most: int):
     def parse(value: str) -> int:
         try:
@@ -253,7 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     seed.add_argument("--seed", type=int, default=1, help="the same seed gives the same shop, ids aside [1]")
     seed.set_defaults(run=lambda a: asyncio.run(_seed_demo(a)))
 
-    for sub in (serve, token, migrate, run, status, rebuild, seed):
+    backup = commands.add_parser("backup", help="copy the SQLite databases, whole and consistent, while they serve")
+    backup.add_argument("--to", required=True, metavar="DIR", help="an empty folder for the copy")
+    backup.set_defaults(run=_backup)
+
+    for sub in (serve, token, migrate, run, status, rebuild, seed, backup):
         sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "
                                             "(default: $ORDERSTREAM_DATA_DIR or ./var)")
     args = parser.parse_args(argv)

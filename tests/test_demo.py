@@ -24,7 +24,8 @@ def rows(path: Path, query: str) -> list[tuple]:
 def shop_without_ids(folder: Path) -> list[tuple]:
     """The read models as a client sees them, ids left out: what a seed decides."""
     read = folder / "read.db"
-    return [*rows(read, "SELECT sku, name, price, currency, stock_available, stock_reserved FROM products ORDER BY sku"),
+    return [*rows(read, "SELECT sku, name, price, currency, stock_available, stock_reserved FROM products "
+                        "ORDER BY sku"),
             *rows(read, "SELECT country, locale FROM customers ORDER BY registered_at"),
             *rows(read, "SELECT status, total, currency, ship_name FROM orders ORDER BY placed_position")]
 
