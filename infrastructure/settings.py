@@ -113,6 +113,9 @@ class Settings:
 Origins = Annotated[tuple[str, ...], NoDecode]
 
 
+SECRETS = ("jwt_secret", "metrics_token")
+
+
 class Environment(BaseSettings):
     """The ORDERSTREAM_* variables, checked one by one (Settings puts them together). Each
     field's description says what its variable expects; an empty variable counts as unset,
@@ -165,8 +168,9 @@ class Environment(BaseSettings):
             field = cls.model_fields.get(name)
             if field is None:
                 raise SettingsError(error["msg"]) from None
-            raise SettingsError(f"{PREFIX}{name.upper()}: expected {field.description}, "
-                                f"got {error['input']!r}") from None
+            # A secret's value is not repeated: the message may end up in a log.
+            given = "a value that does not fit" if name in SECRETS else repr(error["input"])
+            raise SettingsError(f"{PREFIX}{name.upper()}: expected {field.description}, got {given}") from None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -4,6 +4,8 @@ real commands, each counter moved by exactly what was done; closed in production
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orderstream.infrastructure.errors import SettingsError
+from orderstream.infrastructure.settings import Settings
 from tests.support.api import Api, asgi_api
 from tests.support.mutations import STAFF, document, order_input, product_input, register, run, succeed
 
@@ -95,3 +97,10 @@ async def test_in_production_metrics_answer_only_the_bearer_of_the_metrics_token
             assert "orderstream_log_head_position 0.0" in response.text
         else:
             assert "orderstream_" not in response.text
+
+
+def test_a_metrics_token_too_short_is_refused_without_repeating_it(tmp_path):
+    with pytest.raises(SettingsError) as refused:
+        Settings.load(str(tmp_path), environ={"ORDERSTREAM_METRICS_TOKEN": "hunter2"})
+    assert "ORDERSTREAM_METRICS_TOKEN: expected a token of at least 16 characters" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
