@@ -1,0 +1,86 @@
+"""The official `graphql-sse` npm client (tests/graphql_sse_client.mjs, under Node) against
+a real server: a subscription from the log and then live, a mutation, and errors read as
+results. graphql-sse is pinned in tests/sse_client/package-lock.json and installed there
+with `npm ci` on first use."""
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.graphql_ws import EVENTS
+from tests.support.live import STAFF, LiveServer, add_product, place_order, register, rows, wait_until
+
+# npm, node and a real server: slow.
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+CLIENT = HERE / "graphql_sse_client.mjs"
+PACKAGE = HERE / "sse_client"
+
+
+@pytest.fixture(scope="session")
+def graphql_sse() -> Path:
+    """The folder graphql-sse is installed in (`npm ci` when its lock file is newer)."""
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        reason = "node and npm are needed to run the graphql-sse client; this system lacks them"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (under CI=true these tests must run)", pytrace=False)
+        pytest.skip(reason)
+    installed = PACKAGE / "node_modules" / ".package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < (PACKAGE / "package-lock.json").stat().st_mtime:
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=PACKAGE,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"npm ci in {PACKAGE} failed:\n{done.stderr}"
+    return PACKAGE
+
+
+async def run_client(server: LiveServer, token: str, count: int, query: str,
+                     variables: dict[str, Any] | None = None) -> tuple[asyncio.subprocess.Process, asyncio.Task]:
+    url = str(server.http.base_url.join("/graphql"))
+    node = await asyncio.create_subprocess_exec(
+        "node", str(CLIENT), url, token, str(count), query, json.dumps(variables) if variables else "",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    return node, asyncio.create_task(asyncio.wait_for(node.communicate(), 60))
+
+
+async def outcome(node: asyncio.subprocess.Process, running: asyncio.Task) -> dict[str, Any]:
+    stdout, stderr = await running
+    assert node.returncode == 0, stderr.decode()
+    return json.loads(stdout)
+
+
+async def test_the_client_receives_the_log_then_live_events(server, graphql_sse):
+    customer_id = await register(server)
+    await add_product(server, "MUG")
+    node, running = await run_client(server, STAFF, 4, EVENTS, {"after": "0"})
+    await wait_until(lambda: server.hub.subscribers == 1, watching=(running,))
+    await place_order(server, customer_id)
+    received = await outcome(node, running)
+
+    assert received["error"] is None
+    assert rows([result["data"]["events"] for result in received["results"]]) == server.log()
+    await wait_until(lambda: server.hub.subscribers == 0)
+
+
+async def test_the_client_runs_a_mutation_and_sees_it_complete(server, graphql_sse):
+    mutation = ('mutation { registerCustomer(input: {name: "Ann", email: "ann@example.com", country: "DE"}) '
+                "{ __typename ... on RegisterCustomerSuccess { position } } }")
+    received = await outcome(*await run_client(server, STAFF, 2, mutation))
+    assert received == {"results": [{"data": {"registerCustomer": {"__typename": "RegisterCustomerSuccess",
+                                                                   "position": "1"}}}],
+                        "completed": True, "error": None}
+
+
+async def test_the_client_reads_a_refusal_as_a_result(server, graphql_sse):
+    await register(server)
+    received = await outcome(*await run_client(server, "", 2, EVENTS, {"after": "0"}))
+    [refused] = received["results"]
+    assert refused["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    assert received["completed"] is True
+    assert server.hub.subscribers == 0
