@@ -9,14 +9,20 @@ on all four at once.
 """
 
 import asyncio
+import dataclasses
+import socket
 import time
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import websockets
 
+from orderstream.commands.dispatcher import new_event
+from orderstream.events import ProductRestocked
+from orderstream.infrastructure.persistence.event_store import StreamWrite
 from tests.support.graphql_ws import EVENTS, LEGACY_WS, TRANSPORT_WS
 from tests.support.live import (
     STAFF,
@@ -30,7 +36,7 @@ from tests.support.live import (
     tasks_since,
     wait_until,
 )
-from tests.support.streams import MULTIPART, SSE, TRANSPORTS, subscribe
+from tests.support.streams import MULTIPART, SSE, TRANSPORTS, results_of, stream_request, subscribe
 from tests.support.tokens import token
 
 # Real servers and clients, hundreds of events: slow.
@@ -195,3 +201,53 @@ async def test_every_transport_receives_the_same_events_in_the_same_order(server
     # Not only the same rows: the same events, field for field.
     first = received[TRANSPORTS[0]]
     assert all(into == first for into in received.values())
+
+
+@pytest.mark.parametrize("transport", [SSE, MULTIPART])
+async def test_a_stream_that_is_not_read_falls_back_to_the_log_and_misses_nothing(server, transport):
+    """As test_subscriptions' WebSocket reader that stops reading: the client's socket takes
+    little, so the server cannot write, its subscription falls behind, is detached from the
+    hub and shares in nothing, and the server holds no more than the hub's bounded queue."""
+    sku = "MUG"
+    await add_product(server, sku)
+    after = server.head()
+    small = httpx.AsyncHTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    async with httpx.AsyncClient(base_url=server.http.base_url, transport=small, timeout=60) as http:
+        client = dataclasses.replace(server, http=http)
+        received: list[dict[str, Any]] = []
+        async with stream_request(client, transport, STAFF, EVENTS, {"after": str(after)}) as response:
+            results = results_of(transport, response)
+            await wait_until(lambda: server.hub.subscribers == 1)
+            queued: list[int] = []
+
+            async def watch_the_queues() -> None:
+                while True:
+                    queued.append(max((s.queue.qsize() for s in server.hub._live), default=0))
+                    await asyncio.sleep(0.002)
+
+            watching = asyncio.create_task(watch_the_queues())
+            version = 1
+            for _ in range(40):
+                batch = [new_event(ProductRestocked(sku=sku, quantity=1)) for _ in range(500)]
+                await server.store.append([StreamWrite(sku, "Product", version, batch)])
+                version += len(batch)
+            head = server.head()
+            await wait_until(lambda: server.hub.position == head)
+            await stop(watching)
+            assert server.hub.subscribers == 0
+            assert not server.multiplexer.groups
+            assert 0 < max(queued) <= server.hub.queue_size
+
+            # Reading again, with room to read at speed (a window this small is slow to reopen).
+            response.extensions["network_stream"].get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            async for result in results:
+                received.append(result["data"]["events"])
+                if len(received) == head - after:
+                    break
+            assert [int(e["position"]) for e in received] == list(range(after + 1, head + 1))
+            # Caught up from the log, it is live again.
+            await wait_until(lambda: server.hub.subscribers == 1)
+            restocked = await server.command("restockProduct", {"sku": sku, "quantity": 5})
+            live = (await anext(results))["data"]["events"]
+            assert int(live["position"]) == int(restocked["position"]) == head + 1

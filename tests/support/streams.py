@@ -104,7 +104,12 @@ async def subscribe(server: LiveServer, transport: str, bearer: str | None, quer
         return
     async with stream_request(server, transport, bearer, query, variables) as response:
         assert response.status_code == 200, (response.status_code, await response.aread())
-        yield _sse_results(response) if transport == SSE else _multipart_results(response)
+        yield results_of(transport, response)
+
+
+def results_of(transport: str, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The execution results of a stream over SSE or multipart, as in `subscribe`."""
+    return _sse_results(response) if transport == SSE else _multipart_results(response)
 
 
 async def _ws_results(ws) -> AsyncIterator[dict[str, Any]]:
