@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from orderstream.infrastructure.web.sse import ServerSentEvents
 from tests.support.graphql_ws import EVENTS
 from tests.support.live import STAFF, LiveServer, add_product, place_order, register, rows, wait_until
 
@@ -84,3 +85,17 @@ async def test_the_client_reads_a_refusal_as_a_result(server, graphql_sse):
     assert refused["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
     assert received["completed"] is True
     assert server.hub.subscribers == 0
+
+
+async def test_keep_alives_between_the_messages_do_not_disturb_the_client(server, graphql_sse, monkeypatch):
+    """Keep-alives every few milliseconds, so that they arrive in the same reads as messages."""
+    monkeypatch.setattr(ServerSentEvents, "keep_alive_interval", 0.003)
+    customer_id = await register(server)
+    await add_product(server, "MUG")
+    node, running = await run_client(server, STAFF, 42, EVENTS, {"after": "0"})
+    for _ in range(20):
+        await place_order(server, customer_id)
+    received = await outcome(node, running)
+
+    assert received["error"] is None
+    assert rows([result["data"]["events"] for result in received["results"]]) == server.log()

@@ -23,7 +23,9 @@ class ServerSentEvents:
     media_type = MEDIA_TYPE
     opening = b""
     # A comment line: ignored by every client, it keeps proxies from closing an idle stream.
-    keep_alive = b":\n\n"
+    # Without the blank line after it: the graphql-sse client takes a blank line that ends no
+    # message as the end of what it was given, and garbles a message arriving with it.
+    keep_alive = b":\n"
     keep_alive_interval = 12.0
 
     def next(self, payload: str, position: int | None) -> bytes:
