@@ -2,11 +2,11 @@
 // what it received to stdout as one JSON object: {results, completed, error}.
 //
 // Usage: node graphql_sse_client.mjs <url> <token or ""> <results to wait for> <document> [variables as JSON]
-// graphql-sse is installed in sse_client/ beside this file (npm ci there).
+// graphql-sse is installed in stream_clients/ beside this file (npm ci there).
 
 import { createRequire } from 'node:module';
 
-const require = createRequire(new URL('./sse_client/package.json', import.meta.url));
+const require = createRequire(new URL('./stream_clients/package.json', import.meta.url));
 const { createClient } = require('graphql-sse');
 
 const [url, token, count, query, variables] = process.argv.slice(2);

@@ -1,6 +1,7 @@
 """Apollo's multipart subscriptions on /graphql against a real uvicorn server: the response
 as a MIME parser (the standard library's e-mail parser) reads it whole, its parts as they
-arrive, heartbeats, and what an operation that is no subscription gets."""
+arrive, heartbeats, Apollo Client itself under Node, and what an operation that is no
+subscription gets."""
 
 import asyncio
 import email
@@ -11,8 +12,9 @@ from datetime import timedelta
 import pytest
 
 from orderstream.infrastructure.web.multipart import MultipartSubscription
+from tests.support import node_clients
 from tests.support.graphql_ws import EVENTS
-from tests.support.live import STAFF, register, stop, wait_until
+from tests.support.live import STAFF, add_product, place_order, register, rows, stop, wait_until
 from tests.support.streams import MULTIPART, MULTIPART_ACCEPT, multipart_parts, stream_request
 from tests.support.tokens import token
 
@@ -67,3 +69,19 @@ async def test_an_operation_that_is_no_subscription_gets_plain_json(server):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     assert {row["name"] for row in response.json()["data"]["projectionStatus"]} >= {"orders"}
+
+
+async def test_apollo_client_receives_the_log_then_live_events(server):
+    node_clients.install()
+    customer_id = await register(server)
+    await add_product(server, "MUG")
+    node, running = await node_clients.start("apollo_multipart_client.mjs", server, STAFF, 4, EVENTS, {"after": "0"})
+    await wait_until(lambda: server.hub.subscribers == 1, watching=(running,))
+    await place_order(server, customer_id)
+    received = await node_clients.outcome(node, running)
+
+    assert received["error"] is None
+    assert all(result["error"] is None for result in received["results"])
+    events = [result["data"]["events"] for result in received["results"]]
+    assert rows(events) == server.log()
+    await wait_until(lambda: server.hub.subscribers == 0)

@@ -1,59 +1,34 @@
 """The official `graphql-sse` npm client (tests/graphql_sse_client.mjs, under Node) against
 a real server: a subscription from the log and then live, a mutation, and errors read as
-results. graphql-sse is pinned in tests/sse_client/package-lock.json and installed there
+results. graphql-sse is pinned in tests/stream_clients/package-lock.json and installed there
 with `npm ci` on first use."""
 
 import asyncio
-import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orderstream.infrastructure.web.sse import ServerSentEvents
+from tests.support import node_clients
 from tests.support.graphql_ws import EVENTS
 from tests.support.live import STAFF, LiveServer, add_product, place_order, register, rows, wait_until
+from tests.support.node_clients import outcome
 
 # npm, node and a real server: slow.
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent
-CLIENT = HERE / "graphql_sse_client.mjs"
-PACKAGE = HERE / "sse_client"
+SCRIPT = "graphql_sse_client.mjs"
 
 
 @pytest.fixture(scope="session")
 def graphql_sse() -> Path:
-    """The folder graphql-sse is installed in (`npm ci` when its lock file is newer)."""
-    if shutil.which("npm") is None or shutil.which("node") is None:
-        reason = "node and npm are needed to run the graphql-sse client; this system lacks them"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (under CI=true these tests must run)", pytrace=False)
-        pytest.skip(reason)
-    installed = PACKAGE / "node_modules" / ".package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < (PACKAGE / "package-lock.json").stat().st_mtime:
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=PACKAGE,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"npm ci in {PACKAGE} failed:\n{done.stderr}"
-    return PACKAGE
+    return node_clients.install()
 
 
 async def run_client(server: LiveServer, token: str, count: int, query: str,
                      variables: dict[str, Any] | None = None) -> tuple[asyncio.subprocess.Process, asyncio.Task]:
-    url = str(server.http.base_url.join("/graphql"))
-    node = await asyncio.create_subprocess_exec(
-        "node", str(CLIENT), url, token, str(count), query, json.dumps(variables) if variables else "",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    return node, asyncio.create_task(asyncio.wait_for(node.communicate(), 60))
-
-
-async def outcome(node: asyncio.subprocess.Process, running: asyncio.Task) -> dict[str, Any]:
-    stdout, stderr = await running
-    assert node.returncode == 0, stderr.decode()
-    return json.loads(stdout)
+    return await node_clients.start(SCRIPT, server, token, count, query, variables)
 
 
 async def test_the_client_receives_the_log_then_live_events(server, graphql_sse):
