@@ -185,7 +185,7 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     health = Health(service.store, service.read, projecting_where, settings.ready_max_lag)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
                                token=settings.metrics_token)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", health.healthz),
             Route("/readyz", health.readyz),
@@ -199,9 +199,14 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
         middleware=[
             Middleware(SecurityHeaders),
             Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                       allow_headers=["Authorization", "Content-Type", "X-Correlation-Id"],
+                       # Accept with the quotes of multipart's subscriptionSpec is not safelisted;
+                       # Last-Event-ID resumes a stream of Server-Sent Events.
+                       allow_headers=["Accept", "Authorization", "Content-Type", "Last-Event-ID", "X-Correlation-Id"],
                        expose_headers=["Retry-After"], max_age=600),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         lifespan=lifespan,
     )
+    # For the server to call when told to stop (orderstream.cli): streams do not end by themselves.
+    app.state.end_streams = graphql.end_streams
+    return app

@@ -10,6 +10,7 @@ import logging
 import shutil
 import signal
 import sys
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,7 +45,18 @@ def _serve(args: argparse.Namespace) -> None:
         "thread" if is_postgres(settings.read_store_url) else "process")
     app = build_app(settings, projector)
     _settle_heap()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+    class Server(uvicorn.Server):
+        """Ends the streams over HTTP (Server-Sent Events, multipart) as soon as it is told to
+        stop: it waits for every response in flight before stopping, and a stream does not end
+        by itself."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            with suppress(RuntimeError):  # no loop running yet: no stream either
+                asyncio.get_running_loop().call_soon_threadsafe(app.state.end_streams)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
 
 
 def _settle_heap() -> None:

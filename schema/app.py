@@ -1,13 +1,17 @@
 import asyncio
 import dataclasses
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
+from functools import partial
 
 import strawberry
 from graphql import GraphQLError
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 from strawberry.dataloader import DataLoader
 from strawberry.exceptions import ConnectionRejectionError
@@ -22,10 +26,13 @@ from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
 from orderstream.infrastructure.web.graphql_errors import ErrorCodes
 from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
-from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage
+from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage, Refusal, SubscriptionOverHTTP
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
+from orderstream.infrastructure.web.multipart import MultipartSubscription
 from orderstream.infrastructure.web.observed import observed
 from orderstream.infrastructure.web.rate_limit import RateLimit, RateLimited
+from orderstream.infrastructure.web.sse import BadLastEventId, ServerSentEvents, resume_position
+from orderstream.infrastructure.web.streams import Framing, Refused, StreamResponse, http_frame, one
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.queries.orders import lines_of
 from orderstream.schema.context import Context
@@ -35,6 +42,8 @@ from orderstream.schema.scalars import SCALARS
 from orderstream.schema.subscription import Subscription
 
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
+# Streamed over HTTP, each subscription is a connection of its own: the limit is per caller.
+MAX_STREAMS_PER_CALLER = MAX_SUBSCRIPTIONS_PER_CONNECTION
 EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its closing timer
 
 
@@ -61,7 +70,7 @@ def caller(request: HTTPConnection, actor: Actor | None) -> str:
 
 
 def shared_rights(context: Context) -> Rights | None:
-    """What a WebSocket caller's subscriptions may share: every caller with the same role and
+    """What a caller's subscriptions may share: every caller with the same role and
     customer sees the same events the same way (queries.event_feed.may_see), so their
     subscriptions with the same document and variables share one execution, run with those
     rights and no token. Each caller's own token still ends its share when it expires."""
@@ -69,7 +78,8 @@ def shared_rights(context: Context) -> Rights | None:
     if context.auth_error is not None or actor is None or actor.role is None:
         return None
     rights = Actor(subject=None, role=actor.role, customer_id=actor.customer_id)
-    shared = dataclasses.replace(context, verified_actor=rights, connection=None, connection_params=None)
+    shared = dataclasses.replace(context, verified_actor=rights, connection=None, connection_params=None,
+                                 resume_after=None, position=None)
     return Rights(key=(actor.role, actor.customer_id), context=shared,
                   expires_at=actor.expires_at.timestamp() if actor.expires_at is not None else None)
 
@@ -88,11 +98,12 @@ def connection_authorization(params: object) -> object | None:
 
 class GraphQLApp(GraphQLOverHTTP):
     """The /graphql endpoint: queries and mutations over HTTP, GraphiQL on GET, and
-    subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws).
-    `rate_limit` counts HTTP requests, and operations started over WebSocket, per caller;
-    WebSocket origins other than this one and `websocket_origins` are refused at the
-    handshake. Subscriptions with the same document, variables and rights share their
-    executions (infrastructure.live.multiplex)."""
+    subscriptions over WebSocket (graphql-transport-ws and the legacy graphql-ws),
+    Server-Sent Events and multipart HTTP (infrastructure.web.streams).
+    `rate_limit` counts HTTP requests (a stream is one), and operations started over
+    WebSocket, per caller; WebSocket origins other than this one and `websocket_origins` are
+    refused at the handshake. Subscriptions with the same document, variables and rights
+    share their executions (infrastructure.live.multiplex), whatever their transport."""
 
     graphql_transport_ws_handler_class = SharingTransportWS
     graphql_ws_handler_class = SharingLegacyWS
@@ -107,6 +118,14 @@ class GraphQLApp(GraphQLOverHTTP):
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
         self.hub, self.owners, self.rate_limit = hub, owners, rate_limit
         self.multiplexer = Multiplexer(schema, hub, shared_rights)
+        self.streams: Counter[str] = Counter()  # subscriptions streamed over HTTP, by caller
+        # Set when the server stops: streams end without their end frame, so that clients
+        # reconnect (and resume) rather than take the operation as complete.
+        self.stopping = asyncio.Event()
+
+    def end_streams(self) -> None:
+        """Ends every stream over HTTP, and refuses new ones (503): the server is stopping."""
+        self.stopping.set()
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -133,6 +152,56 @@ class GraphQLApp(GraphQLOverHTTP):
                        order_lines=DataLoader(lambda ids: lines_of(read, ids), cache=False), hub=self.hub,
                        owners=self.owners, correlation_id=correlation_id, verified_actor=actor,
                        auth_error=error, connection=request)
+
+    async def stream(self, request: Request, framing: Framing) -> ASGIApp:
+        """An operation over Server-Sent Events or multipart HTTP. A bad request, a rate limit
+        or a mutation over GET is refused with its HTTP status, as without a stream; anything
+        the GraphQL client must read (errors of the document, a Last-Event-ID that is no
+        position, too many subscriptions) comes in the stream."""
+        if self.stopping.is_set():
+            raise Refusal(503, "the server is stopping: connect again", headers={"Retry-After": "1"})
+        adapter = self.request_adapter_class(request)
+        data = await self.parse_http_body(adapter)
+        context = await self.get_context(request, None)
+        try:
+            result = await self.execute_single(request, adapter, None, context, None, data)
+        except SubscriptionOverHTTP:
+            pass
+        else:
+            if isinstance(framing, MultipartSubscription):
+                # Apollo asks for multipart only for subscriptions: anything else is plain JSON.
+                return JSONResponse(await self.process_result(request, result))
+            return StreamResponse(framing, one(result))
+        if isinstance(framing, ServerSentEvents):
+            try:
+                context.resume_after = resume_position(request.headers.get("last-event-id"), await self.store.head())
+            except BadLastEventId as bad:
+                return Refused(framing, [bad.error()])
+        who = caller(request, context.verified_actor)
+        if self.streams[who] >= MAX_STREAMS_PER_CALLER:
+            return Refused(framing, [{"message": f"Subscription limit reached: at most {MAX_STREAMS_PER_CALLER} "
+                                                 "subscriptions at once per caller over HTTP",
+                                      "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"}}])
+        self.streams[who] += 1
+
+        def release() -> None:
+            self.streams[who] -= 1
+            if not self.streams[who]:
+                del self.streams[who]
+
+        member = self.multiplexer.member(None, framing.media_type, partial(http_frame, framing), data.query,
+                                         data.variables, data.operation_name, context)
+        try:
+            results = await self.schema.subscribe(data.query, variable_values=data.variables, context_value=context,
+                                                  root_value=member, operation_name=data.operation_name,
+                                                  operation_extensions=data.extensions)
+        except BaseException:
+            release()
+            raise
+        actor = context.verified_actor if context.auth_error is None else None
+        expires_at = actor.expires_at.timestamp() if actor is not None and actor.expires_at is not None else None
+        return StreamResponse(framing, results, position=lambda: context.position, member=member,
+                              ends_at=expires_at, stopping=self.stopping, release=release)
 
     async def refuse_operation(self, context: Context) -> GraphQLError | None:
         """Each operation a WebSocket starts counts against its caller's rate limit, as an

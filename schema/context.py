@@ -13,7 +13,8 @@ from orderstream.queries.event_feed import OrderOwners
 
 @dataclass
 class Context:
-    """What every resolver may use; built once per HTTP request or WebSocket connection."""
+    """What every resolver may use; built once per HTTP request (a stream's too) or WebSocket
+    connection."""
 
     dispatcher: Dispatcher
     store: EventStore
@@ -28,6 +29,12 @@ class Context:
     # The HTTP request or WebSocket; for WebSockets, the connection_init payload (set by strawberry).
     connection: HTTPConnection | None = None
     connection_params: dict | None = None
+    # A Server-Sent Events stream resumed by its Last-Event-ID: the log position `events`
+    # continues after, in place of its `after` argument.
+    resume_after: int | None = None
+    # The log position of the last event `events` yielded on this request: the `id` of a
+    # Server-Sent Event.
+    position: int | None = None
 
     @property
     def actor(self) -> Actor:

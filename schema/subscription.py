@@ -22,7 +22,8 @@ class Subscription:
         "Domain events after `after` (exclusive; from now on if omitted), replayed from the log "
         "and then live, with no gap and no duplicate; positions strictly increase. Customers see "
         "their own streams only, staff see all. Reconnect with `after` = the last position seen "
-        "to miss nothing."))
+        "to miss nothing. Over Server-Sent Events each message's id is the event's position, and "
+        "a Last-Event-ID header takes the place of `after`."))
     async def events(
         self, info: Info, after: Position | None = None, stream_id: strawberry.ID | None = None,
         event_types: Annotated[list[str] | None, strawberry.argument(
@@ -34,6 +35,8 @@ class Subscription:
         if event_types is not None and len(event_types) > MAX_EVENT_TYPES:
             raise BadUserInput(f"eventTypes takes at most {MAX_EVENT_TYPES} types")
         types = frozenset(event_types) if event_types else None
+        if context.resume_after is not None:
+            after = context.resume_after
 
         def wants(event) -> bool:
             return (stream_id is None or event.stream_id == stream_id) and (types is None or event.type in types)
@@ -44,6 +47,7 @@ class Subscription:
         async for event in feed.subscribe(after, wants):
             actor.require_unexpired()
             if await may_see(actor, event, context.owners):
+                context.position = event.position
                 yield DomainEvent.of(event)
 
     @strawberry.subscription(description=(

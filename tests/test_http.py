@@ -204,7 +204,7 @@ async def test_a_mutation_over_get_is_refused_with_405_and_appends_nothing(api, 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
 @pytest.mark.parametrize("accept", [None, "application/json", GRAPHQL_RESPONSE])
-async def test_a_subscription_over_http_is_refused_with_a_pointer_to_websocket(api, method, accept, caplog):
+async def test_a_subscription_over_http_without_a_stream_is_refused_naming_the_transports(api, method, accept, caplog):
     document = "subscription { events { position type } }"
     headers = {**STAFF, "Accept": accept} if accept else STAFF
     if method == "GET":
@@ -214,7 +214,9 @@ async def test_a_subscription_over_http_is_refused_with_a_pointer_to_websocket(a
 
     assert response.status_code == 400
     assert code_of(response) == "BAD_REQUEST"
-    assert "WebSocket" in response.json()["errors"][0]["message"]
+    message = response.json()["errors"][0]["message"]
+    assert all(name in message for name in ("WebSocket", "graphql-transport-ws", "graphql-ws", "Server-Sent Events",
+                                            "text/event-stream", "multipart", "subscriptionSpec"))
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
 
 

@@ -1,13 +1,14 @@
 """Subscriptions that share one execution and one serialized payload per event.
 
-Subscriptions over WebSocket with the same document, operation name, variables and rights
-(what decides which events they see and how each one looks) form a group, as Hasura
+Subscriptions with the same document, operation name, variables and rights (what decides
+which events they see and how each one looks), over WebSocket or over a streamed HTTP
+response (Server-Sent Events, multipart), form a group, as Hasura
 multiplexes its live queries. Each subscription first reads the log on its own through its
 own execution, exactly as an unshared one (catch-up). Once it has caught up, the event hub
 offers it to the multiplexer, which parks it in its group (infrastructure.live.event_hub). A
 group runs the document once per event through the schema, with its rights but nobody's
-token, serializes the payload once and writes the same frame (only the operation id
-differs) straight to every member's socket.
+token, serializes the payload once and writes the same frame (only the operation id, or
+the transport's framing, differs) straight to every member's socket or response.
 
 A group never waits for a socket. A frame the socket cannot take at once (the client reads
 too slowly and the transport's buffer is full) is not written: the member is dropped back
@@ -23,13 +24,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import strawberry
 from graphql import GraphQLError
-from starlette.websockets import WebSocket
+from starlette.types import Message
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 
@@ -51,9 +52,19 @@ class Rights:
     expires_at: float | None
 
 
+# The ASGI message that carries a result's `payload` (JSON) for the event at `position`.
+Frame = Callable[[int, str], Message]
+
+
+def websocket_frame(prefix: str) -> Frame:
+    """A WebSocket text frame: `prefix` (e.g. '{"id":"1","type":"next","payload":'), the payload, '}'."""
+    return lambda position, payload: {"type": "websocket.send", "text": prefix + payload + "}"}
+
+
 @dataclass(eq=False)
 class Member:
-    """One subscription of one socket, while it is shared. The root value of its operation."""
+    """One subscription of one socket or streamed response, while it is shared. The root
+    value of its operation."""
 
     multiplexer: "Multiplexer"
     key: tuple
@@ -61,9 +72,11 @@ class Member:
     variables: dict[str, Any] | None
     operation_name: str | None
     rights: Rights
-    websocket: WebSocket
-    # The frame up to the payload, e.g. '{"id":"1","type":"next","payload":'.
-    prefix: str
+    # The ASGI send of its socket or response (a response's is set once it has started).
+    send: Callable[[Message], Awaitable[None]] | None
+    # Members with equal `frame_key` get equal frames for one event: each is built once.
+    frame_key: Hashable
+    frame: Frame
     expires_at: float | None = None
     position: int = 0  # the last event this subscription was sent
     subscriber: Subscriber | None = None
@@ -91,7 +104,9 @@ class Member:
         An ASGI server's send returns at once while the transport accepts data: uvicorn's
         waits only while the transport has paused writing. The send is stepped once by
         hand; if it did not finish, it is abandoned before it wrote anything."""
-        sending = self.websocket.send(message)
+        if self.send is None:
+            return False
+        sending = self.send(message)
         try:
             sending.send(None)
         except StopIteration:
@@ -143,7 +158,7 @@ class Group:
                 self.multiplexer.executions += 1
                 if result.errors and result.data is None:
                     break
-                self.deliver(self.position, self.multiplexer.payload(result))
+                self.deliver(self.position, payload(result))
                 if not self.members:
                     break
             else:
@@ -157,7 +172,7 @@ class Group:
 
     def deliver(self, position: int, payload: str) -> None:
         now = time.time()
-        messages: dict[str, dict[str, Any]] = {}  # by prefix: most members of a group use the same id
+        messages: dict[Hashable, Message] = {}  # by frame key: most members of a group share one
         sent = 0
         for member in tuple(self.members):
             if position <= member.position:
@@ -165,9 +180,9 @@ class Group:
             if member.expires_at is not None and now >= member.expires_at:
                 self.drop(member)
                 continue
-            message = messages.get(member.prefix)
+            message = messages.get(member.frame_key)
             if message is None:
-                message = messages[member.prefix] = {"type": "websocket.send", "text": member.prefix + payload + "}"}
+                message = messages[member.frame_key] = member.frame(position, payload)
             if not member.send_now(message):
                 self.drop(member)
                 continue
@@ -187,7 +202,7 @@ class Group:
 
 
 class Multiplexer:
-    """The groups of this process's shared subscriptions. `rights` gives a WebSocket
+    """The groups of this process's shared subscriptions. `rights` gives an operation's
     context's Rights, or None for a caller whose subscriptions are not to be shared."""
 
     def __init__(self, schema: strawberry.Schema, hub: EventHub, rights: Callable[[Any], Rights | None]) -> None:
@@ -198,8 +213,10 @@ class Multiplexer:
         self.executions = 0  # results the groups rendered, each once for all its members
         self.deliveries = 0  # frames the groups wrote
 
-    def member(self, websocket: WebSocket, prefix: str, query: str, variables: dict[str, Any] | None,
-               operation_name: str | None, context: Any) -> Member | None:
+    def member(self, send: Callable[[Message], Awaitable[None]] | None, frame_key: Hashable, frame: Frame,
+               query: str, variables: dict[str, Any] | None, operation_name: str | None,
+               context: Any) -> Member | None:
+        """The Member to pass as the operation's root value, or None if it is not to be shared."""
         rights = self.rights(context)
         if rights is None:
             return None
@@ -208,7 +225,7 @@ class Multiplexer:
         except (TypeError, ValueError):
             return None
         key = (query, operation_name, canonical, rights.key)
-        return Member(self, key, query, variables, operation_name, rights, websocket, prefix, rights.expires_at)
+        return Member(self, key, query, variables, operation_name, rights, send, frame_key, frame, rights.expires_at)
 
     def park(self, member: Member, subscriber: Subscriber) -> bool:
         """Takes a caught-up member into its group, forming the group if need be."""
@@ -243,14 +260,16 @@ class Multiplexer:
         for member in tuple(group.members):
             group.drop(member, alone)
 
-    def payload(self, result: ExecutionResult) -> str:
-        """The `payload` of a next (or data) message, as strawberry's handlers build it."""
-        payload: dict[str, Any] = {"data": result.data}
-        if result.errors:
-            payload["errors"] = [error.formatted for error in result.errors]
-        if result.extensions:
-            payload["extensions"] = result.extensions
-        return json.dumps(payload)
+
+def payload(result: ExecutionResult) -> str:
+    """A result as JSON: the `payload` of a next (or data) message, as strawberry's handlers
+    build it, and the `data` of a Server-Sent Event."""
+    body: dict[str, Any] = {"data": result.data}
+    if result.errors:
+        body["errors"] = [error.formatted for error in result.errors]
+    if result.extensions:
+        body["extensions"] = result.extensions
+    return json.dumps(body)
 
 
 class _SharingSchema:
@@ -284,8 +303,9 @@ class _SharingSchema:
         id = self.handler.operation_id(asyncio.current_task())
         if id is None or not isinstance(query, str):
             return None
-        return self.multiplexer.member(self.handler.websocket.ws, self.handler.frame_prefix(id), query, variables,
-                                       operation_name, context)
+        prefix = self.handler.frame_prefix(id)
+        return self.multiplexer.member(self.handler.websocket.ws.send, prefix, websocket_frame(prefix), query,
+                                       variables, operation_name, context)
 
 
 async def _refused(error: GraphQLError) -> AsyncIterator[PreExecutionError]:

@@ -9,6 +9,10 @@ wrong type) is a 400 for every client. Beyond that, the Accept header decides:
   request error, a 200 with `errors`: what the spec keeps for application/json.
 Refusals for the method, size, media type and rate keep their status (405, 413, 415, 429).
 Every refusal carries `errors[0].extensions.code`.
+
+An Accept header asking for a stream (`text/event-stream`, or
+`multipart/mixed;subscriptionSpec="1.0"`, see infrastructure.web.streams) sends the request
+to `stream` instead; a subscription without one is refused with 400, naming the transports.
 """
 
 import json
@@ -17,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
@@ -25,11 +29,18 @@ from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOpe
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
+from orderstream.infrastructure.web.streams import Framing, streaming_framing
+
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 JSON = "application/json"
 
-CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE",
-         415: "UNSUPPORTED_MEDIA_TYPE", 429: "RATE_LIMITED"}
+SUBSCRIPTION_TRANSPORTS = (
+    "subscriptions are served over WebSocket (ws(s)://<host>/graphql with the graphql-transport-ws or graphql-ws "
+    "protocol), Server-Sent Events (send `Accept: text/event-stream`) and multipart HTTP (send "
+    "`Accept: multipart/mixed;subscriptionSpec=\"1.0\"`)")
+
+CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 406: "NOT_ACCEPTABLE",
+         413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 429: "RATE_LIMITED", 503: "UNAVAILABLE"}
 
 
 class Refusal(HTTPException):
@@ -42,6 +53,13 @@ class Refusal(HTTPException):
         self.code = code or CODES.get(status, "BAD_REQUEST")
         self.headers = dict(headers or {})
         self.extensions = dict(extensions or {})
+
+
+class SubscriptionOverHTTP(Refusal):
+    """A subscription in a request that did not ask for a stream."""
+
+    def __init__(self) -> None:
+        super().__init__(400, SUBSCRIPTION_TRANSPORTS)
 
 
 def accepted_media_type(accept: str | None) -> str:
@@ -88,8 +106,9 @@ class GraphQLOverHTTP(GraphQL):
             return await super().__call__(scope, receive, send)
         request = Request(scope, receive)
         accepted = request.state.accepted = accepted_media_type(request.headers.get("accept"))
+        framing = streaming_framing(request.headers.get("accept"))
         try:
-            response = await self.run(request)
+            response = await (self.run(request) if framing is None else self.stream(request, framing))
         except HTTPException as refusal:
             response = self.refusal(refusal, accepted)
         else:
@@ -98,6 +117,10 @@ class GraphQLOverHTTP(GraphQL):
                 if getattr(request.state, "refused", False):
                     response.status_code = 400
         await response(scope, receive, send)
+
+    async def stream(self, request: Request, framing: Framing) -> ASGIApp:
+        """The response to a request that asked for a stream (infrastructure.web.streams)."""
+        raise Refusal(406, "this endpoint streams no responses: ask for application/json")
 
     def refusal(self, refusal: HTTPException, accepted: str) -> Response:
         code = getattr(refusal, "code", None) or CODES.get(refusal.status_code, "BAD_REQUEST")
@@ -148,8 +171,9 @@ class GraphQLOverHTTP(GraphQL):
                                   extensions=extensions)
 
     async def execute_single(self, request, request_adapter, sub_response, context, root_value, request_data):
-        # Queries over GET and POST, mutations over POST. Subscriptions only over WebSocket:
-        # strawberry would otherwise run one over HTTP as if it were a query, and fail.
+        # Queries over GET and POST, mutations over POST. Subscriptions over WebSocket, or a
+        # stream (`stream` takes SubscriptionOverHTTP as its cue): strawberry would otherwise
+        # run one over HTTP as if it were a query, and fail.
         allowed = {OperationType.QUERY} if request_adapter.method == "GET" else {OperationType.QUERY,
                                                                                  OperationType.MUTATION}
         try:
@@ -161,8 +185,7 @@ class GraphQLOverHTTP(GraphQL):
             if refused.operation_type == OperationType.MUTATION:
                 raise Refusal(405, "mutations are not allowed over GET: send them with POST",
                               headers={"Allow": "POST"}) from None
-            raise Refusal(400, "subscriptions are served over WebSocket: open ws(s)://<host>/graphql with the "
-                               "graphql-transport-ws protocol") from None
+            raise SubscriptionOverHTTP from None
         except CannotGetOperationTypeError as error:
             raise HTTPException(400, error.as_http_error_reason()) from None
         except MissingQueryError:

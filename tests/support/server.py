@@ -93,6 +93,7 @@ async def real_server(data_dir: Path, environ: Mapping[str, str] | None = None, 
         async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}", timeout=30) as http:
             yield RealServer(app, settings, port, http)
     finally:
+        app.state.end_streams()  # as `orderstream serve` does when told to stop
         server.should_exit = True
         await running
 
