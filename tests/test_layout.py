@@ -5,6 +5,9 @@ which. Every import counts, wherever it sits in a module (a function's own impor
   infrastructure, only `infrastructure.errors`;
 - infrastructure/projection imports persistence only (and errors);
 - infrastructure/live imports persistence and security only (and errors);
+- infrastructure/relay imports persistence only (and errors);
+- any room may import `infrastructure.errors` and `infrastructure.internals` (the reaches
+  into strawberry's and graphql-core's internals, named once);
 - nothing in infrastructure imports schema, commands, queries, domain, events, or the
   composition root (`orderstream.bootstrap`, `orderstream.cli`);
 - domain imports no infrastructure and no library that does I/O.
@@ -22,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 INFRASTRUCTURE = "orderstream.infrastructure"
-ROOMS = ("persistence", "projection", "live", "security", "web")
+ROOMS = ("persistence", "projection", "live", "relay", "security", "web")
 APPLICATION = tuple(f"orderstream.{name}" for name in ("schema", "commands", "queries", "domain", "events",
                                                        "bootstrap", "cli"))
 IO_LIBRARIES = ("sqlalchemy", "starlette", "strawberry", "graphql", "asyncpg", "aiosqlite", "alembic", "uvicorn",
@@ -94,12 +97,15 @@ def imports_in(package: str) -> list[Import]:
     return [found for name in MODULES if within(name, package) for found in imports_of(name)]
 
 
-# A room may import itself, the rooms named here, and `infrastructure.errors`.
+# Modules of infrastructure itself that any room may import.
+SHARED = {f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals"}
+# A room may import itself, the rooms named here, and SHARED.
 ROOM_RULES = {
     "persistence": set(),
     "security": set(),
     "projection": {"persistence"},
     "live": {"persistence", "security"},
+    "relay": {"persistence"},
 }
 
 
@@ -112,16 +118,16 @@ def test_the_modules_and_their_imports_are_found():
     bootstrap = {found.imported for found in imports_of("orderstream.bootstrap")}
     assert {f"{INFRASTRUCTURE}.settings", "orderstream.schema.app"} <= bootstrap, bootstrap
     assert all(room_of(name) for name in MODULES if within(name, INFRASTRUCTURE)
-               and name not in (INFRASTRUCTURE, f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.settings"))
+               and name not in {INFRASTRUCTURE, f"{INFRASTRUCTURE}.settings", *SHARED})
 
 
 @pytest.mark.parametrize("room", ROOM_RULES)
 def test_a_room_imports_only_the_rooms_its_rule_allows(room: str):
     allowed = {room, *ROOM_RULES[room]}
     broken = [str(found) for found in imports_in(f"{INFRASTRUCTURE}.{room}")
-              if within(found.imported, INFRASTRUCTURE) and found.imported != f"{INFRASTRUCTURE}.errors"
+              if within(found.imported, INFRASTRUCTURE) and found.imported not in SHARED
               and room_of(found.imported) not in allowed]
-    assert not broken, f"{room} may import only {sorted(allowed - {room}) or 'no other room'} and errors:\n" + \
+    assert not broken, f"{room} may import only {sorted(allowed - {room}) or 'no other room'}, errors, internals:\n" + \
         "\n".join(broken)
 
 
