@@ -120,6 +120,7 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         figures["publish_async_per_s"] = len(events) / (time.perf_counter() - started)
 
         lag_relay = Relay(store, streams["lag"], personal())
+        store.on_append(lag_relay.wake)  # as the service wires it
         running = asyncio.create_task(lag_relay.run())
         while lag_relay.position < len(events):
             await asyncio.sleep(0.01)

@@ -27,7 +27,7 @@ from orderstream.commands.order import PayOrder, PlaceOrder, ShippingAddress
 from orderstream.commands.product import AddProduct
 from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.persistence.event_store import EventStore
-from orderstream.infrastructure.relay.relay import PUBLISHING, UNREACHABLE, Destination, Relay, stream_status
+from orderstream.infrastructure.relay.relay import PUBLISHING, REFUSED, UNREACHABLE, Destination, Relay, stream_status
 from orderstream.infrastructure.settings import Settings
 from tests.support.broker import BrokerStream, TcpProxy
 from tests.support.databases import sqlite_url
@@ -192,6 +192,29 @@ async def test_an_unreachable_broker_is_retried_logged_once_and_caught_up_with(t
     said = [record.getMessage() for record in caplog.records if record.name == "orderstream.relay"]
     assert sum("relay unreachable" in line for line in said) == 2, said
     assert sum("relay publishing" in line for line in said) == 2, said
+
+
+async def test_a_stream_whose_last_message_is_not_the_relays_is_refused_until_it_is_put_right(
+        tmp_path, broker_stream, caplog):
+    connection = await nats.connect(broker_stream.url)
+    js = connection.jetstream()
+    await js.add_stream(StreamConfig(name=broker_stream.stream, subjects=[f"{broker_stream.subject_prefix}.>"]))
+    await js.publish(f"{broker_stream.subject_prefix}.Other.Thing", b"not one of ours")
+    caplog.set_level(logging.INFO, logger="orderstream.relay")
+    try:
+        async with opened(tmp_path / "events.db") as (store, dispatcher):
+            async with running(relay_for(store, broker_stream)) as built:
+                await wait_until(lambda: built.state == REFUSED)
+                await shop(dispatcher, orders=10, workers=2)  # commands go on meanwhile
+                await asyncio.sleep(1.0)  # several tries
+                assert built.position == 0
+                await js.purge_stream(broker_stream.stream)
+                await until_published(broker_stream, await store.head(), built)
+            await assert_exactly_once_in_order(broker_stream, store)
+    finally:
+        await connection.close()
+    refusals = [r.getMessage() for r in caplog.records if "relay refused" in r.getMessage()]
+    assert len(refusals) == 1 and "is not one the relay published" in refusals[0], refusals
 
 
 KILLS = 6

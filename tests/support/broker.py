@@ -47,16 +47,16 @@ class BrokerStream:
                 "ORDERSTREAM_RELAY_SUBJECT_PREFIX": self.subject_prefix}
 
     async def messages(self) -> list[Message]:
-        """Every message the stream holds, by sequence; [] if the stream does not exist."""
+        """Every message the stream holds, by sequence (a gap fails); [] if the stream does not exist."""
         connection = await nats.connect(self.url, allow_reconnect=False)
         try:
             manager = connection.jetstream()
             try:
-                last = (await manager.stream_info(self.stream)).state.last_seq
+                state = (await manager.stream_info(self.stream)).state
             except nats.js.errors.NotFoundError:
                 return []
             found = []
-            for sequence in range(1, last + 1):
+            for sequence in range(state.first_seq, state.last_seq + 1) if state.messages else ():
                 stored = await manager.get_msg(self.stream, seq=sequence)
                 found.append(Message(sequence, stored.subject, dict(stored.headers or {}),
                                      json.loads(stored.data), stored.data))
