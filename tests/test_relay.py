@@ -217,6 +217,22 @@ async def test_a_stream_whose_last_message_is_not_the_relays_is_refused_until_it
     assert len(refusals) == 1 and "is not one the relay published" in refusals[0], refusals
 
 
+async def test_a_stream_fed_from_another_log_is_refused(tmp_path, broker_stream):
+    # Its positions are taken by other events: publishing this log's would mix the two.
+    async with opened(tmp_path / "one.db") as (store, dispatcher):
+        await shop(dispatcher, orders=6, workers=2)
+        async with running(relay_for(store, broker_stream)) as built:
+            await until_published(broker_stream, await store.head(), built)
+        before = await broker_stream.messages()
+    async with opened(tmp_path / "two.db") as (store, dispatcher):
+        await shop(dispatcher, orders=20, workers=2)
+        async with running(relay_for(store, broker_stream)) as built:
+            await wait_until(lambda: built.state == REFUSED)
+            await asyncio.sleep(0.5)
+            assert built.position == 0
+    assert await broker_stream.messages() == before
+
+
 KILLS = 6
 
 

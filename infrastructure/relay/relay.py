@@ -54,11 +54,13 @@ class Destination:
 
 @dataclass(frozen=True)
 class Published:
-    """What the stream holds: its last position (0: none), its message count and last sequence."""
+    """What the stream holds: its last position (0: none) and that event's id, its message
+    count and last sequence."""
 
     position: int
     messages: int
     last_sequence: int
+    event_id: str | None = None
 
 
 class StreamDiverged(Exception):
@@ -111,16 +113,17 @@ class Relay:
         self._enter(CONNECTING)
         pause = self.backoff[0]
         while not self._stopping.is_set():
-            connection = None
+            connection, resumed = None, False
             try:
                 connection = await connect(self.destination.url, self.connect_timeout, on_closed=self.wake)
                 published = await self._resume(connection)
+                await self._check_against_the_log(published)
                 self.position, self._last_sequence = published.position, published.last_sequence
                 self._enter(PUBLISHING, f"from position {self.position}")
-                pause = self.backoff[0]
+                resumed, pause = True, self.backoff[0]
                 await self._publish_until_stopped(connection)
             except StreamDiverged as diverged:
-                if self.state == PUBLISHING:
+                if resumed:  # while publishing: another relay, or a publisher that is not one
                     log.warning("relay: %s; reading the stream's last message again", diverged)
                 else:
                     self._enter(REFUSED, str(diverged))
@@ -150,6 +153,17 @@ class Relay:
             log.info("relay: created the stream %s (subjects %s.>)", self.destination.stream,
                      self.destination.subject_prefix)
             return await last_published(manager, self.destination.stream)
+
+    async def _check_against_the_log(self, published: Published) -> None:
+        """The stream's last message must be the log's event at that position: a stream fed
+        from another log (or a log restored from an older backup) would have its positions
+        taken by other events."""
+        if not published.position:
+            return
+        found = await self.store.read(after=published.position - 1, limit=1)
+        if not found or found[0].position != published.position or found[0].event_id != published.event_id:
+            raise StreamDiverged(f"the stream's last message, position {published.position}, is not this log's "
+                                 "event at that position")
 
     async def _publish_until_stopped(self, connection) -> None:
         stream = connection.jetstream(timeout=self.ack_timeout, publish_async_max_pending=self.batch_size)
@@ -205,12 +219,12 @@ async def last_published(manager, stream: str) -> Published:
     if not state.messages:
         return Published(0, 0, state.last_seq)
     try:
-        last = await manager.get_msg(stream, seq=state.last_seq)
-        position = json.loads(last.data)["position"]
+        last = json.loads((await manager.get_msg(stream, seq=state.last_seq)).data)
+        position, event_id = last["position"], last["eventId"]
     except (nats.js.errors.NotFoundError, ValueError, KeyError, TypeError) as error:
         raise StreamDiverged(f"the last message of {stream} (sequence {state.last_seq}) is not one the relay "
                              f"published ({type(error).__name__})") from None
-    return Published(position, state.messages, state.last_seq)
+    return Published(position, state.messages, state.last_seq, event_id)
 
 
 async def stream_status(destination: Destination, timeout: float = 5.0) -> Published | None:
