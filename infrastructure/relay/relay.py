@@ -83,6 +83,8 @@ class Relay:
         self.position = 0
         self.state = STOPPED
         self._last_sequence = 0
+        # The acknowledgements of the batch in flight, failed at once if the connection ends.
+        self._in_flight: list[asyncio.Future] = []
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -115,7 +117,7 @@ class Relay:
         while not self._stopping.is_set():
             connection, resumed = None, False
             try:
-                connection = await connect(self.destination.url, self.connect_timeout, on_closed=self.wake)
+                connection = await connect(self.destination.url, self.connect_timeout, on_closed=self._closed)
                 published = await self._resume(connection)
                 await self._check_against_the_log(published)
                 self.position, self._last_sequence = published.position, published.last_sequence
@@ -179,7 +181,7 @@ class Relay:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     async def _publish(self, stream, batch: Sequence[RecordedEvent]) -> None:
-        acks: list[asyncio.Future] = []
+        acks = self._in_flight = []
         try:
             for offset, event in enumerate(batch):
                 headers = {"Nats-Msg-Id": event.event_id}
@@ -197,8 +199,18 @@ class Relay:
                 raise StreamDiverged(f"the stream moved under the relay ({refusal.description})") from None
             raise
         finally:
-            for pending in acks:
-                pending.cancel()  # those still unanswered: the connection ends with them
+            self._in_flight = []
+            for pending in acks:  # those still unanswered: the connection ends with them
+                if not pending.done():
+                    pending.cancel()
+                elif not pending.cancelled():
+                    pending.exception()  # seen: asyncio would report it as never retrieved
+
+    def _closed(self) -> None:
+        for pending in self._in_flight:
+            if not pending.done():
+                pending.set_exception(nats.errors.ConnectionClosedError())
+        self.wake()
 
     async def _pause(self, seconds: float) -> None:
         with suppress(TimeoutError):
