@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
-import nats
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -22,6 +21,7 @@ from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.postgres import dsn
+from orderstream.infrastructure.relay.relay import connect
 from tests.support.api import Api, asgi_api
 from tests.support.broker import DEFAULT_NATS, BrokerStream
 from tests.support.databases import BACKENDS, DEFAULT_POSTGRES, Databases, Postgres, run_aside, sqlite_url
@@ -78,7 +78,7 @@ def nats_url() -> str:
     url = os.environ.get("ORDERSTREAM_TEST_NATS_URL") or DEFAULT_NATS
 
     async def check() -> None:
-        connection = await nats.connect(url, allow_reconnect=False, connect_timeout=3)
+        connection = await connect(url, timeout=3)
         try:
             await connection.jetstream().account_info()
         finally:
