@@ -6,7 +6,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench import commands, hot_aggregate, read_latency, rebuild, scale_out, subscriptions
+from bench import commands, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "read_latency": read_latency.run,
     "subscriptions": subscriptions.run,
     "scale_out": scale_out.run,
+    "relay": relay.run,
 }
 
 

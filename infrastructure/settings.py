@@ -46,6 +46,9 @@ class Settings:
       process, or a Redis URL (`redis://host:6379/0`), which every process using it shares;
       ORDERSTREAM_RATE_LIMIT_PREFIX [orderstream]: the Redis keys' prefix, to keep several
       deployments on one Redis apart.
+    - ORDERSTREAM_RELAY_URL: a NATS server (`nats://host:4222`) to publish every event to
+      [none: no relay]; ORDERSTREAM_RELAY_STREAM [ORDERSTREAM]: the JetStream stream;
+      ORDERSTREAM_RELAY_SUBJECT_PREFIX [orderstream]: the subjects' first token.
 
     - ORDERSTREAM_READY_MAX_LAG_SECONDS [10]: /readyz fails while a projection is further
       behind the log than this.
@@ -75,6 +78,9 @@ class Settings:
     rate_burst: int = 200
     rate_limit_storage: str = "memory://"
     rate_limit_prefix: str = "orderstream"
+    relay_url: str | None = None
+    relay_stream: str = "ORDERSTREAM"
+    relay_subject_prefix: str = "orderstream"
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -107,6 +113,9 @@ class Settings:
             rate_burst=env.rate_burst,
             rate_limit_storage=env.rate_limit_storage,
             rate_limit_prefix=env.rate_limit_prefix,
+            relay_url=env.relay_url,
+            relay_stream=env.relay_stream,
+            relay_subject_prefix=env.relay_subject_prefix,
         )
 
 
@@ -147,6 +156,12 @@ class Environment(BaseSettings):
                                     description="memory:// or a Redis URL such as redis://localhost:6379/0")
     rate_limit_prefix: str = Field(Settings.rate_limit_prefix, pattern=r"^[\w.:-]+$",
                                    description="letters, digits and . : _ -")
+    relay_url: str | None = Field(None, pattern=r"^(nats|tls)://[^\s/]+$",
+                                  description="a NATS server URL such as nats://127.0.0.1:4222")
+    relay_stream: str = Field(Settings.relay_stream, pattern=r"^[A-Za-z0-9_-]+$",
+                              description="a stream name: letters, digits, _ and -")
+    relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
+                                      description="one subject token: letters, digits, _ and -")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
     jwt_secret: str | None = Field(None, description="the HS256 secret")

@@ -19,6 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.events import EVENT_TYPES
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore
@@ -26,6 +27,7 @@ from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL,
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.projection.process import ProjectorProcess
 from orderstream.infrastructure.projection.projector import Projection, Projector
+from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Relay
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.health import Health, MetricsPage
@@ -44,8 +46,18 @@ def projections() -> list[Projection]:
     return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION]
 
 
+def relay(store: EventStore, settings: Settings) -> Relay | None:
+    """The relay to NATS JetStream, if ORDERSTREAM_RELAY_URL names a server; every event's
+    personal fields stay behind."""
+    if settings.relay_url is None:
+        return None
+    personal = {name: cls.PERSONAL for name, cls in EVENT_TYPES.items() if cls.PERSONAL}
+    return Relay(store, Destination(settings.relay_url, settings.relay_stream, settings.relay_subject_prefix),
+                 personal)
+
+
 class Service:
-    """The stores, the dispatcher and the projector, opened and closed together."""
+    """The stores, the dispatcher, the projector and the relay, opened and closed together."""
 
     def __init__(self, settings: Settings, inline: bool = False,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC), metrics: Metrics | None = None) -> None:
@@ -64,10 +76,17 @@ class Service:
         # processes are seen by the poll, and on PostgreSQL at once through notifications.
         self.store.on_append(self.projector.wake)
         self.store.on_append(self.hub.wake)
+        self.relay = relay(self.store, settings)
+        if self.relay is not None:
+            self.store.on_append(self.relay.wake)
         self.listeners: list[Listener] = []
         self.leadership: Leadership | None = None
+        self.relay_leadership: Leadership | None = None
         if is_postgres(settings.event_store_url):
             self.listeners.append(Listener(settings.event_store_url, {EVENTS_CHANNEL: self._commit_elsewhere}))
+            if self.relay is not None:
+                # One relay per deployment: the process holding this lock.
+                self.relay_leadership = Leadership(settings.event_store_url, RELAY_LOCK, what="relay")
         if is_postgres(settings.read_store_url):
             self.listeners.append(Listener(settings.read_store_url, {CHECKPOINTS_CHANNEL: self.read.on_notification}))
             # Several processes on one PostgreSQL read database: one of them projects at a time.
@@ -76,6 +95,8 @@ class Service:
     def _commit_elsewhere(self, _payload: str | None) -> None:
         self.projector.wake()
         self.hub.wake()
+        if self.relay is not None:
+            self.relay.wake()
 
     async def open(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -106,8 +127,33 @@ class Service:
         for listener in self.listeners:
             listener.stop()
 
+    async def publish(self) -> None:
+        """Run the relay, if there is one, until `stop_publishing`; on PostgreSQL only while
+        this process holds the relay's lock."""
+        if self.relay is None:
+            return
+        if self.relay_leadership is None:
+            await self.relay.run()
+        else:
+            await self.relay_leadership.run(self.relay.run, self.relay.stop)
+
+    def stop_publishing(self) -> None:
+        if self.relay_leadership is not None:
+            self.relay_leadership.stop()
+        if self.relay is not None:
+            self.relay.stop()
+
+    def relay_state(self) -> str:
+        """`off`, `standby` (PostgreSQL: another process relays) or the relay's own state."""
+        if self.relay is None:
+            return "off"
+        if self.relay_leadership is not None and not self.relay_leadership.leading:
+            return "standby"
+        return self.relay.state
+
     def stop_all(self) -> None:
         self.stop_projecting()
+        self.stop_publishing()
         self.stop_listening()
 
 
@@ -158,9 +204,12 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
             projecting = asyncio.create_task(service.project())
         fanning_out = asyncio.create_task(service.hub.run())
         listening = asyncio.create_task(service.listen())
+        publishing = asyncio.create_task(service.publish())
         try:
             yield
         finally:
+            service.stop_publishing()
+            await publishing
             service.stop_listening()
             await listening
             service.hub.stop()
@@ -182,7 +231,14 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
             return "running"
         return "leading" if service.leadership.leading else "standby"
 
-    health = Health(service.store, service.read, projecting_where, settings.ready_max_lag)
+    def at_work() -> dict[str, object]:
+        """What /healthz tells beside the head: where projecting happens, and the relay."""
+        described: dict[str, object] = {"projector": projecting_where(), "relay": service.relay_state()}
+        if service.relay is not None:
+            described["relayed"] = service.relay.position
+        return described
+
+    health = Health(service.store, service.read, at_work, settings.ready_max_lag)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
                                token=settings.metrics_token)
     app = Starlette(

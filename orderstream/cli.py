@@ -1,6 +1,6 @@
 """orderstream: order management for online shops, CQRS and event sourcing behind GraphQL.
 
-The command line: serve, tokens, migrations and the projections' chores.
+The command line: serve, tokens, migrations, the projections' chores and the relay.
 """
 
 import argparse
@@ -26,6 +26,7 @@ from orderstream.infrastructure.persistence.backup import copy_database, sqlite_
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
 from orderstream.infrastructure.projection.process import project_as_child
+from orderstream.infrastructure.relay.relay import Destination, stream_status
 from orderstream.infrastructure.security.auth import ROLES, TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.queries.projection_status import projection_status
@@ -120,6 +121,45 @@ async def _projections_status(service: Service) -> None:
     for s in rows:
         state = "rebuilding" if s.rebuilding else f"stopped: {s.error}" if s.error else "running"
         sys.stdout.write(f"{s.name:<12} {s.position:>10} {s.head:>10} {s.lag:>8}  {state}\n")
+
+
+def _relay_settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.load(args.data_dir)
+    if settings.relay_url is None:
+        sys.exit(f"orderstream relay {args.action}: set ORDERSTREAM_RELAY_URL to a NATS server, "
+                 "e.g. nats://127.0.0.1:4222")
+    return settings
+
+
+def _relay_run(args: argparse.Namespace) -> None:
+    settings = _relay_settings(args)
+
+    async def run(service: Service) -> None:
+        loop = asyncio.get_running_loop()
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(stop_signal, service.stop_all)
+        log.info("relaying the log to %s, stream %s; stop with Ctrl-C", settings.relay_url, settings.relay_stream)
+        await asyncio.gather(service.publish(), service.listen())
+
+    asyncio.run(_with_service(args, run))
+
+
+def _relay_status(args: argparse.Namespace) -> None:
+    settings = _relay_settings(args)
+
+    async def status(service: Service) -> None:
+        head = await service.store.head()
+        destination = Destination(settings.relay_url, settings.relay_stream, settings.relay_subject_prefix)
+        try:
+            published = await stream_status(destination)
+        except Exception as error:
+            sys.exit(f"orderstream relay status: the stream {destination.stream} at {destination.url} cannot be "
+                     f"read: {type(error).__name__} {error}".rstrip())
+        position, messages = (published.position, published.messages) if published else (0, 0)
+        sys.stdout.write(f"{'stream':<16} {'position':>10} {'head':>10} {'lag':>8} {'messages':>10}\n")
+        sys.stdout.write(f"{destination.stream:<16} {position:>10} {head:>10} {head - position:>8} {messages:>10}\n")
+
+    asyncio.run(_with_service(args, status))
 
 
 class _EventsPerSecond(ProgressColumn):
@@ -285,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     rebuild.add_argument("names", nargs="*", metavar="NAME", help="projections to rebuild (default: all)")
     rebuild.set_defaults(run=lambda a: asyncio.run(_with_service(a, _projections_rebuild(a.names))))
 
+    relay_cli = commands.add_parser("relay", help="publish the log to NATS JetStream (ORDERSTREAM_RELAY_URL)")
+    relay_actions = relay_cli.add_subparsers(dest="action", required=True)
+    relay_run = relay_actions.add_parser("run", help="publish every event until stopped (serve does it too)")
+    relay_run.set_defaults(run=_relay_run)
+    relay_status = relay_actions.add_parser("status", help="print the stream's last position and its lag")
+    relay_status.set_defaults(run=_relay_status)
+
     schema = commands.add_parser("schema", help="print the GraphQL schema (SDL), for generating typed clients")
     schema.set_defaults(run=_schema)
 
@@ -300,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     backup.add_argument("--to", required=True, metavar="DIR", help="an empty folder for the copy")
     backup.set_defaults(run=_backup)
 
-    for sub in (serve, token, migrate, run, status, rebuild, seed, backup):
+    for sub in (serve, token, migrate, run, status, rebuild, seed, backup, relay_run, relay_status):
         sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "
                                             "(default: $ORDERSTREAM_DATA_DIR or ./var)")
     args = parser.parse_args(argv)

@@ -4,7 +4,8 @@ real ASGI app, a real server. The helpers they are built from live in tests/supp
 PostgreSQL: ORDERSTREAM_TEST_POSTGRES_URL, else the server on 127.0.0.1:5432 (database `test`).
 Each test run makes two databases of its own (dropped at the end), and each test starts
 them empty. Without a reachable server those tests skip, except under CI=true, where
-they fail.
+they fail. NATS (the relay's tests): ORDERSTREAM_TEST_NATS_URL, else 127.0.0.1:4222 with
+JetStream; each test gets a stream of its own, deleted at the end; skipped or failed alike.
 """
 
 import os
@@ -20,7 +21,9 @@ from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.postgres import dsn
+from orderstream.infrastructure.relay.relay import connect
 from tests.support.api import Api, asgi_api
+from tests.support.broker import DEFAULT_NATS, BrokerStream
 from tests.support.databases import BACKENDS, DEFAULT_POSTGRES, Databases, Postgres, run_aside, sqlite_url
 from tests.support.live import LiveServer, live_server
 
@@ -67,6 +70,37 @@ def postgres() -> Iterator[Postgres]:
             await connection.close()
 
     run_aside(drop())
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The NATS server of the relay's tests, once known to answer with JetStream on."""
+    url = os.environ.get("ORDERSTREAM_TEST_NATS_URL") or DEFAULT_NATS
+
+    async def check() -> None:
+        connection = await connect(url, timeout=3)
+        try:
+            await connection.jetstream().account_info()
+        finally:
+            await connection.close()
+
+    try:
+        run_aside(check())
+    except Exception as error:
+        reason = (f"NATS with JetStream at {url} is not reachable ({type(error).__name__} {error}); "
+                  "start nats-server -js or set ORDERSTREAM_TEST_NATS_URL")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (under CI=true the relay tests must run)", pytrace=False)
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture
+def broker_stream(nats_url: str) -> Iterator[BrokerStream]:
+    """A stream and subjects of this test's own on the NATS server, deleted at the end."""
+    stream = BrokerStream.fresh(nats_url)
+    yield stream
+    run_aside(stream.delete())
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ async def service(tmp_path: Path, databases: Databases):
 
 
 def health_of(service: Service, now: datetime) -> Health:
-    return Health(service.store, service.read, lambda: "running", max_lag=10, clock=lambda: now)
+    return Health(service.store, service.read, lambda: {"projector": "running"}, max_lag=10, clock=lambda: now)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,7 +77,7 @@ async def test_a_stopped_projection_makes_the_process_unready_and_says_why(servi
 
 async def test_an_unreachable_read_database_makes_the_process_unready_not_an_error(service):
     nowhere = ReadStore("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
-    response = await Health(service.store, nowhere, lambda: "running", max_lag=10).readyz(NO_REQUEST)
+    response = await Health(service.store, nowhere, lambda: {"projector": "running"}, max_lag=10).readyz(NO_REQUEST)
     assert response.status_code == 503
     body = json.loads(response.body)
     assert body["failed"] == ["readDatabase"]

@@ -6,6 +6,7 @@ which. Every import counts, wherever it sits in a module (a function's own impor
   (`infrastructure.errors`, `infrastructure.internals`, `infrastructure.metrics`);
 - infrastructure/projection imports persistence only (and those);
 - infrastructure/live imports persistence and security only (and those);
+- infrastructure/relay imports persistence only (and those);
 - nothing in infrastructure imports schema, commands, queries, domain, events, or the
   composition root (`orderstream.bootstrap`, `orderstream.cli`);
 - domain imports no infrastructure and no library that does I/O.
@@ -23,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 INFRASTRUCTURE = "orderstream.infrastructure"
-ROOMS = ("persistence", "projection", "live", "security", "web")
+ROOMS = ("persistence", "projection", "live", "relay", "security", "web")
 APPLICATION = tuple(f"orderstream.{name}" for name in ("schema", "commands", "queries", "domain", "events",
                                                        "bootstrap", "cli"))
 IO_LIBRARIES = ("sqlalchemy", "starlette", "strawberry", "graphql", "asyncpg", "aiosqlite", "alembic", "uvicorn",
@@ -105,6 +106,7 @@ ROOM_RULES = {
     "security": set(),
     "projection": {"persistence"},
     "live": {"persistence", "security"},
+    "relay": {"persistence"},
 }
 
 

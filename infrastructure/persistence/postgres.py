@@ -1,5 +1,5 @@
 """What only PostgreSQL gives several processes: commit notifications (LISTEN/NOTIFY) and
-one projector among them (a session-level advisory lock).
+one projector (or relay) among them (a session-level advisory lock).
 
 Both keep a connection of their own, outside SQLAlchemy's pool: a pooled connection is
 handed to others between uses, and LISTEN and session locks belong to one session.
@@ -118,9 +118,10 @@ class Leadership(_Session):
     own connection it stops the work at once: by then another process may lead.
     """
 
-    def __init__(self, url: str, key: int = PROJECTOR_LOCK, interval: float = 2.0) -> None:
+    def __init__(self, url: str, key: int = PROJECTOR_LOCK, interval: float = 2.0, what: str = "projector") -> None:
+        """`what`: what the leader runs, for the log."""
         super().__init__(url, interval)
-        self.key = key
+        self.key, self.what = key, what
         self.leading = False
 
     async def run(self, work: Callable[[], Awaitable[None]], stop_work: Callable[[], None]) -> None:
@@ -131,7 +132,7 @@ class Leadership(_Session):
                     if await self.pause(self.interval):
                         return
                 self.leading = True
-                log.info("this process now runs the projector")
+                log.info("this process now runs the %s", self.what)
                 running = asyncio.ensure_future(work())
                 while not running.done():
                     await asyncio.wait({running}, timeout=self.interval)
@@ -139,7 +140,7 @@ class Leadership(_Session):
                         break
                     await connection.fetchval("SELECT 1")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("lost the leadership connection (%s); the projector stops", error)
+                log.warning("lost the leadership connection (%s); the %s stops", error, self.what)
             finally:
                 self.leading = False
                 if running is not None:

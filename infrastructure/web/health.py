@@ -12,6 +12,7 @@ import hmac
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
@@ -25,12 +26,12 @@ log = logging.getLogger("orderstream.health")
 
 
 class Health:
-    """The two endpoints over the service's stores. `projector` says where projecting
-    happens (shown by /healthz); `clock` is the time lags are measured against."""
+    """The two endpoints over the service's stores. `at_work()` says what the process runs
+    (where it projects, its relay), for /healthz; `clock` is the time lags are measured against."""
 
-    def __init__(self, store: EventStore, read: ReadStore, projector: Callable[[], str], max_lag: float,
+    def __init__(self, store: EventStore, read: ReadStore, at_work: Callable[[], dict[str, Any]], max_lag: float,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self.store, self.read, self.projector = store, read, projector
+        self.store, self.read, self.at_work = store, read, at_work
         self.max_lag, self.clock = max_lag, clock
 
     async def healthz(self, request: Request) -> JSONResponse:
@@ -39,7 +40,7 @@ class Health:
         except Exception:
             log.exception("health check: the event log is unreachable")
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok", "head": head, "projector": self.projector()})
+        return JSONResponse({"status": "ok", "head": head, **self.at_work()})
 
     async def readyz(self, request: Request) -> JSONResponse:
         """200 with each check's finding, or 503 naming the checks that failed."""
