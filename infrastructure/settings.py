@@ -46,6 +46,8 @@ class Settings:
       process, or a Redis URL (`redis://host:6379/0`), which every process using it shares;
       ORDERSTREAM_RATE_LIMIT_PREFIX [orderstream]: the Redis keys' prefix, to keep several
       deployments on one Redis apart.
+    - ORDERSTREAM_TRUSTED_DOCUMENTS: a manifest of trusted documents (web.documents.Manifest)
+      [none]; in production only its documents run.
 
     `Environment` reads and checks the variables; a bad value raises SettingsError naming
     the variable and what it expects.
@@ -66,6 +68,7 @@ class Settings:
     rate_burst: int = 200
     rate_limit_storage: str = "memory://"
     rate_limit_prefix: str = "orderstream"
+    trusted_documents: Path | None = None
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -96,6 +99,7 @@ class Settings:
             rate_burst=env.rate_burst,
             rate_limit_storage=env.rate_limit_storage,
             rate_limit_prefix=env.rate_limit_prefix,
+            trusted_documents=env.trusted_documents,
         )
 
 
@@ -130,6 +134,7 @@ class Environment(BaseSettings):
                                     description="memory:// or a Redis URL such as redis://localhost:6379/0")
     rate_limit_prefix: str = Field(Settings.rate_limit_prefix, pattern=r"^[\w.:-]+$",
                                    description="letters, digits and . : _ -")
+    trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
     jwt_secret: str | None = Field(None, description="the HS256 secret")
@@ -192,7 +197,7 @@ class Environment(BaseSettings):
     def _names(cls, value: Any) -> Any:
         return tuple(name.strip() for name in value.split(",") if name.strip()) if isinstance(value, str) else value
 
-    @field_validator("jwt_public_key_file", "jwt_jwks_file")
+    @field_validator("jwt_public_key_file", "jwt_jwks_file", "trusted_documents")
     @classmethod
     def _home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, inspect
 
 from orderstream.bootstrap import Service, projections
-from orderstream.infrastructure.persistence import event_store, migrations
+from orderstream.infrastructure.persistence import event_store, migrations, persisted_documents
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.read_store import _checkpoint_metadata
 from orderstream.infrastructure.settings import Settings
@@ -24,7 +24,8 @@ def declared(tree: str) -> MetaData:
     if tree == "events":
         return event_store.metadata
     metadata = MetaData()
-    for table in [*_checkpoint_metadata.tables.values(), *(t for p in projections() for t in p.tables)]:
+    for table in [*_checkpoint_metadata.tables.values(), *(t for p in projections() for t in p.tables),
+                  *persisted_documents.metadata.tables.values()]:
         table.to_metadata(metadata)
     return metadata
 

@@ -1,2 +1,3 @@
-"""The HTTP and GraphQL edge: middleware, GraphQL over HTTP, execution shortcuts, query
-limits, error masking, rate limits. It may import every other room."""
+"""The HTTP and GraphQL edge: middleware, GraphQL over HTTP, persisted and trusted
+documents, execution shortcuts, query limits, error masking, rate limits. It may import
+every other room."""
