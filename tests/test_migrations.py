@@ -30,6 +30,10 @@ def declared(tree: str) -> MetaData:
     return metadata
 
 
+# Tables of revisions after the first: a database made before migrations has none of them.
+LATER_TABLES = {"persisted_documents"}
+
+
 def url_of(databases: Databases, tree: str) -> str:
     return databases.event_store_url if tree == "events" else databases.read_store_url
 
@@ -68,7 +72,8 @@ async def test_starting_together_migrates_once(databases, tree):
 async def test_a_database_made_before_migrations_is_adopted(databases, tree):
     database = Database(url_of(databases, tree))
     try:
-        await database.write(declared(tree).create_all)
+        first = [table for table in declared(tree).sorted_tables if table.name not in LATER_TABLES]
+        await database.write(lambda conn: declared(tree).create_all(conn, tables=first))
         assert await database.migrate(tree) == migrations.head(tree)
         assert await database.migrate(tree) == migrations.head(tree)
     finally:

@@ -102,7 +102,7 @@ class QueryBounds:
         # The rules every request validates with: strawberry's (ExecutionContext's default) and these.
         self.request_rules = tuple(specified_rules) + self.rules
         # strawberry's LRU cache, shared by every request (and every schema of this size).
-        self._parse = ParserCache(maxsize=limits.cache_size).cached_parse_document
+        self.cached_parse = ParserCache(maxsize=limits.cache_size).cached_parse_document
         self._verdicts: dict[int, _Verdict] = {}  # by id(document), the oldest first
         self._kept: dict[str, Any] = {}  # documents by their text, for as long as the bounds live
         self._kept_verdicts: dict[int, _Verdict] = {}
@@ -110,7 +110,7 @@ class QueryBounds:
     def parse(self, text: str, **options: Any):
         """The document of `text`, parsed once while it is cached or kept."""
         kept = self._kept.get(text)
-        return kept if kept is not None else self._parse(text, **options)
+        return kept if kept is not None else self.cached_parse(text, **options)
 
     def keep(self, schema: GraphQLSchema, text: str) -> list[GraphQLError]:
         """Parses and validates `text` for requests with the rules they use, and costs each of
@@ -118,7 +118,7 @@ class QueryBounds:
         these bounds live. The errors a request sending `text` would get (any variables
         aside); the document is kept only when there are none."""
         try:
-            document = self._parse(text, **self.parse_options)
+            document = self.cached_parse(text, **self.parse_options)
         except GraphQLError as error:
             return [error]
         verdict = self.verdict(schema, document, self.request_rules)
