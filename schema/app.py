@@ -150,9 +150,11 @@ class GraphQLApp(GraphQLOverHTTP):
         its payload gets the text under `query`, or the operation is refused."""
         if self.documents is not None:
             try:
-                payload["query"] = await self.documents.query_of(payload)
+                query = await self.documents.query_of(payload)
             except Refusal as refusal:
                 return refusal_error(refusal)
+            if query is not None:  # else the handler reports the missing `query` as it always has
+                payload["query"] = query
         return None
 
     async def on_ws_connect(self, context: Context) -> None:
