@@ -21,6 +21,9 @@ bottleneck. Each client sends its next request when its last one came back.
 
 Workloads, each a warm-up and then a measured window:
 - placeOrder, one unit of one of 50 products for one of 20 customers, 1, 8 and 32 clients;
+- placeOrderById, the same by `documentId` (its document the one entry of a trusted-documents
+  manifest, ORDERSTREAM_TRUSTED_DOCUMENTS, prepared when the server starts), 1 and 32
+  clients, beside placeOrder sent as text;
 - mixed, 32 clients, each registering a customer, placing an order and paying it in turn;
 - read-your-writes, one client: placeOrder, then `order(id, consistentWith: position)`;
 - hot against fresh, in one server at once: the hot product has 100,000 earlier orders
@@ -45,6 +48,7 @@ rounds; every ratio is taken between figures of the same run.
 """
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -118,6 +122,7 @@ mutation PlaceOrder($input: PlaceOrderInput!) {
   placeOrder(input: $input) { __typename ... on OrderSuccess { orderId version position } }
 }
 """
+PLACE_ORDER_ID = "sha256:" + hashlib.sha256(PLACE_ORDER.encode()).hexdigest()
 REGISTER_CUSTOMER = """
 mutation RegisterCustomer($input: RegisterCustomerInput!) {
   registerCustomer(input: $input) { __typename ... on RegisterCustomerSuccess { customerId position } }
@@ -160,7 +165,7 @@ QUICK = Sizes(rounds=1, warmup_s=1, window_s=3, hot_orders=100_000, in_process=1
 class Point:
     """One measured point: a workload with a number of clients against one server."""
 
-    workload: str  # placeOrder, mixed, readYourWrites, hotFresh
+    workload: str  # placeOrder, placeOrderById, mixed, readYourWrites, hotFresh
     server: str  # orderstream or trivial
     clients: int
 
@@ -172,6 +177,7 @@ class Point:
 def points() -> list[Point]:
     return [
         *(Point("placeOrder", server, clients) for clients in CLIENTS for server in ("orderstream", "trivial")),
+        *(Point("placeOrderById", "orderstream", clients) for clients in (1, 32)),
         *(Point(workload, server, 1) for workload in ("readYourWrites",) for server in ("orderstream", "trivial")),
         *(Point("mixed", server, 32) for server in ("orderstream", "trivial")),
         *(Point("hotFresh", "orderstream", clients) for clients in (1, 32)),
@@ -249,6 +255,11 @@ def ratios(points: dict[str, dict[str, Any]], in_process: dict[str, dict[str, fl
         found[f"placeOrder x{clients}: p99 / trivial"] = mine["p99_ms"] / ceiling["p99_ms"]
     found["placeOrder x32: server CPU per request / trivial"] = (of("placeOrder", 32, "orderstream")["server_cpu_ms"]
                                                                 / of("placeOrder", 32, "trivial")["server_cpu_ms"])
+    for clients in (1, 32):
+        by_id, by_text = of("placeOrderById", clients, "orderstream"), of("placeOrder", clients, "orderstream")
+        found[f"placeOrder x{clients}: server CPU per request, by documentId / by text"] = (
+            by_id["server_cpu_ms"] / by_text["server_cpu_ms"])
+        found[f"placeOrder x{clients}: throughput, by documentId / by text"] = by_id["per_s"] / by_text["per_s"]
     found["mixed x32: operations/s / trivial"] = of("mixed", 32, "orderstream")["per_s"] / of(
         "mixed", 32, "trivial")["per_s"]
     found["readYourWrites: round trip p50 / trivial"] = of("readYourWrites", 1, "orderstream")["p50_ms"] / of(
@@ -365,7 +376,12 @@ async def measure_point(point: Point, template: Path, data_dir: Path, secret: st
     else:
         argv = orderstream_argv(data_dir, projector=point.workload != "hotFresh")
     skus = [HOT, FRESH] if point.workload == "hotFresh" else shop["skus"]
-    async with server(argv, secret, data_dir.parent / f"{point.server}.log") as (url, pid):
+    environ = {}
+    if point.workload == "placeOrderById":
+        manifest = data_dir / "trusted-documents.json"
+        manifest.write_text(json.dumps({PLACE_ORDER_ID.removeprefix("sha256:"): PLACE_ORDER}))
+        environ["ORDERSTREAM_TRUSTED_DOCUMENTS"] = str(manifest)
+    async with server(argv, secret, data_dir.parent / f"{point.server}.log", environ) as (url, pid):
         spec = {"url": url, "token": token, "server_pid": pid, "workload": point.workload,
                 "clients": point.clients, "warmup_s": sizes.warmup_s, "window_s": sizes.window_s,
                 "skus": skus, "customers": shop["customers"]}
@@ -384,12 +400,15 @@ def orderstream_argv(data_dir: Path, projector: bool = True) -> list[str]:
 
 
 @asynccontextmanager
-async def server(argv: list[str], secret: str, log: Path) -> AsyncIterator[tuple[str, int]]:
-    """The server of `argv` ("{port}" filled in) on a free port: (its URL, its process id)."""
+async def server(argv: list[str], secret: str, log: Path,
+                 environ: dict[str, str] | None = None) -> AsyncIterator[tuple[str, int]]:
+    """The server of `argv` ("{port}" filled in) on a free port, with `environ` on top of the
+    benchmark's settings: (its URL, its process id)."""
     port = free_port()
     with open(log, "ab") as output:
         process = subprocess.Popen([part.replace("{port}", str(port)) for part in argv], cwd=ROOT,
-                                   env=server_environment(secret), stdout=output, stderr=subprocess.STDOUT)
+                                   env={**server_environment(secret), **(environ or {})}, stdout=output,
+                                   stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_for_start(process, url, log)
@@ -568,7 +587,8 @@ async def worker(connection: Connection, number: int, until: float, spec: dict[s
 
     async def send(kind: str, document: str, field: str, variables: dict[str, Any]) -> dict[str, Any] | None:
         begin = time.perf_counter()
-        status, body = await connection.post({"query": document, "variables": variables})
+        named = {"documentId": PLACE_ORDER_ID} if workload == "placeOrderById" else {"query": document}
+        status, body = await connection.post({**named, "variables": variables})
         end = time.perf_counter()
         data = (json.loads(body).get("data") if status == 200 else None) or {}
         result = data.get(field)

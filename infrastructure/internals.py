@@ -13,15 +13,18 @@ Reached on instances and classes, beyond the imports:
 - strawberry `Schema._schema`, `Schema.schema_converter.type_map` and
   `.scalar_registry`, `StrawberryField.resolve_type(type_definition=)`, the
   `StrawberryObjectDefinition.from_input` hook and `InputContext.convert`
-  (web.graphql_execution.prepare_inputs, web.limits);
+  (web.graphql_execution.prepare_inputs, web.limits, web.documents);
 - strawberry's `ExecutionContext.parse_options`, `.graphql_document`,
   `.pre_execution_errors` and `.validation_rules`, as a SchemaExtension sees them
   (web.limits);
 - strawberry's graphql-transport-ws handler's `operations` (each with its `task`), the
   legacy graphql-ws handler's `tasks`, and both handlers' `schema`, `view` and `websocket`
   (live.multiplex);
+- strawberry's graphql-transport-ws handler's `handle_subscribe` and the legacy handler's
+  `handle_start`, each with its `connection_acknowledged` and `send_message` (live.multiplex);
 - strawberry's ASGI view hooks `parse_http_body`, `execute_single`, `process_result`,
-  `render_graphql_ide`, `decode_json` and `graphql_ide_html` (web.graphql_http).
+  `render_graphql_ide`, `should_render_graphql_ide`, `decode_json` and `graphql_ide_html`
+  (web.graphql_http).
 """
 
 from graphql.validation.rules.max_introspection_depth_rule import MaxIntrospectionDepthRule

@@ -54,6 +54,8 @@ class Settings:
       behind the log than this.
     - ORDERSTREAM_METRICS_TOKEN: in production /metrics answers only a bearer of this token
       (at least 16 characters), and is not served without one; in development it is open.
+    - ORDERSTREAM_TRUSTED_DOCUMENTS: a manifest of trusted documents (web.documents.Manifest)
+      [none]; in production only its documents run.
 
     `Environment` reads and checks the variables; a bad value raises SettingsError naming
     the variable and what it expects.
@@ -81,6 +83,7 @@ class Settings:
     relay_url: str | None = None
     relay_stream: str = "ORDERSTREAM"
     relay_subject_prefix: str = "orderstream"
+    trusted_documents: Path | None = None
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -116,6 +119,7 @@ class Settings:
             relay_url=env.relay_url,
             relay_stream=env.relay_stream,
             relay_subject_prefix=env.relay_subject_prefix,
+            trusted_documents=env.trusted_documents,
         )
 
 
@@ -162,6 +166,7 @@ class Environment(BaseSettings):
                               description="a stream name: letters, digits, _ and -")
     relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
                                       description="one subject token: letters, digits, _ and -")
+    trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
     jwt_secret: str | None = Field(None, description="the HS256 secret")
@@ -225,7 +230,7 @@ class Environment(BaseSettings):
     def _names(cls, value: Any) -> Any:
         return tuple(name.strip() for name in value.split(",") if name.strip()) if isinstance(value, str) else value
 
-    @field_validator("jwt_public_key_file", "jwt_jwks_file")
+    @field_validator("jwt_public_key_file", "jwt_jwks_file", "trusted_documents")
     @classmethod
     def _home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -30,6 +30,7 @@ from orderstream.infrastructure.projection.projector import Projection, Projecto
 from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Relay
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.web.documents import Documents, Manifest
 from orderstream.infrastructure.web.health import Health, MetricsPage
 from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
@@ -188,10 +189,13 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst, settings.rate_limit_storage,
                            settings.rate_limit_prefix) if settings.rate_limit else None
     pages = Pages(development=settings.environment == "development")
-    graphql = GraphQLApp(build_schema(bounds, metrics), service.dispatcher, service.store, service.read, service.hub,
+    schema = build_schema(bounds, metrics)
+    manifest = Manifest.load(settings.trusted_documents, schema, bounds) if settings.trusted_documents else None
+    documents = Documents(schema, bounds, service.read, manifest, enforce=settings.environment == "production")
+    graphql = GraphQLApp(schema, service.dispatcher, service.store, service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
-                         websocket_origins=settings.websocket_origins)
+                         websocket_origins=settings.websocket_origins, documents=documents)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):

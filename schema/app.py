@@ -24,6 +24,7 @@ from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
+from orderstream.infrastructure.web.documents import Documents, refusal_error
 from orderstream.infrastructure.web.graphql_errors import ErrorCodes
 from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
 from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage, Refusal, SubscriptionOverHTTP
@@ -103,7 +104,9 @@ class GraphQLApp(GraphQLOverHTTP):
     `rate_limit` counts HTTP requests (a stream is one), and operations started over
     WebSocket, per caller; WebSocket origins other than this one and `websocket_origins` are
     refused at the handshake. Subscriptions with the same document, variables and rights
-    share their executions (infrastructure.live.multiplex), whatever their transport."""
+    share their executions (infrastructure.live.multiplex), whatever their transport.
+    `documents`: persisted and trusted documents, on HTTP and WebSocket alike
+    (infrastructure.web.documents)."""
 
     graphql_transport_ws_handler_class = SharingTransportWS
     graphql_ws_handler_class = SharingLegacyWS
@@ -111,10 +114,11 @@ class GraphQLApp(GraphQLOverHTTP):
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
                  read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier, *,
                  rate_limit: RateLimit | None = None, graphiql: IdePage | None = None,
-                 websocket_origins: Sequence[str] = ()) -> None:
+                 websocket_origins: Sequence[str] = (), documents: Documents | None = None) -> None:
         # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
-        super().__init__(schema, graphiql=graphiql, websocket_origins=websocket_origins, keep_alive=True,
-                         keep_alive_interval=15, max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
+        super().__init__(schema, graphiql=graphiql, websocket_origins=websocket_origins, documents=documents,
+                         keep_alive=True, keep_alive_interval=15,
+                         max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
         self.hub, self.owners, self.rate_limit = hub, owners, rate_limit
         self.multiplexer = Multiplexer(schema, hub, shared_rights)
@@ -212,6 +216,18 @@ class GraphQLApp(GraphQLOverHTTP):
             await self.rate_limit.admit(caller(context.connection, context.verified_actor))
         except RateLimited as refusal:
             return refusal.graphql_error()
+        return None
+
+    async def resolve_document(self, payload: dict) -> GraphQLError | None:
+        """A WebSocket operation names its document as an HTTP request does (web.documents):
+        its payload gets the text under `query`, or the operation is refused."""
+        if self.documents is not None:
+            try:
+                query = await self.documents.query_of(payload)
+            except Refusal as refusal:
+                return refusal_error(refusal)
+            if query is not None:  # else the handler reports the missing `query` as it always has
+                payload["query"] = query
         return None
 
     async def on_ws_connect(self, context: Context) -> None:

@@ -100,10 +100,23 @@ def test_websocket_handlers_keep_their_operations_where_multiplex_finds_them():
 
 
 def test_the_http_view_hooks_we_override_are_still_called_by_that_name():
-    for hook in ("parse_http_body", "execute_single", "process_result", "render_graphql_ide", "decode_json"):
+    for hook in ("parse_http_body", "execute_single", "process_result", "render_graphql_ide", "decode_json",
+                 "should_render_graphql_ide"):
         assert hook in vars(GraphQLOverHTTP), hook
         ours = inspect.signature(getattr(GraphQLOverHTTP, hook)).parameters
         theirs = inspect.signature(getattr(GraphQL, hook)).parameters
         assert list(ours) == list(theirs), f"strawberry view hook {hook}{tuple(theirs)} changed its parameters"
     assert isinstance(inspect.getattr_static(GraphQL, "graphql_ide_html"), property), \
         "strawberry view graphql_ide_html is no longer a property"
+
+
+def test_websocket_handlers_take_each_operation_through_the_methods_we_wrap():
+    # live.multiplex resolves a persisted or trusted document before strawberry reads `query`.
+    for handler, method in ((internals.BaseGraphQLTransportWSHandler, "handle_subscribe"),
+                            (internals.BaseGraphQLWSHandler, "handle_start")):
+        assert list(inspect.signature(getattr(handler, method)).parameters) == ["self", "message"], \
+            f"strawberry {handler.__name__}.{method}(message) changed"
+        source = inspect.getsource(handler)
+        assert f"await self.{method}(message)" in source, f"strawberry {handler.__name__} no longer calls {method}"
+        assert "self.connection_acknowledged" in source and callable(handler.send_message), \
+            f"strawberry {handler.__name__}.connection_acknowledged or send_message"

@@ -278,7 +278,7 @@ async def test_a_refused_document_validates_once_too():
 async def test_the_same_document_parses_once():
     bounds = QueryBounds(QueryLimits())
     schema = build_schema(bounds)
-    parse = bounds.parse  # strawberry's shared LRU cache
+    parse = bounds.cached_parse  # strawberry's shared LRU cache
     document = "{ parsedOnce: __typename }"
     before = parse.cache_info()
     for _ in range(3):

@@ -348,7 +348,7 @@ async def test_queries_and_commands_go_on_during_a_rebuild(busy_app):
     assert len(placed) >= 3
     assert not any(s["rebuilding"] for s in await projection_status(api))
     assert await tables_at(settings.read_store_url) == {t.name for t in READ_MODEL_TABLES} | {
-        "projection_checkpoints", "alembic_version_read"}  # no shadow table left
+        "projection_checkpoints", "persisted_documents", "alembic_version_read"}  # no shadow table left
 
     # Nothing placed during the rebuild is lost after the swap, and the live projector goes on.
     late = await api.execute(PLACE, {"input": {

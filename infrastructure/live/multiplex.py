@@ -312,12 +312,27 @@ async def _refused(error: GraphQLError) -> AsyncIterator[PreExecutionError]:
     yield PreExecutionError(data=None, errors=[error])
 
 
+async def _document_refused(view: Any, message: dict[str, Any]) -> GraphQLError | None:
+    """Before a subscribe (start) message is handled: the view puts the document its payload
+    names (by a persisted or trusted document's hash) under `query`, through
+    `await view.resolve_document(payload)`, which gives the GraphQLError to refuse the
+    operation with, or None."""
+    payload = message.get("payload")
+    return await view.resolve_document(payload) if isinstance(payload, dict) else None
+
+
 class SharingTransportWS(BaseGraphQLTransportWSHandler):
     """graphql-transport-ws, with subscriptions shared through the view's `multiplexer`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.schema = _SharingSchema(self.view.multiplexer, self)
+
+    async def handle_subscribe(self, message: Any) -> None:
+        if self.connection_acknowledged and (error := await _document_refused(self.view, message)):
+            await self.send_message({"id": message["id"], "type": "error", "payload": [error.formatted]})
+            return
+        await super().handle_subscribe(message)
 
     def operation_id(self, task: asyncio.Task | None) -> str | None:
         return next((id for id, operation in self.operations.items() if operation.task is task), None)
@@ -332,6 +347,12 @@ class SharingLegacyWS(BaseGraphQLWSHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.schema = _SharingSchema(self.view.multiplexer, self)
+
+    async def handle_start(self, message: Any) -> None:
+        if self.connection_acknowledged and (error := await _document_refused(self.view, message)):
+            await self.send_message({"type": "error", "id": message["id"], "payload": error.formatted})
+            return
+        await super().handle_start(message)
 
     def operation_id(self, task: asyncio.Task | None) -> str | None:
         return next((id for id, running in self.tasks.items() if running is task), None)

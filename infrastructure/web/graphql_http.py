@@ -17,6 +17,7 @@ to `stream` instead; a subscription without one is refused with 400, naming the 
 
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from starlette.requests import Request
@@ -30,6 +31,9 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from orderstream.infrastructure.web.streams import Framing, streaming_framing
+
+if TYPE_CHECKING:
+    from orderstream.infrastructure.web.documents import Documents
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 JSON = "application/json"
@@ -93,13 +97,15 @@ IdePage = Callable[[Request], Awaitable[Response]]
 class GraphQLOverHTTP(GraphQL):
     """strawberry's ASGI GraphQL view, held to the GraphQL-over-HTTP spec (see the module).
     Batching is off: a JSON array is refused. `graphiql`: the IDE page served on GET to
-    browsers instead of strawberry's (whose scripts come from a CDN); None: no IDE (404)."""
+    browsers instead of strawberry's (whose scripts come from a CDN); None: no IDE (404).
+    `documents`: persisted and trusted documents (web.documents); None: only `query` runs."""
 
     def __init__(self, schema, *, graphiql: IdePage | None = None, websocket_origins: Sequence[str] = (),
-                 **options: object) -> None:
+                 documents: "Documents | None" = None, **options: object) -> None:
         super().__init__(schema, graphql_ide="graphiql" if graphiql else None, allowed_origins=websocket_origins,
                          **options)
         self.ide_page = graphiql
+        self.documents = documents
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,6 +142,11 @@ class GraphQLOverHTTP(GraphQL):
                 del response["data"]
         return response
 
+    def should_render_graphql_ide(self, request) -> bool:
+        # A GET that names a persisted document by its hash is a request, not a visit.
+        params = request.query_params
+        return super().should_render_graphql_ide(request) and "documentId" not in params and "extensions" not in params
+
     async def render_graphql_ide(self, request: Request) -> Response:
         return await self.ide_page(request)
 
@@ -157,6 +168,8 @@ class GraphQLOverHTTP(GraphQL):
             data = self.parse_json(await request.get_body())
         if not isinstance(data, dict):
             raise HTTPException(400, "the body must be one JSON object with a `query` (batching is off)")
+        if self.documents is not None:
+            data["query"] = await self.documents.query_of(data)
         query, variables = data.get("query"), data.get("variables")
         operation_name, extensions = data.get("operationName"), data.get("extensions")
         if query is None:

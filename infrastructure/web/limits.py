@@ -6,6 +6,9 @@ the same text: strawberry's parse cache hands out one document object per text, 
 verdict is found by the document's identity. (strawberry's ValidationCache hashes the
 whole document, which graphql-core does node by node, on every request.)
 
+Documents that are known in advance (a manifest of trusted documents) are `keep`-ed at
+start: parsed, validated and costed then, and held outside the caches' bounds.
+
 The cost limit needs the request's variables (`first: $n`), which validation never sees, so
 an operation whose list sizes are variables is costed per request, right after the
 validation, on valid documents only.
@@ -33,6 +36,7 @@ from graphql import (
     get_nullable_type,
     get_operation_ast,
     is_list_type,
+    specified_rules,
 )
 from graphql.language import SKIP
 from graphql.validation import NoSchemaIntrospectionCustomRule
@@ -95,14 +99,46 @@ class QueryBounds:
             _bound(AliasLimit, max_aliases=limits.max_aliases),
             introspection,
         )
+        # The rules every request validates with: strawberry's (ExecutionContext's default) and these.
+        self.request_rules = tuple(specified_rules) + self.rules
         # strawberry's LRU cache, shared by every request (and every schema of this size).
-        self.parse = ParserCache(maxsize=limits.cache_size).cached_parse_document
+        self.cached_parse = ParserCache(maxsize=limits.cache_size).cached_parse_document
         self._verdicts: dict[int, _Verdict] = {}  # by id(document), the oldest first
+        self._kept: dict[str, Any] = {}  # documents by their text, for as long as the bounds live
+        self._kept_verdicts: dict[int, _Verdict] = {}
+
+    def parse(self, text: str, **options: Any):
+        """The document of `text`, parsed once while it is cached or kept."""
+        kept = self._kept.get(text)
+        return kept if kept is not None else self.cached_parse(text, **options)
+
+    def keep(self, schema: GraphQLSchema, text: str) -> list[GraphQLError]:
+        """Parses and validates `text` for requests with the rules they use, and costs each of
+        its operations whose cost no variable sets, now; keeps all of it for as long as
+        these bounds live. The errors a request sending `text` would get (any variables
+        aside); the document is kept only when there are none."""
+        try:
+            document = self.cached_parse(text, **self.parse_options)
+        except GraphQLError as error:
+            return [error]
+        verdict = self.verdict(schema, document, self.request_rules)
+        errors = list(verdict.errors)
+        if not errors:
+            for operation in document.definitions:
+                if isinstance(operation, OperationDefinitionNode):
+                    name = operation.name.value if operation.name else None
+                    error = self.cost_error(verdict, name, {})
+                    if error is not None and name in verdict.costs:
+                        errors.append(error)
+        if not errors:
+            self._kept[text] = document
+            self._kept_verdicts[id(document)] = verdict
+        return errors
 
     def verdict(self, schema: GraphQLSchema, document, rules: tuple) -> _Verdict:
         """The document validated against `schema` with `rules`, once while it is kept."""
         # The verdict holds its document, so no other document can have the same id meanwhile.
-        known = self._verdicts.get(id(document))
+        known = self._verdicts.get(id(document)) or self._kept_verdicts.get(id(document))
         if known is None or known.schema is not schema or known.rules != rules:
             if len(self._verdicts) >= self.limits.cache_size:
                 self._verdicts.pop(next(iter(self._verdicts)))
