@@ -138,7 +138,10 @@ async def test_orders_of_one_customer_do_not_wait_for_each_other(store, dispatch
     # On SQLite each command runs to its append without a pause, so all ten are queued
     # before the first commit; PostgreSQL's loads await the server and spread them.
     if store.url.startswith("sqlite"):
-        assert store.commits - commits == 1
+        # One shared commit when the orders arrive together; on a busy machine the writer may
+        # take the first before the rest are decided. Orders that waited for each other's
+        # commits would take eleven.
+        assert store.commits - commits <= 3
     else:
         assert store.commits - commits < len(skus)
 

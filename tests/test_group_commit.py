@@ -282,7 +282,10 @@ async def test_an_append_decided_on_a_written_one_follows_it_in_the_next_batch(s
 async def test_appends_decided_on_a_failed_one_are_known_to_fail_at_once(store):
     # Known before their own batch: no command decides on their states any more.
     a = store.submit([write("P", 0, 1), write("X", 5, 2)])
-    await asyncio.sleep(0)  # a's batch is under way
+    # a's batch is under way: the writer has taken it (on a busy machine that takes more than
+    # one turn of the event loop, and b would share a's batch).
+    while store._appends._queue:
+        await asyncio.sleep(0.001)
     b = store.submit([write("P", 1, 3)], after=[(a, "P")])
 
     with pytest.raises(WrongExpectedVersion):
