@@ -47,6 +47,9 @@ class Settings:
       ORDERSTREAM_RATE_LIMIT_PREFIX [orderstream]: the Redis keys' prefix, to keep several
       deployments on one Redis apart.
 
+    - ORDERSTREAM_READY_MAX_LAG_SECONDS [10]: /readyz fails while a projection is further
+      behind the log than this.
+
     `Environment` reads and checks the variables; a bad value raises SettingsError naming
     the variable and what it expects.
     """
@@ -57,6 +60,8 @@ class Settings:
     tokens: TokenSettings = TokenSettings()
     # How long a query with consistentWith waits for the projections, in seconds.
     consistency_timeout: float = 5.0
+    # /readyz fails while a projection is further behind the log than this, in seconds.
+    ready_max_lag: float = 10.0
     environment: str = "development"
     query_limits: QueryLimits = QueryLimits()
     max_body_bytes: int = 1024 * 1024
@@ -83,6 +88,7 @@ class Settings:
                 secret=env.jwt_secret, public_key_file=env.jwt_public_key_file, jwks_file=env.jwt_jwks_file,
                 issuer=env.jwt_issuer, audience=env.jwt_audience, leeway=env.jwt_leeway),
             consistency_timeout=env.consistency_timeout,
+            ready_max_lag=env.ready_max_lag_seconds,
             environment=env.env,
             query_limits=QueryLimits(
                 max_depth=env.max_query_depth, max_tokens=env.max_query_tokens, max_aliases=env.max_query_aliases,
@@ -113,6 +119,8 @@ class Environment(BaseSettings):
     event_store_url: str | None = Field(None, description="a database URL")
     read_store_url: str | None = Field(None, description="a database URL")
     consistency_timeout: float = Field(5.0, ge=0, allow_inf_nan=False, description="a number of seconds, e.g. 5")
+    ready_max_lag_seconds: float = Field(Settings.ready_max_lag, gt=0, allow_inf_nan=False,
+                                         description="a number of seconds above 0, e.g. 10")
     env: Literal["development", "production"] = Field("development", description="development or production")
     introspection: bool | None = Field(None, description="on or off")
     field_suggestions: bool | None = Field(None, description="on or off")

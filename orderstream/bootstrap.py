@@ -13,8 +13,6 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from orderstream.commands.dispatcher import Dispatcher
@@ -27,6 +25,7 @@ from orderstream.infrastructure.projection.process import ProjectorProcess
 from orderstream.infrastructure.projection.projector import Projection, Projector
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.web.health import Health
 from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
@@ -167,25 +166,20 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
                 await projecting
             await service.close()
 
-    async def healthz(request: Request) -> JSONResponse:
-        try:
-            head = await service.store.head()
-        except Exception:
-            log.exception("health check: the event store is unreachable")
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+    def projecting_where() -> str:
         if child is not None:
-            state = "process" if child.ready else "starting"
-        elif projector == "off":
-            state = "elsewhere"
-        elif service.leadership is None:
-            state = "running"
-        else:
-            state = "leading" if service.leadership.leading else "standby"
-        return JSONResponse({"status": "ok", "head": head, "projector": state})
+            return "process" if child.ready else "starting"
+        if projector == "off":
+            return "elsewhere"
+        if service.leadership is None:
+            return "running"
+        return "leading" if service.leadership.leading else "standby"
 
+    health = Health(service.store, service.read, projecting_where, settings.ready_max_lag)
     return Starlette(
         routes=[
-            Route("/healthz", healthz),
+            Route("/healthz", health.healthz),
+            Route("/readyz", health.readyz),
             Route("/graphql", graphql, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             *pages.routes(),

@@ -210,7 +210,7 @@ def next_state(view: OrderView, recorded: RecordedEvent) -> OrderView | None:
     return OrderView(_Record({**view.row, **change}), view.lines)
 
 
-async def customer_orders(read: ReadStore, actor: Actor, customer_id: str, first: int,
+async def customer_orders(read: ReadStore, actor: Actor, customer_id: str, first: int | None,
                           after: str | None, status: str | None = None,
                           consistent_with: int | None = None) -> Page:
     """A customer's orders, newest first; cursors stay valid while new orders arrive."""

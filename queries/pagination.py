@@ -7,9 +7,14 @@ import json
 from orderstream.infrastructure.errors import BadUserInput
 
 MAX_PAGE = 100
+DEFAULT_PAGE = 20
 
 
-def page_size(first: int) -> int:
+def page_size(first: int | None) -> int:
+    """How many items a page holds: `first`, or DEFAULT_PAGE for an explicit null (the
+    contract's `first: Int = 20` lets a client send one)."""
+    if first is None:
+        return DEFAULT_PAGE
     if not 0 <= first <= MAX_PAGE:
         raise BadUserInput(f"first must be between 0 and {MAX_PAGE}")
     return first

@@ -111,7 +111,7 @@ async def product(read: ReadStore, sku: str, consistent_with: int | None = None)
     return await read.read(lambda conn: conn.execute(query).first())
 
 
-async def search_products(read: ReadStore, first: int, after: str | None, search: str | None,
+async def search_products(read: ReadStore, first: int | None, after: str | None, search: str | None,
                           consistent_with: int | None = None) -> Page:
     """Products by SKU; with `search`, only those whose name holds every word of it."""
     first = page_size(first)

@@ -59,7 +59,7 @@ class Query:
 
     @strawberry.field(description="The catalogue by SKU. `search`: every word must occur in the "
                                   "name, case-insensitively. Anyone.")
-    async def products(self, info: Info, first: int = 20, after: str | None = None, search: str | None = None,
+    async def products(self, info: Info, first: int | None = 20, after: str | None = None, search: str | None = None,
                        consistent_with: Annotated[Position | None, CONSISTENT_WITH] = None) -> ProductConnection:
         page = await products.search_products(info.context.read, first, after, search, consistent_with)
         edges = [ProductEdge(cursor=c, node=Product.of(r)) for r, c in zip(page.rows, page.cursors, strict=True)]
@@ -73,7 +73,7 @@ class Query:
         return Order.of(view) if view else None
 
     @strawberry.field(description="A customer's orders, newest first. Staff, or that customer.")
-    async def customer_orders(self, info: Info, customer_id: strawberry.ID, first: int = 20,
+    async def customer_orders(self, info: Info, customer_id: strawberry.ID, first: int | None = 20,
                               after: str | None = None, status: OrderStatus | None = None,
                               consistent_with: Annotated[Position | None, CONSISTENT_WITH] = None) -> OrderConnection:
         page = await orders.customer_orders(info.context.read, info.context.actor, customer_id, first, after,

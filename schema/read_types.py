@@ -162,7 +162,7 @@ class Customer:
     forgotten: bool
 
     @strawberry.field(description="The customer's orders, newest first.")
-    async def orders(self, info: Info, first: int = 20, after: str | None = None) -> OrderConnection:
+    async def orders(self, info: Info, first: int | None = 20, after: str | None = None) -> OrderConnection:
         context = info.context
         page = await order_queries.customer_orders(context.read, context.actor, str(self.id), first, after)
         return OrderConnection.of(page)

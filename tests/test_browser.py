@@ -11,7 +11,6 @@ ORDERSTREAM_SCREENSHOTS=docs writes the screenshots the README shows (`make scre
 otherwise they go to the test's temporary folder.
 """
 
-import asyncio
 import os
 import re
 import time
@@ -29,6 +28,7 @@ from starlette.requests import Request
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
 from orderstream.pages import STATIC, Pages
+from tests.support.databases import run_aside
 from tests.support.server import ServeProcess, free_port
 from tests.support.tokens import SECRET, bearer
 
@@ -135,7 +135,8 @@ class Server:
             async with httpx.AsyncClient(timeout=30) as http:
                 await self.process.until_healthy(http, ready=lambda health: health["projector"] != "starting")
 
-        asyncio.run(ready())
+        # Playwright's synchronous API runs an event loop in this thread.
+        run_aside(ready())
 
     def stop(self) -> None:
         if self.process is not None:

@@ -2,9 +2,10 @@
 which. Every import counts, wherever it sits in a module (a function's own import too).
 
 - infrastructure/persistence and infrastructure/security import no other room of
-  infrastructure, only `infrastructure.errors`;
-- infrastructure/projection imports persistence only (and errors);
-- infrastructure/live imports persistence and security only (and errors);
+  infrastructure, only the modules beside the rooms that every room may use
+  (`infrastructure.errors`, `infrastructure.internals`);
+- infrastructure/projection imports persistence only (and those);
+- infrastructure/live imports persistence and security only (and those);
 - nothing in infrastructure imports schema, commands, queries, domain, events, or the
   composition root (`orderstream.bootstrap`, `orderstream.cli`);
 - domain imports no infrastructure and no library that does I/O.
@@ -94,7 +95,11 @@ def imports_in(package: str) -> list[Import]:
     return [found for name in MODULES if within(name, package) for found in imports_of(name)]
 
 
-# A room may import itself, the rooms named here, and `infrastructure.errors`.
+# Beside the rooms, for every room: the errors any may raise, and the reaches into
+# strawberry's and graphql-core's internals, named once.
+SHARED = (f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals")
+
+# A room may import itself, the rooms named here, and SHARED.
 ROOM_RULES = {
     "persistence": set(),
     "security": set(),
@@ -112,16 +117,16 @@ def test_the_modules_and_their_imports_are_found():
     bootstrap = {found.imported for found in imports_of("orderstream.bootstrap")}
     assert {f"{INFRASTRUCTURE}.settings", "orderstream.schema.app"} <= bootstrap, bootstrap
     assert all(room_of(name) for name in MODULES if within(name, INFRASTRUCTURE)
-               and name not in (INFRASTRUCTURE, f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.settings"))
+               and name not in (INFRASTRUCTURE, *SHARED, f"{INFRASTRUCTURE}.settings"))
 
 
 @pytest.mark.parametrize("room", ROOM_RULES)
 def test_a_room_imports_only_the_rooms_its_rule_allows(room: str):
     allowed = {room, *ROOM_RULES[room]}
     broken = [str(found) for found in imports_in(f"{INFRASTRUCTURE}.{room}")
-              if within(found.imported, INFRASTRUCTURE) and found.imported != f"{INFRASTRUCTURE}.errors"
+              if within(found.imported, INFRASTRUCTURE) and found.imported not in SHARED
               and room_of(found.imported) not in allowed]
-    assert not broken, f"{room} may import only {sorted(allowed - {room}) or 'no other room'} and errors:\n" + \
+    assert not broken, f"{room} may import only {sorted(allowed - {room}) or 'no other room'} and {SHARED}:\n" + \
         "\n".join(broken)
 
 

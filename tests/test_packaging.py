@@ -52,7 +52,9 @@ def mapped_files() -> dict[str, Path]:
         base = PurePosixPath(*name.split("."))
         for path in (ROOT / folder).rglob("*"):
             relative = path.relative_to(ROOT / folder)
-            if path.is_file() and "__pycache__" not in relative.parts and path.suffix != ".pyc":
+            # Dotfiles are no package data (the pages' build leaves a stamp beside them).
+            if path.is_file() and "__pycache__" not in relative.parts and path.suffix != ".pyc" \
+                    and not path.name.startswith("."):
                 files.setdefault(str(base / relative.as_posix()), path)
     return files
 

@@ -190,6 +190,17 @@ async def test_a_page_size_out_of_bounds_is_refused(api: Api, first: int):
         assert codes(result) == ["BAD_USER_INPUT"]
 
 
+async def test_first_null_gives_the_default_page_of_twenty(api: Api, shop: dict):
+    page = await orders_page(api, shop["ann"], None)
+    assert len(page["edges"]) == 20 and page["pageInfo"]["hasNextPage"] is True
+    assert [edge["node"]["id"] for edge in page["edges"]] == list(reversed(shop["orders"]))[:20]
+    products = await api.execute(PRODUCTS_PAGE, {"first": None}, STAFF)
+    assert "errors" not in products, products
+    field = """query($id: ID!) { customer(id: $id) { orders(first: null) { edges { node { id } } } } }"""
+    result = await api.execute(field, {"id": shop["ann"]}, bearer("customer", shop["ann"]))
+    assert len(result["data"]["customer"]["orders"]["edges"]) == 20, result
+
+
 async def test_the_largest_page_is_a_hundred(api: Api, shop: dict):
     page = await orders_page(api, shop["ann"], 100)
     assert len(page["edges"]) == 45 and page["pageInfo"]["hasNextPage"] is False

@@ -1,0 +1,86 @@
+"""/healthz and /readyz: whether a process lives, and whether it should take traffic.
+
+Liveness asks only that the event log answers (a restart helps nothing else). Readiness
+asks more: both databases answer, and every projection is within `max_lag` seconds of the
+head, so that a load balancer keeps queries away from a process whose answers would be
+stale (after a restore, say, while the projector catches up). The lag is measured as the
+read models see it, from their checkpoints in the read database, so on PostgreSQL a
+standby process is as ready as the leader.
+"""
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.persistence.read_store import ReadStore
+
+log = logging.getLogger("orderstream.health")
+
+
+class Health:
+    """The two endpoints over the service's stores. `projector` says where projecting
+    happens (shown by /healthz); `clock` is the time lags are measured against."""
+
+    def __init__(self, store: EventStore, read: ReadStore, projector: Callable[[], str], max_lag: float,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.store, self.read, self.projector = store, read, projector
+        self.max_lag, self.clock = max_lag, clock
+
+    async def healthz(self, request: Request) -> JSONResponse:
+        try:
+            head = await self.store.head()
+        except Exception:
+            log.exception("health check: the event log is unreachable")
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok", "head": head, "projector": self.projector()})
+
+    async def readyz(self, request: Request) -> JSONResponse:
+        """200 with each check's finding, or 503 naming the checks that failed."""
+        checks: dict[str, str] = {}
+        failed: list[str] = []
+        head = checkpoints = None
+        try:
+            head = await self.store.head()
+            checks["eventLog"] = "ok"
+        except Exception:
+            log.exception("readiness: the event log is unreachable")
+            checks["eventLog"] = "unreachable"
+            failed.append("eventLog")
+        try:
+            checkpoints = await self.read.checkpoints()
+            checks["readDatabase"] = "ok"
+        except Exception:
+            log.exception("readiness: the read database is unreachable")
+            checks["readDatabase"] = "unreachable"
+            failed.append("readDatabase")
+        lags: dict[str, float] = {}
+        if head is not None and checkpoints is not None:
+            for name, checkpoint in sorted(checkpoints.items()):
+                check = f"projection {name}"
+                if checkpoint.error:
+                    checks[check] = f"stopped on an event it cannot apply: {checkpoint.error}"
+                    failed.append(check)
+                    continue
+                lags[name] = lag = await self._lag(checkpoint.position, head)
+                if lag > self.max_lag:
+                    checks[check] = f"{lag:.1f} s behind the log (at most {self.max_lag:g} s)"
+                    failed.append(check)
+                else:
+                    checks[check] = "ok"
+        body = {"status": "unready" if failed else "ready", "checks": checks, "failed": failed,
+                "head": head, "lagSeconds": lags}
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    async def _lag(self, position: int, head: int) -> float:
+        """Seconds since the oldest event a projection has not applied was committed: 0
+        when it has applied everything."""
+        if position >= head:
+            return 0.0
+        oldest = await self.store.read(after=position, limit=1)
+        if not oldest:
+            return 0.0
+        return max((self.clock() - oldest[0].recorded_at).total_seconds(), 0.0)
