@@ -16,6 +16,10 @@ MOMENT = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    # A database made before migrations existed may have these tables already (made from
+    # the code's declarations, as the first revision's are): it is adopted as it is.
+    if sa.inspect(op.get_bind()).has_table("exchange_rates"):
+        return
     op.create_table(
         "exchange_rates",
         sa.Column("base", sa.String(3), nullable=False),
