@@ -136,7 +136,7 @@ def fill(path: Path, sizes: Sizes) -> dict[str, Any]:
                                "VALUES (?, ?, ?, ?, ?)", payments)
                 db.executemany("INSERT INTO fx_converted (order_id, reporting_currency, amount_minor) "
                                "VALUES (?, ?, ?)", converted)
-                progress.advance(len(payments))
+                progress.update(n + 1)
                 payments, converted = [], []
         db.executemany("INSERT INTO sales_buckets (bucket_start, currency, orders, revenue_minor) VALUES (?, ?, ?, ?)",
                        [(sqlite_timestamp(s), c, o, r) for (s, c), (o, r) in sales_buckets.items()])
