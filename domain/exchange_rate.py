@@ -65,7 +65,9 @@ class ExchangeRate(Aggregate):
 
     def __init__(self, id: str) -> None:
         super().__init__(id)
-        self.rates: dict[str, str] = {}  # valid_from -> rate, the later event winning
+        # No rule looks at earlier rates (a correction is a rate like any other): the last
+        # one set is kept for reading only.
+        self.last_set: tuple[str, str] | None = None  # (valid_from, rate)
 
     def set(self, rate: Decimal | str, valid_from: datetime, now: datetime) -> None:
         """Record `rate` from `valid_from` on; a past `valid_from` corrects the reports it covers."""
@@ -88,4 +90,4 @@ class ExchangeRate(Aggregate):
     def apply(self, event: Event) -> None:
         match event:
             case ExchangeRateSet():
-                self.rates = {**self.rates, event.valid_from: event.rate}
+                self.last_set = (event.valid_from, event.rate)

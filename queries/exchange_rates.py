@@ -88,7 +88,6 @@ fx_payments = Table(
     Column("paid_at", UTCDateTime, nullable=False),
     Column("cancelled_at", UTCDateTime),
     Index(None, "currency", "paid_at"),
-    Index(None, "currency", "cancelled_at"),
 )
 
 fx_converted = Table(
@@ -302,8 +301,12 @@ def _earliest_missing(conn: Connection, reporting: str, start: datetime, end: da
             before_first = [] if first is None else [p.c.paid_at < first]
             paid = conn.execute(select(func.min(p.c.paid_at)).where(
                 p.c.currency == currency, p.c.paid_at >= start, p.c.paid_at < end, *before_first)).scalar()
-            cancelled = conn.execute(select(func.min(p.c.paid_at)).where(
-                p.c.currency == currency, p.c.cancelled_at >= start, p.c.cancelled_at < end, *before_first)).scalar()
+            # Paid before the window (so before any rate, or it would not be missing) and
+            # cancelled in it: read in payment order, through the payments without a rate only.
+            before = start if first is None else min(start, first)
+            cancelled = conn.execute(select(p.c.paid_at).where(
+                p.c.currency == currency, p.c.paid_at < before, p.c.cancelled_at >= start, p.c.cancelled_at < end,
+            ).order_by(p.c.paid_at).limit(1)).scalar()
             found += [(moment, currency) for moment in (paid, cancelled) if moment is not None]
         currency = conn.execute(select(func.min(p.c.currency)).where(p.c.currency > currency)).scalar()
     if not found:

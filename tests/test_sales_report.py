@@ -333,6 +333,9 @@ async def test_without_a_rate_in_force_the_report_names_the_pair_and_the_time(ap
     result = await report_in(api, "2026-03-07", "2026-03-07", "GBP")
     assert result["errors"][0]["extensions"]["pair"] == "EUR-GBP"
     assert result["errors"][0]["extensions"]["missingAt"] == "2026-03-07T12:00:00Z"
+    # A day with only a cancellation needs the rate of its payment, three days before.
+    result = await report_in(api, "2026-03-10", "2026-03-10", "GBP")
+    assert result["errors"][0]["extensions"]["missingAt"] == "2026-03-07T12:00:00Z"
 
 
 async def test_a_late_rate_corrects_the_days_it_covers_and_no_other(api: Api, clock: Clock, sales: None):

@@ -45,7 +45,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("order_id"),
     )
     op.create_index("ix_fx_payments_currency_paid_at", "fx_payments", ["currency", "paid_at"])
-    op.create_index("ix_fx_payments_currency_cancelled_at", "fx_payments", ["currency", "cancelled_at"])
     op.create_table(
         "fx_converted",
         sa.Column("order_id", sa.String(36), nullable=False),
