@@ -5,7 +5,7 @@ from the log itself, whatever the orders, rates (late ones too) and times."""
 import asyncio
 import tempfile
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -14,10 +14,19 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from orderstream.bootstrap import Service
+from orderstream.commands.customer import RegisterCustomer
+from orderstream.commands.exchange_rate import SetExchangeRate
+from orderstream.commands.order import CancelOrder, PayOrder, PlaceOrder
+from orderstream.commands.product import AddProduct
 from orderstream.infrastructure.persistence.event_store import EventStore
+from orderstream.infrastructure.settings import Settings
+from orderstream.queries import exchange_rates
 from tests.support.api import Api, Clock, clocked_api
-from tests.support.databases import sqlite_url
-from tests.support.tokens import bearer
+from tests.support.databases import BACKENDS, Databases, sqlite_url
+from tests.support.shop import ADDRESS, succeed
+from tests.support.shop import STAFF as SHOP_STAFF
+from tests.support.tokens import SECRET, bearer
 from tests.test_sales_report import STAFF, cancel, mutate, pay, place, set_rate, utc, wait_for_projections
 
 SET_RATE = """mutation($input: SetExchangeRateInput!) { setExchangeRate(input: $input) {
@@ -328,3 +337,41 @@ async def play(directory: Path, order_list: list, rate_list: list, zone_name: st
 def test_the_report_equals_a_conversion_worked_out_from_the_log(order_list, rate_list, zone_name, window):
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(play(Path(directory), order_list, rate_list, zone_name, window))
+
+
+# ---------------------------------------------------------------- both back ends
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_projection_converts_alike_on_both_back_ends(tmp_path: Path, databases: Databases):
+    service = Service(Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET, **databases.environ}))
+    await service.open()
+    try:
+        now = datetime.now(UTC)
+        customer_id = (await succeed(service.dispatcher, RegisterCustomer("Ann Example", "ann@example.com",
+                                                                          "DE"))).stream_id
+        await succeed(service.dispatcher, AddProduct("CAP", "Cap", Decimal("10.00"), "USD", 10))
+        await succeed(service.dispatcher, SetExchangeRate("USD", "EUR", Decimal("0.5"), now - timedelta(days=2)))
+        paid = []
+        for _ in range(2):
+            order_id = (await succeed(service.dispatcher, PlaceOrder(customer_id, (("CAP", 1),), ADDRESS))).stream_id
+            await succeed(service.dispatcher, PayOrder(order_id, Decimal("10.00"), "USD"))
+            paid.append(order_id)
+
+        async def around_today() -> tuple[int, Decimal]:
+            await service.projector.catch_up()
+            days = await exchange_rates.converted_sales_report(
+                service.read, SHOP_STAFF, (now - timedelta(days=1)).date(), (now + timedelta(days=1)).date(),
+                "EUR", "EUR", "UTC")
+            return sum(d.orders for d in days), sum(d.revenue for d in days)
+
+        assert await around_today() == (2, Decimal("10.00"))
+        # Entered late, from an hour before the payments: both are converted again.
+        await succeed(service.dispatcher, SetExchangeRate("USD", "EUR", Decimal("0.8"), now - timedelta(hours=1)))
+        assert await around_today() == (2, Decimal("16.00"))
+        await succeed(service.dispatcher, CancelOrder(paid[0], "changed my mind"))
+        assert await around_today() == (1, Decimal("8.00"))
+        assert await exchange_rates.converted(service.read, Decimal("10.00"), "USD", "EUR",
+                                              now - timedelta(days=1)) == Decimal("5.00")
+        assert await exchange_rates.converted(service.read, Decimal("10.00"), "EUR", "USD", now) == Decimal("12.50")
+    finally:
+        await service.close()
