@@ -298,9 +298,10 @@ def _earliest_missing(conn: Connection, reporting: str, start: datetime, end: da
         if currency != reporting:
             first = conn.execute(select(func.min(rates.c.valid_from)).where(
                 rates.c.base == currency, rates.c.quote == reporting)).scalar()
-            before_first = [] if first is None else [p.c.paid_at < first]
+            # One upper bound, not two: the index range then ends at the first rate.
+            until = end if first is None else min(end, first)
             paid = conn.execute(select(func.min(p.c.paid_at)).where(
-                p.c.currency == currency, p.c.paid_at >= start, p.c.paid_at < end, *before_first)).scalar()
+                p.c.currency == currency, p.c.paid_at >= start, p.c.paid_at < until)).scalar()
             # Paid before the window (so before any rate, or it would not be missing) and
             # cancelled in it: read in payment order, through the payments without a rate only.
             before = start if first is None else min(start, first)
