@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import random
+import time
 import uuid
 import weakref
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from orderstream.domain.aggregate import Aggregate
 from orderstream.domain.errors import ConcurrencyConflict, DomainError, NotFoundError, ValidationError
 from orderstream.domain.values import text
 from orderstream.infrastructure.errors import PublicError
+from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import (
     EventStore,
     IdempotencyKeyTaken,
@@ -265,9 +267,12 @@ def new_event(event: events.Event) -> NewEvent:
 
 class Dispatcher:
     def __init__(self, store: EventStore, handlers: dict[type, Handler],
-                 cache: AggregateCache | None = None) -> None:
+                 cache: AggregateCache | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self.handlers = handlers
+        self.metrics = metrics
+        # The mutation's name for each command (PlaceOrder: placeOrder), the metrics' label.
+        self._names = {command: command.__name__[0].lower() + command.__name__[1:] for command in handlers}
         self.cache = cache or AggregateCache()
         store.on_foreign_streams(self.cache.distrust_streams)
         # One lock per contended stream, alive while a retry holds or awaits it.
@@ -276,6 +281,23 @@ class Dispatcher:
     async def execute(self, command: Any, actor: Actor,
                       correlation_id: str | None = None) -> Accepted | DomainError:
         """Run `command` for `actor`; domain failures come back as values, not raised."""
+        if self.metrics is None:
+            return await self._execute(command, actor, correlation_id)
+        name = self._names[type(command)]
+        started = time.perf_counter()
+        outcome = "INTERNAL_SERVER_ERROR"
+        try:
+            result = await self._execute(command, actor, correlation_id)
+            outcome = "success" if isinstance(result, Accepted) else result.code
+            return result
+        except PublicError as refused:
+            outcome = refused.code
+            raise
+        finally:
+            self.metrics.commands.labels(name, outcome).inc()
+            self.metrics.command_duration.labels(name).observe(time.perf_counter() - started)
+
+    async def _execute(self, command: Any, actor: Actor, correlation_id: str | None) -> Accepted | DomainError:
         handler = self.handlers[type(command)]
         key = getattr(command, "idempotency_key", None)
         idempotent = None
@@ -348,6 +370,9 @@ class Dispatcher:
                     return replayed(await self.store.find_idempotent(idempotent.scope, key),
                                     idempotent.request_hash)
                 await uow.committed()
+                if self.metrics is not None:
+                    for event in recorded:
+                        self.metrics.events_appended.labels(event.stream_type).inc()
                 return Accepted(aggregate.id, aggregate.version, recorded[-1].position)
         finally:
             if turn is not None:

@@ -49,6 +49,8 @@ class Settings:
 
     - ORDERSTREAM_READY_MAX_LAG_SECONDS [10]: /readyz fails while a projection is further
       behind the log than this.
+    - ORDERSTREAM_METRICS_TOKEN: in production /metrics answers only a bearer of this token
+      (at least 16 characters), and is not served without one; in development it is open.
 
     `Environment` reads and checks the variables; a bad value raises SettingsError naming
     the variable and what it expects.
@@ -62,6 +64,8 @@ class Settings:
     consistency_timeout: float = 5.0
     # /readyz fails while a projection is further behind the log than this, in seconds.
     ready_max_lag: float = 10.0
+    # In production /metrics answers only a bearer of this token, and is off without one.
+    metrics_token: str | None = None
     environment: str = "development"
     query_limits: QueryLimits = QueryLimits()
     max_body_bytes: int = 1024 * 1024
@@ -89,6 +93,7 @@ class Settings:
                 issuer=env.jwt_issuer, audience=env.jwt_audience, leeway=env.jwt_leeway),
             consistency_timeout=env.consistency_timeout,
             ready_max_lag=env.ready_max_lag_seconds,
+            metrics_token=env.metrics_token,
             environment=env.env,
             query_limits=QueryLimits(
                 max_depth=env.max_query_depth, max_tokens=env.max_query_tokens, max_aliases=env.max_query_aliases,
@@ -108,6 +113,9 @@ class Settings:
 Origins = Annotated[tuple[str, ...], NoDecode]
 
 
+SECRETS = ("jwt_secret", "metrics_token")
+
+
 class Environment(BaseSettings):
     """The ORDERSTREAM_* variables, checked one by one (Settings puts them together). Each
     field's description says what its variable expects; an empty variable counts as unset,
@@ -119,6 +127,7 @@ class Environment(BaseSettings):
     event_store_url: str | None = Field(None, description="a database URL")
     read_store_url: str | None = Field(None, description="a database URL")
     consistency_timeout: float = Field(5.0, ge=0, allow_inf_nan=False, description="a number of seconds, e.g. 5")
+    metrics_token: str | None = Field(None, min_length=16, description="a token of at least 16 characters")
     ready_max_lag_seconds: float = Field(Settings.ready_max_lag, gt=0, allow_inf_nan=False,
                                          description="a number of seconds above 0, e.g. 10")
     env: Literal["development", "production"] = Field("development", description="development or production")
@@ -159,8 +168,9 @@ class Environment(BaseSettings):
             field = cls.model_fields.get(name)
             if field is None:
                 raise SettingsError(error["msg"]) from None
-            raise SettingsError(f"{PREFIX}{name.upper()}: expected {field.description}, "
-                                f"got {error['input']!r}") from None
+            # A secret's value is not repeated: the message may end up in a log.
+            given = "a value that does not fit" if name in SECRETS else repr(error["input"])
+            raise SettingsError(f"{PREFIX}{name.upper()}: expected {field.description}, got {given}") from None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -8,7 +8,9 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -18,6 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import COMMAND_HANDLERS
 from orderstream.infrastructure.live.event_hub import EventHub
+from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore
 from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from orderstream.infrastructure.persistence.read_store import ReadStore
@@ -25,7 +28,7 @@ from orderstream.infrastructure.projection.process import ProjectorProcess
 from orderstream.infrastructure.projection.projector import Projection, Projector
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
-from orderstream.infrastructure.web.health import Health
+from orderstream.infrastructure.web.health import Health, MetricsPage
 from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
@@ -44,13 +47,16 @@ def projections() -> list[Projection]:
 class Service:
     """The stores, the dispatcher and the projector, opened and closed together."""
 
-    def __init__(self, settings: Settings, inline: bool = False) -> None:
+    def __init__(self, settings: Settings, inline: bool = False,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), metrics: Metrics | None = None) -> None:
         """`inline`: a process that only projects runs its SQLite statements in its event
-        loop (see infrastructure.persistence.database)."""
+        loop (see infrastructure.persistence.database). `clock`: the log's time (the demo
+        shop spreads its history over past days). `metrics`: what a server counts."""
         self.settings = settings
-        self.store = EventStore(settings.event_store_url, inline=inline)
-        self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline)
-        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS)
+        self.store = EventStore(settings.event_store_url, clock=clock, inline=inline)
+        self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline,
+                              waited=metrics.consistency_wait.observe if metrics else None)
+        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS, metrics=metrics)
         self.projector = Projector(self.store, self.read, projections())
         self.hub = EventHub(self.store)
         self.owners = OrderOwners(self.store)
@@ -126,7 +132,8 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     elsewhere (`orderstream projections run`)."""
     if projector not in PROJECTOR_MODES:
         raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
-    service = Service(settings)
+    metrics = Metrics()
+    service = Service(settings, metrics=metrics)
     child = projector_process(service) if projector == "process" else None
     if child is not None:
         service.store.on_append(child.wake)
@@ -135,7 +142,7 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst, settings.rate_limit_storage,
                            settings.rate_limit_prefix) if settings.rate_limit else None
     pages = Pages(development=settings.environment == "development")
-    graphql = GraphQLApp(build_schema(bounds), service.dispatcher, service.store, service.read, service.hub,
+    graphql = GraphQLApp(build_schema(bounds, metrics), service.dispatcher, service.store, service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
                          websocket_origins=settings.websocket_origins)
@@ -176,10 +183,13 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
         return "leading" if service.leadership.leading else "standby"
 
     health = Health(service.store, service.read, projecting_where, settings.ready_max_lag)
+    metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
+                               token=settings.metrics_token)
     return Starlette(
         routes=[
             Route("/healthz", health.healthz),
             Route("/readyz", health.readyz),
+            Route("/metrics", metrics_page.page),
             Route("/graphql", graphql, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             *pages.routes(),

@@ -7,17 +7,21 @@ import argparse
 import asyncio
 import gc
 import logging
+import shutil
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 from sqlalchemy.engine import make_url
 
+from orderstream import demo
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
 from orderstream.infrastructure.errors import SettingsError
+from orderstream.infrastructure.persistence.backup import copy_database, sqlite_path
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
 from orderstream.infrastructure.projection.process import project_as_child
@@ -146,6 +150,70 @@ def _projections_rebuild(names: list[str]):
     return rebuild
 
 
+async def _seed_demo(args: argparse.Namespace) -> None:
+    clock = demo.starting_clock()
+    service = Service(Settings.load(args.data_dir), clock=clock)
+    await service.open()
+    try:
+        if (head := await service.store.head()) > 0:
+            sys.exit(f"orderstream seed-demo: the log at {service.settings.event_store_url} already holds {head} "
+                     "events; the demo shop goes into a fresh data folder: pass another --data-dir")
+        shop = demo.Shop(products=args.products, customers=args.customers, orders=args.orders, days=args.days)
+        with Progress(TextColumn("seeding"), BarColumn(), MofNCompleteColumn(), TextColumn("products, customers "
+                      "and orders"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+            work = bar.add_task("seed", total=shop.products + shop.customers + shop.orders)
+            statuses = await demo.seed(service.dispatcher, clock, shop, args.seed,
+                                       lambda done: bar.advance(work, done))
+        await service.projector.catch_up()
+        log.info("seeded %d products, %d customers and %d orders (%s) into %s, up to position %d",
+                 shop.products, shop.customers, shop.orders,
+                 ", ".join(f"{count} {status.lower()}" for status, count in statuses.items()),
+                 service.settings.data_dir, await service.store.head())
+    finally:
+        await service.close()
+
+
+def _backup(args: argparse.Namespace) -> None:
+    settings = Settings.load(args.data_dir)
+    # The read models first: copied before the log, their checkpoints can only be behind
+    # the copied log's head, and a server started on the copy projects the difference.
+    files = [("read.db", sqlite_path(settings.read_store_url)), ("events.db", sqlite_path(settings.event_store_url))]
+    if any(path is None for _, path in files):
+        sys.exit("orderstream backup copies SQLite databases; on PostgreSQL back up with pg_dump or "
+                 "pg_basebackup (see the README)")
+    target = Path(args.to).resolve()
+    if any((target / name).exists() for name, _ in files):
+        sys.exit(f"orderstream backup: {target} already holds a backup; choose an empty folder")
+    for _, path in files:
+        if not path.exists():
+            sys.exit(f"orderstream backup: there is no database at {path}; pass the server's --data-dir")
+    target.mkdir(parents=True, exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pages"),
+                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        for name, path in files:
+            task = bar.add_task(f"copying {name}", total=None)
+            copy_database(path, target / name, lambda done, total, task=task: bar.update(task, completed=done,
+                                                                                           total=total))
+    secret = settings.data_dir / "jwt-secret"
+    if secret.exists():  # tokens signed before the backup stay valid on a server started from it
+        shutil.copy2(secret, target / "jwt-secret")
+    log.info("backed up %s to %s: start a server on it with `orderstream serve --data-dir %s`",
+             settings.data_dir, target, target)
+
+
+def _count(least: int, most: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = least - 1
+        if not least <= number <= most:
+            raise argparse.ArgumentTypeError(f"a whole number from {least:,} to {most:,}; got {value!r}")
+        return number
+
+    return parse
+
+
 def _schema(args: argparse.Namespace) -> None:
     # schema.graphql at the repository's root is this output (tests/test_schema_file.py).
     sys.stdout.write(build_schema().as_str() + "\n")
@@ -208,7 +276,19 @@ def main(argv: list[str] | None = None) -> None:
     schema = commands.add_parser("schema", help="print the GraphQL schema (SDL), for generating typed clients")
     schema.set_defaults(run=_schema)
 
-    for sub in (serve, token, migrate, run, status, rebuild):
+    seed = commands.add_parser("seed-demo", help="fill a fresh data folder with a demo shop, through the commands")
+    seed.add_argument("--products", type=_count(1, 10_000), default=24, help="products in EUR, USD and GBP [24]")
+    seed.add_argument("--customers", type=_count(1, 100_000), default=40, help="customers in six countries [40]")
+    seed.add_argument("--orders", type=_count(0, 1_000_000), default=300, help="orders in every status [300]")
+    seed.add_argument("--days", type=_count(1, 3650), default=30, help="days the history spans, up to now [30]")
+    seed.add_argument("--seed", type=int, default=1, help="the same seed gives the same shop, ids aside [1]")
+    seed.set_defaults(run=lambda a: asyncio.run(_seed_demo(a)))
+
+    backup = commands.add_parser("backup", help="copy the SQLite databases, whole and consistent, while they serve")
+    backup.add_argument("--to", required=True, metavar="DIR", help="an empty folder for the copy")
+    backup.set_defaults(run=_backup)
+
+    for sub in (serve, token, migrate, run, status, rebuild, seed, backup):
         sub.add_argument("--data-dir", help="folder for events.db, read.db and the signing secret "
                                             "(default: $ORDERSTREAM_DATA_DIR or ./var)")
     args = parser.parse_args(argv)

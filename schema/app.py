@@ -16,6 +16,7 @@ from strawberry.schema.config import StrawberryConfig
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.live.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
+from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
@@ -23,6 +24,7 @@ from orderstream.infrastructure.web.graphql_errors import ErrorCodes
 from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
 from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
+from orderstream.infrastructure.web.observed import observed
 from orderstream.infrastructure.web.rate_limit import RateLimit, RateLimited
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.queries.orders import lines_of
@@ -36,13 +38,14 @@ MAX_SUBSCRIPTIONS_PER_CONNECTION = 20
 EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its closing timer
 
 
-def build_schema(bounds: QueryBounds | None = None) -> strawberry.Schema:
-    """The schema, its documents bounded by `bounds` (the default limits if None)."""
+def build_schema(bounds: QueryBounds | None = None, metrics: Metrics | None = None) -> strawberry.Schema:
+    """The schema, its documents bounded by `bounds` (the default limits if None), its
+    operations counted in `metrics` if given."""
     bounds = bounds or QueryBounds(QueryLimits())
     schema = strawberry.Schema(
         query=Query, mutation=Mutation, subscription=Subscription,
         # ErrorCodes first: its on_operation exit runs last, after the bounds have amended the errors.
-        extensions=[ErrorCodes, bounds.extension()],
+        extensions=[ErrorCodes, bounds.extension(), *([observed(metrics)] if metrics else [])],
         config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
     prepare_inputs(schema)

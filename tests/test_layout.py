@@ -3,7 +3,7 @@ which. Every import counts, wherever it sits in a module (a function's own impor
 
 - infrastructure/persistence and infrastructure/security import no other room of
   infrastructure, only the modules beside the rooms that every room may use
-  (`infrastructure.errors`, `infrastructure.internals`);
+  (`infrastructure.errors`, `infrastructure.internals`, `infrastructure.metrics`);
 - infrastructure/projection imports persistence only (and those);
 - infrastructure/live imports persistence and security only (and those);
 - nothing in infrastructure imports schema, commands, queries, domain, events, or the
@@ -95,9 +95,9 @@ def imports_in(package: str) -> list[Import]:
     return [found for name in MODULES if within(name, package) for found in imports_of(name)]
 
 
-# Beside the rooms, for every room: the errors any may raise, and the reaches into
-# strawberry's and graphql-core's internals, named once.
-SHARED = (f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals")
+# Beside the rooms, for every room: the errors any may raise, the reaches into
+# strawberry's and graphql-core's internals, named once, and the metrics' instruments.
+SHARED = (f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals", f"{INFRASTRUCTURE}.metrics")
 
 # A room may import itself, the rooms named here, and SHARED.
 ROOM_RULES = {

@@ -79,10 +79,12 @@ class ReadStore:
     Connection, see `Database`), run by `write` and `read`."""
 
     def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1,
-                 inline: bool = False) -> None:
-        """`inline`: see `Database`."""
+                 inline: bool = False, waited: Callable[[float], None] | None = None) -> None:
+        """`inline`: see `Database`. `waited(seconds)` after each wait for a position, however
+        it ended (the metrics' consistency waits)."""
         self.url = url
         self.consistency_timeout = consistency_timeout
+        self.waited = waited
         # How often a waiting query re-reads the checkpoints, for projectors elsewhere.
         self.poll_interval = poll_interval
         # Read models are made from the log: a projector commit lost with the power is
@@ -195,19 +197,24 @@ class ReadStore:
             return
         names = tuple(names)
         timeout = self.consistency_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        async with self._advanced:
-            while not all(self._positions.get(name, 0) >= position for name in names):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ConsistencyTimeout(
-                        f"the read models did not reach position {position} within {timeout:g} s; "
-                        "retry, or check projectionStatus"
-                    )
-                try:
-                    await asyncio.wait_for(self._advanced.wait(), min(remaining, self.poll_interval))
-                except TimeoutError:
-                    self._positions.update(await self._positions_in_database())
+        started = time.monotonic()
+        deadline = started + timeout
+        try:
+            async with self._advanced:
+                while not all(self._positions.get(name, 0) >= position for name in names):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ConsistencyTimeout(
+                            f"the read models did not reach position {position} within {timeout:g} s; "
+                            "retry, or check projectionStatus"
+                        )
+                    try:
+                        await asyncio.wait_for(self._advanced.wait(), min(remaining, self.poll_interval))
+                    except TimeoutError:
+                        self._positions.update(await self._positions_in_database())
+        finally:
+            if self.waited is not None:
+                self.waited(time.monotonic() - started)
 
     @staticmethod
     def swap(conn: Connection, shadow: Mapping[str, Table]) -> None:

@@ -8,13 +8,16 @@ read models see it, from their checkpoints in the read database, so on PostgreSQ
 standby process is as ready as the leader.
 """
 
+import hmac
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 
@@ -65,7 +68,7 @@ class Health:
                     checks[check] = f"stopped on an event it cannot apply: {checkpoint.error}"
                     failed.append(check)
                     continue
-                lags[name] = lag = await self._lag(checkpoint.position, head)
+                lags[name] = lag = await self.lag(checkpoint.position, head)
                 if lag > self.max_lag:
                     checks[check] = f"{lag:.1f} s behind the log (at most {self.max_lag:g} s)"
                     failed.append(check)
@@ -75,7 +78,7 @@ class Health:
                 "head": head, "lagSeconds": lags}
         return JSONResponse(body, status_code=503 if failed else 200)
 
-    async def _lag(self, position: int, head: int) -> float:
+    async def lag(self, position: int, head: int) -> float:
         """Seconds since the oldest event a projection has not applied was committed: 0
         when it has applied everything."""
         if position >= head:
@@ -84,3 +87,35 @@ class Health:
         if not oldest:
             return 0.0
         return max((self.clock() - oldest[0].recorded_at).total_seconds(), 0.0)
+
+
+class MetricsPage:
+    """GET /metrics in Prometheus's text format. In production it answers only a bearer of
+    `token`, and is not there at all without one; in development anyone may read it. The
+    log's head and the projections' lags are read now, as the scrape asks."""
+
+    def __init__(self, metrics: Metrics, health: Health, production: bool, token: str | None) -> None:
+        self.metrics, self.health = metrics, health
+        self.open = not production
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def page(self, request: Request) -> Response:
+        if not self.open:
+            if self.expected is None:
+                return PlainTextResponse("Not Found", status_code=404)
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                return PlainTextResponse("/metrics needs the bearer token set in ORDERSTREAM_METRICS_TOKEN",
+                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        try:
+            head = await self.health.store.head()
+            checkpoints = await self.health.read.checkpoints()
+        except Exception:
+            log.exception("metrics: a database is unreachable")
+            return PlainTextResponse("a database is unreachable: see /readyz", status_code=503)
+        metrics = self.metrics
+        metrics.head.set(head)
+        for name, checkpoint in checkpoints.items():
+            metrics.projection_lag_events.labels(name).set(max(head - checkpoint.position, 0))
+            metrics.projection_lag_seconds.labels(name).set(await self.health.lag(checkpoint.position, head))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

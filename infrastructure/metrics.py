@@ -1,0 +1,40 @@
+"""The process's Prometheus metrics: one registry per app, never prometheus-client's global
+one, so that each app (and each test) counts for itself.
+
+Every label takes a bounded set of values (mutation names, error codes, operation types,
+stream types, projection names): no ids, no documents. What is a state rather
+than a count (the log's head, each projection's lag) is read when /metrics is scraped.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds: from a cached command's few milliseconds to a consistentWith wait's timeout.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The instruments, named as dashboards and alerts rely on."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.commands = Counter("orderstream_commands", "Commands handled, by mutation and outcome (success or "
+                                "the error's code).", ["command", "outcome"], registry=registry)
+        self.command_duration = Histogram("orderstream_command_duration_seconds", "Time to handle a command and "
+                                          "commit its events.", ["command"], buckets=BUCKETS, registry=registry)
+        self.events_appended = Counter("orderstream_events_appended", "Events this process appended, by stream "
+                                       "type.", ["stream_type"], registry=registry)
+        self.head = Gauge("orderstream_log_head_position", "The log's last position.", registry=registry)
+        self.projection_lag_events = Gauge("orderstream_projection_lag_events", "Events in the log that a "
+                                           "projection has not applied.", ["projection"], registry=registry)
+        self.projection_lag_seconds = Gauge("orderstream_projection_lag_seconds", "Seconds since the oldest event "
+                                            "a projection has not applied was committed; 0 when caught up.",
+                                            ["projection"], registry=registry)
+        self.requests = Counter("orderstream_graphql_requests", "GraphQL operations, by type and outcome (success, "
+                                "or error when the response carries errors).", ["operation_type", "outcome"],
+                                registry=registry)
+        self.request_duration = Histogram("orderstream_graphql_request_duration_seconds", "Time to run a GraphQL "
+                                          "operation (a subscription: its start).", ["operation_type"],
+                                          buckets=BUCKETS, registry=registry)
+        self.consistency_wait = Histogram("orderstream_consistency_wait_seconds", "How long queries with "
+                                          "consistentWith waited for the read models.", buckets=BUCKETS,
+                                          registry=registry)
