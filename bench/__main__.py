@@ -6,7 +6,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench import commands, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
+from bench import commands, fx_report, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "commands": commands.run,
     "rebuild": rebuild.run,
     "read_latency": read_latency.run,
+    "fx_report": fx_report.run,
     "subscriptions": subscriptions.run,
     "scale_out": scale_out.run,
     "relay": relay.run,

@@ -1,6 +1,7 @@
 """The one map from command to handler."""
 
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer, forget_customer, register_customer
+from orderstream.commands.exchange_rate import SetExchangeRate, set_exchange_rate
 from orderstream.commands.order import (
     CancelOrder,
     DeliverOrder,
@@ -33,4 +34,5 @@ COMMAND_HANDLERS = {
     ShipOrder: ship_order,
     DeliverOrder: deliver_order,
     CancelOrder: cancel_order,
+    SetExchangeRate: set_exchange_rate,
 }

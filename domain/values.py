@@ -82,6 +82,12 @@ def quantity(value: int, field: str = "quantity", *, maximum: int = 1_000_000) -
     return value
 
 
+def currency_code(code: str, field: str = "currency") -> str:
+    if code not in _currencies():
+        raise ValidationError("INVALID_CURRENCY", f"{code!r} is not an ISO-4217 currency code", field)
+    return code
+
+
 @dataclass(frozen=True)
 class Money:
     amount: Decimal
@@ -90,11 +96,7 @@ class Money:
     @classmethod
     def parse(cls, amount: Decimal | str, currency: str, field: str = "price") -> "Money":
         """A positive amount in a known ISO-4217 currency, within its minor units."""
-        if currency not in _currencies():
-            raise ValidationError(
-                "INVALID_CURRENCY", f"{currency!r} is not an ISO-4217 currency code",
-                f"{field}.currency",
-            )
+        currency_code(currency, f"{field}.currency")
         try:
             amount = Decimal(amount)
         except InvalidOperation:

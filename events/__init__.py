@@ -121,6 +121,22 @@ class OrderCancelled(Event):
     reason: str
 
 
+# ---------------------------------------------------------------- ExchangeRate stream
+
+
+@dataclass(frozen=True)
+class ExchangeRateSet(Event):
+    """One unit of `base` is worth `rate` units of `quote` from `valid_from` on (ISO-8601,
+    UTC), until a later `valid_from` of the same pair; `inverse_rate` is 1/rate to the same
+    precision, the quote-to-base rate unless that pair is set on its own."""
+
+    base: str
+    quote: str
+    rate: str
+    inverse_rate: str
+    valid_from: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -136,6 +152,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         OrderShipped,
         OrderDelivered,
         OrderCancelled,
+        ExchangeRateSet,
     )
 }
 

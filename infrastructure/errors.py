@@ -1,7 +1,13 @@
+from collections.abc import Mapping
+from types import MappingProxyType
+
+
 class PublicError(Exception):
-    """A failure whose message is safe to show a client, under `code`."""
+    """A failure whose message is safe to show a client, under `code`; `extensions` go
+    beside the code, for a client to act on without parsing the message."""
 
     code = "BAD_REQUEST"
+    extensions: Mapping[str, object] = MappingProxyType({})
 
 
 class BadUserInput(PublicError):

@@ -36,7 +36,7 @@ from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
 from orderstream.pages import Pages
-from orderstream.queries import customers, orders, products, sales
+from orderstream.queries import customers, exchange_rates, orders, products, sales
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.schema.app import GraphQLApp, build_schema
 
@@ -44,7 +44,7 @@ log = logging.getLogger("orderstream")
 
 
 def projections() -> list[Projection]:
-    return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION]
+    return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION, exchange_rates.PROJECTION]
 
 
 def relay(store: EventStore, settings: Settings) -> Relay | None:

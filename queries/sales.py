@@ -7,6 +7,7 @@ lies within one local day in any zone: a report reads at most 96 buckets per day
 currency, however many orders there were.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -102,14 +103,19 @@ def zone_named(name: str) -> ZoneInfo:
         raise BadUserInput(f"unknown time zone {name!r}: use an IANA name such as 'Europe/Berlin'") from None
 
 
-async def sales_report(read: ReadStore, actor: Actor, first_day: date, last_day: date,
-                       currency: str, zone_name: str) -> list[DailySales]:
-    """Paid orders by local day of payment, less those cancelled later (on the day of
-    cancellation); every day of the range, zeros included. Staff only."""
-    actor.require_staff()
+@dataclass(frozen=True)
+class Window:
+    """The local days of a report and the UTC instants they span, [start, end)."""
+
+    zone: ZoneInfo
+    first_day: date
+    days: int
+    start: datetime
+    end: datetime
+
+
+def report_window(first_day: date, last_day: date, zone_name: str) -> Window:
     zone = zone_named(zone_name)
-    if currency not in list_currencies():
-        raise BadUserInput(f"{currency!r} is not an ISO-4217 currency code")
     if last_day < first_day:
         raise BadUserInput("'to' is before 'from'")
     days = (last_day - first_day).days + 1
@@ -120,16 +126,38 @@ async def sales_report(read: ReadStore, actor: Actor, first_day: date, last_day:
         end = datetime.combine(last_day + timedelta(days=1), time(), zone).astimezone(UTC)
     except OverflowError:
         raise BadUserInput("the days must lie within the years 1 to 9999, in UTC too") from None
-    query = select(sales_buckets.c.bucket_start, sales_buckets.c.orders, sales_buckets.c.revenue_minor).where(
-        sales_buckets.c.currency == currency,
-        sales_buckets.c.bucket_start >= start, sales_buckets.c.bucket_start < end,
-    )
-    buckets = await read.read(lambda conn: conn.execute(query).all())
-    totals = {first_day + timedelta(days=n): [0, 0] for n in range(days)}
+    return Window(zone, first_day, days, start, end)
+
+
+def currency_named(code: str) -> str:
+    if code not in list_currencies():
+        raise BadUserInput(f"{code!r} is not an ISO-4217 currency code")
+    return code
+
+
+def by_day(window: Window, buckets: Iterable, currency: str) -> list[DailySales]:
+    """Buckets (bucket_start, orders, revenue_minor) summed by local day, every day of the window."""
+    totals = {window.first_day + timedelta(days=n): [0, 0] for n in range(window.days)}
     for bucket in buckets:
-        day = totals[bucket.bucket_start.astimezone(zone).date()]
+        day = totals[bucket.bucket_start.astimezone(window.zone).date()]
         day[0] += bucket.orders
         day[1] += bucket.revenue_minor
     places = get_currency_precision(currency)
     return [DailySales(day, currency, orders, Decimal(revenue).scaleb(-places).quantize(Decimal(1).scaleb(-places)))
             for day, (orders, revenue) in totals.items()]
+
+
+async def sales_report(read: ReadStore, actor: Actor, first_day: date, last_day: date,
+                       currency: str, zone_name: str) -> list[DailySales]:
+    """Paid orders by local day of payment, less those cancelled later (on the day of
+    cancellation); every day of the range, zeros included. Staff only."""
+    actor.require_staff()
+    zone_named(zone_name)
+    currency_named(currency)
+    window = report_window(first_day, last_day, zone_name)
+    query = select(sales_buckets.c.bucket_start, sales_buckets.c.orders, sales_buckets.c.revenue_minor).where(
+        sales_buckets.c.currency == currency,
+        sales_buckets.c.bucket_start >= window.start, sales_buckets.c.bucket_start < window.end,
+    )
+    buckets = await read.read(lambda conn: conn.execute(query).all())
+    return by_day(window, buckets, currency)

@@ -1,6 +1,7 @@
 """Mutations: one per command. Each builds the command, dispatches it, maps the outcome."""
 
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, TypeVar
 
@@ -9,6 +10,7 @@ from strawberry.types import Info
 
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer
 from orderstream.commands.dispatcher import Accepted
+from orderstream.commands.exchange_rate import SetExchangeRate
 from orderstream.commands.order import (
     CancelOrder,
     DeliverOrder,
@@ -145,6 +147,18 @@ class CancelOrderInput:
     idempotency_key: str | None = IDEMPOTENCY_KEY
 
 
+@strawberry.input(description="One unit of `base` is worth `rate` units of `quote` from `validFrom` on.")
+class SetExchangeRateInput:
+    base: str = strawberry.field(description='ISO-4217 code, e.g. "USD".')
+    quote: str = strawberry.field(description='ISO-4217 code, e.g. "EUR".')
+    rate: Decimal = strawberry.field(description="Positive, at most 12 significant digits, between 0.000001 "
+                                                 "and 1000000.")
+    valid_from: datetime = strawberry.field(
+        description="With a UTC offset; may lie in the past (a late entry corrects the reports it covers), "
+                    "at most one day ahead.")
+    idempotency_key: str | None = IDEMPOTENCY_KEY
+
+
 # ---------------------------------------------------------------- results
 
 POSITION = strawberry.field(
@@ -176,6 +190,13 @@ class ProductSuccess:
 class OrderSuccess:
     order_id: strawberry.ID
     version: int = strawberry.field(description="The order's version after this command.")
+    position: Position = POSITION
+
+
+@strawberry.type
+class ExchangeRateSuccess:
+    pair: strawberry.ID = strawberry.field(description='The stream of the pair, e.g. "USD-EUR".')
+    version: int = strawberry.field(description="How many rates the pair has had set, this one included.")
     position: Position = POSITION
 
 
@@ -212,6 +233,8 @@ ShipOrderResult = Annotated[OrderTransitionMembers, strawberry.union("ShipOrderR
 DeliverOrderResult = Annotated[OrderTransitionMembers, strawberry.union("DeliverOrderResult")]
 CancelOrderResult = Annotated[OrderTransitionMembers, strawberry.union("CancelOrderResult")]
 
+SetExchangeRateResult = Annotated[ExchangeRateSuccess | ValidationError, strawberry.union("SetExchangeRateResult")]
+
 T = TypeVar("T")
 
 
@@ -240,6 +263,11 @@ def _product(accepted: Accepted) -> ProductSuccess:
 def _order(accepted: Accepted) -> OrderSuccess:
     return OrderSuccess(order_id=strawberry.ID(accepted.stream_id), version=accepted.version,
                         position=Position(accepted.position))
+
+
+def _rate(accepted: Accepted) -> ExchangeRateSuccess:
+    return ExchangeRateSuccess(pair=strawberry.ID(accepted.stream_id), version=accepted.version,
+                               position=Position(accepted.position))
 
 
 @strawberry.type
@@ -320,3 +348,12 @@ class Mutation:
                               expected_version=input.expected_version,
                               idempotency_key=input.idempotency_key)
         return await _dispatch(info, command, _order)
+
+    @strawberry.mutation(description="Set the exchange rate of a pair from `validFrom` on. The inverse pair "
+                                     "gets 1/rate (to 12 significant digits) unless it is set on its own; of "
+                                     "two rates of a pair with the same validFrom the later one counts, and "
+                                     "both stay in the log. Staff or admin.")
+    async def set_exchange_rate(self, info: Info, input: SetExchangeRateInput) -> SetExchangeRateResult:
+        command = SetExchangeRate(base=input.base, quote=input.quote, rate=input.rate,
+                                  valid_from=input.valid_from, idempotency_key=input.idempotency_key)
+        return await _dispatch(info, command, _rate)

@@ -7,7 +7,7 @@ import strawberry
 from strawberry.types import Info
 
 from orderstream.infrastructure.errors import BadUserInput
-from orderstream.queries import customers, orders, products, sales
+from orderstream.queries import customers, exchange_rates, orders, products, sales
 from orderstream.queries.order_history import order_history
 from orderstream.queries.projection_status import projection_status
 from orderstream.schema.read_types import (
@@ -99,10 +99,21 @@ class Query:
         return Order.of(view) if view else None
 
     @strawberry.field(description="Paid orders by day of payment in `timeZone` (IANA); a paid order "
-                                  "cancelled later is subtracted on the day of cancellation. Staff.")
+                                  "cancelled later is subtracted on the day of cancellation. With "
+                                  "`reportingCurrency`, paid orders of every currency count (`currency` then "
+                                  "filters nothing), each converted at the exchange rate in force when it "
+                                  "was paid and rounded half-even to the reporting currency's minor units, "
+                                  "then summed; a cancellation is converted at its payment's rate. A payment "
+                                  "with no rate in force is EXCHANGE_RATE_MISSING, naming the pair and the "
+                                  "earliest time. Staff.")
     async def sales_report(self, info: Info, from_: Annotated[date, strawberry.argument(name="from")],
-                           to: date, currency: str, time_zone: str = "UTC") -> list[DailySales]:
-        days = await sales.sales_report(info.context.read, info.context.actor, from_, to, currency, time_zone)
+                           to: date, currency: str, time_zone: str = "UTC",
+                           reporting_currency: str | None = None) -> list[DailySales]:
+        if reporting_currency is None:
+            days = await sales.sales_report(info.context.read, info.context.actor, from_, to, currency, time_zone)
+        else:
+            days = await exchange_rates.converted_sales_report(info.context.read, info.context.actor, from_, to,
+                                                               currency, reporting_currency, time_zone)
         return [DailySales(day=d.day, currency=d.currency, orders=d.orders,
                            revenue=Money(amount=d.revenue, currency=d.currency)) for d in days]
 

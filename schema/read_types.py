@@ -1,8 +1,9 @@
 """The read side's GraphQL types, built from read-model rows."""
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
+from typing import Optional
 
 import strawberry
 from babel import Locale, UnknownLocaleError
@@ -12,6 +13,7 @@ from strawberry.types import Info
 
 from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
+from orderstream.queries import exchange_rates
 from orderstream.queries import orders as order_queries
 from orderstream.queries.orders import OrderView
 from orderstream.queries.projection_status import Status
@@ -40,6 +42,25 @@ class Money:
         except (UnknownLocaleError, ValueError, TypeError):
             raise BadUserInput(f"unknown locale {locale!r}: use a tag such as 'de-DE' or 'en'") from None
         return format_currency(self.amount, self.currency, locale=parsed)
+
+    @strawberry.field(description="This amount in `to` at the exchange rate in force at `at` (default: now): "
+                                  "the rate whose validFrom is the latest at or before it, the amount rounded "
+                                  "half-even to the minor units of `to`. Null, with an error "
+                                  "EXCHANGE_RATE_MISSING that names the pair, when no rate is in force then.")
+    async def converted(self, info: Info, to: str, at: datetime | None = None) -> Optional["Money"]:
+        at = datetime.now(UTC) if at is None else utc_moment(at, "at")
+        amount = await exchange_rates.converted(info.context.read, self.amount, self.currency, to, at)
+        return Money(amount=amount, currency=to)
+
+
+def utc_moment(moment: datetime, name: str) -> datetime:
+    """A client's moment in UTC; one without an offset is refused rather than guessed."""
+    if moment.tzinfo is None:
+        raise BadUserInput(f"{name} needs a UTC offset, e.g. 2026-01-31T12:00:00Z")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise BadUserInput(f"{name} must lie within the years 1 to 9999 in UTC") from None
 
 
 @strawberry.type
@@ -185,9 +206,12 @@ class ProductConnection:
 @strawberry.type(description="One local day's paid orders in one currency.")
 class DailySales:
     day: date
-    currency: str
+    currency: str = strawberry.field(description="The report's currency, or its reporting currency.")
     orders: int = strawberry.field(description="Orders paid that day, less paid orders cancelled that day.")
-    revenue: Money
+    revenue: Money = strawberry.field(
+        description="With a reporting currency: each order converted at the rate in force when it was paid "
+                    "and rounded half-even to the reporting currency's minor units, then summed; a "
+                    "cancellation is taken back at its payment's rate.")
 
 
 @strawberry.type(description="How far a read model has come.")

@@ -371,6 +371,14 @@ OPERATIONS = [
         fresh_order("PAID", reason="changed my mind"),
         succeeded("OrderSuccess", "orderId"),
     ),
+    Operation(
+        "setExchangeRate",
+        mutation_document("setExchangeRate", "SetExchangeRateInput", "ExchangeRateSuccess", "pair position"),
+        STAFF_ONLY,
+        lambda shop: {"input": {"base": "USD", "quote": "EUR", "rate": "0.92",
+                                "validFrom": datetime.now(UTC).isoformat()}},
+        succeeded("ExchangeRateSuccess"),
+    ),
     # ---------------------------------------------------------------- queries
     Operation(
         "me",

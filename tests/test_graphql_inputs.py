@@ -2,6 +2,7 @@
 are the ones strawberry's own conversion builds, for every input type of the schema."""
 
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +13,8 @@ from strawberry.types.base import StrawberryList, StrawberryObjectDefinition, St
 
 from orderstream.schema.app import build_schema
 
-SAMPLES = {str: "text", int: 3, strawberry.ID: "7d7c8c0e-0f4a-4b6e-9d2e-3b1f0c2a9e11", Decimal: Decimal("12.50")}
+SAMPLES = {str: "text", int: 3, strawberry.ID: "7d7c8c0e-0f4a-4b6e-9d2e-3b1f0c2a9e11", Decimal: Decimal("12.50"),
+           datetime: datetime(2026, 3, 9, tzinfo=UTC)}
 
 
 def input_definitions(schema: strawberry.Schema) -> list[StrawberryObjectDefinition]:

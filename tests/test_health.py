@@ -26,8 +26,9 @@ async def test_a_serving_process_is_ready_with_every_check_named(api):
     body = response.json()
     assert body["status"] == "ready" and body["failed"] == []
     assert body["checks"] == {"eventLog": "ok", "readDatabase": "ok", "projection customers": "ok",
-                              "projection orders": "ok", "projection products": "ok", "projection sales": "ok"}
-    assert set(body["lagSeconds"]) == {"customers", "orders", "products", "sales"}
+                              "projection orders": "ok", "projection products": "ok", "projection sales": "ok",
+                              "projection exchange_rates": "ok"}
+    assert set(body["lagSeconds"]) == {"customers", "orders", "products", "sales", "exchange_rates"}
 
 
 @pytest.fixture
@@ -55,7 +56,8 @@ async def test_a_projection_further_behind_than_the_bound_makes_the_process_unre
     body = json.loads(late.body)
     assert body["status"] == "unready"
     # None has applied the registration: each is named, and nothing else.
-    assert body["failed"] == ["projection customers", "projection orders", "projection products", "projection sales"]
+    assert body["failed"] == ["projection customers", "projection exchange_rates", "projection orders",
+                              "projection products", "projection sales"]
     assert body["checks"]["projection customers"] == "30.0 s behind the log (at most 10 s)"
     assert body["lagSeconds"]["customers"] == pytest.approx(30.0)
 

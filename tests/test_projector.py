@@ -414,6 +414,7 @@ async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoin
             "customers": (str(placed.position), str(placed.position), 0, None),
             "products": (str(placed.position), str(placed.position), 0, None),
             "sales": (str(placed.position), str(placed.position), 0, None),
+            "exchange_rates": (str(placed.position), str(placed.position), 0, None),
             "orders": (str(stopped.position), str(placed.position), placed.position - stopped.position,
                        stopped.error),
         }

@@ -7,16 +7,13 @@ app's event store; the expected days below are worked out by hand, zone by zone.
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
-import httpx
 import pytest
-from starlette.routing import Route
 
-from orderstream.bootstrap import build_app
-from orderstream.infrastructure.settings import Settings
-from tests.support.api import Api
-from tests.support.tokens import SECRET, bearer
+from tests.support.api import Api, Clock, clocked_api
+from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
 ADDRESS = {"name": "Ann", "line1": "Main St 1", "city": "Berlin", "postalCode": "10115", "country": "DE"}
@@ -29,16 +26,6 @@ query($from: Date!, $to: Date!, $currency: String!, $zone: String) {
 }"""
 
 
-class Clock:
-    """recorded_at for the next events: whatever the test last set."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -46,15 +33,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def api(tmp_path: Path, clock: Clock) -> AsyncIterator[Api]:
-    settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET})
-    app = build_app(settings)
-    graphql = next(route.endpoint for route in app.routes if isinstance(route, Route) and route.path == "/graphql")
-    # The one event store the app's dispatcher appends to.
-    graphql.store.clock = clock
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
-            yield Api(http, settings.data_dir)
+    async with clocked_api(tmp_path, clock) as api:
+        yield api
 
 
 def utc(text: str) -> datetime:
@@ -278,3 +258,120 @@ async def test_only_staff_see_sales(api: Api):
         assert [e["extensions"]["code"] for e in result["errors"]] == [code]
     admin = await report(api, "2026-03-01", "2026-03-02", headers=bearer("admin"))
     assert len(admin["data"]["salesReport"]) == 2
+
+
+# ---------------------------------------------------------------- in a reporting currency
+
+REPORT_IN = """
+query($from: Date!, $to: Date!, $zone: String, $reporting: String) {
+  salesReport(from: $from, to: $to, currency: "EUR", timeZone: $zone, reportingCurrency: $reporting) {
+    day currency orders revenue { amount currency }
+  }
+}"""
+
+# Where the USD order of the fixture (7.00, paid 2026-03-08T12:00:00Z) falls, zone by zone.
+DOLLAR_DAY = {"UTC": "2026-03-08", "America/New_York": "2026-03-08", "Asia/Kathmandu": "2026-03-08",
+              "Pacific/Chatham": "2026-03-09"}
+
+
+async def set_rate(api: Api, base: str, quote: str, rate: str, valid_from: str) -> int:
+    outcome = await mutate(api, "setExchangeRate", "SetExchangeRateInput", "ExchangeRateSuccess { pair position }",
+                           {"base": base, "quote": quote, "rate": rate, "validFrom": valid_from})
+    assert outcome["pair"] == f"{base}-{quote}"
+    return int(outcome["position"])
+
+
+async def report_in(api: Api, first: str, last: str, reporting: str, zone: str = "UTC") -> dict:
+    return await api.execute(REPORT_IN, {"from": first, "to": last, "zone": zone, "reporting": reporting}, STAFF)
+
+
+def converted_table(zone: str, days: list[str], extra: dict[str, tuple[int, Decimal]], currency: str,
+                    factor: Decimal = Decimal(1)) -> list[dict]:
+    rows = []
+    for day in days:
+        orders, revenue = EXPECTED[zone].get(day, (0, 0))
+        more_orders, more_revenue = extra.get(day, (0, Decimal(0)))
+        rows.append({"day": day, "currency": currency, "orders": orders + more_orders,
+                     "revenue": {"amount": str((revenue * factor + more_revenue).quantize(Decimal("0.01"))),
+                                 "currency": currency}})
+    return rows
+
+
+@pytest.mark.parametrize("zone", list(EXPECTED))
+async def test_a_reporting_currency_converts_each_order_on_its_local_day(api: Api, clock: Clock, sales: None,
+                                                                        zone: str):
+    clock.now = utc("2026-03-20T09:00:00")
+    await wait_for_projections(api, await set_rate(api, "USD", "EUR", "0.5", "2026-03-01T00:00:00Z"))
+    for days in (MARCH, APRIL):
+        result = await report_in(api, days[0], days[-1], "EUR", zone)
+        assert "errors" not in result, result
+        assert result["data"]["salesReport"] == converted_table(
+            zone, days, {DOLLAR_DAY[zone]: (1, Decimal("3.50"))}, "EUR")
+    # The other way round: the derived inverse, 2, for every euro; the dollars as they are.
+    result = await report_in(api, MARCH[0], MARCH[-1], "USD", zone)
+    assert "errors" not in result, result
+    assert result["data"]["salesReport"] == converted_table(
+        zone, MARCH, {DOLLAR_DAY[zone]: (1, Decimal("7.00"))}, "USD", factor=Decimal(2))
+
+
+async def test_without_a_rate_in_force_the_report_names_the_pair_and_the_time(api: Api, clock: Clock,
+                                                                              sales: None):
+    clock.now = utc("2026-03-20T09:00:00")
+    for _ in range(2):
+        result = await report_in(api, MARCH[0], MARCH[-1], "EUR")
+        assert result["data"] is None
+        [error] = result["errors"]
+        assert error["extensions"] == {"code": "EXCHANGE_RATE_MISSING", "pair": "USD-EUR", "base": "USD",
+                                       "quote": "EUR", "missingAt": "2026-03-08T12:00:00Z"}
+        assert "USD-EUR" in error["message"] and "2026-03-08T12:00:00Z" in error["message"]
+        # A rate from a minute after the payment does not cover it.
+        await wait_for_projections(api, await set_rate(api, "USD", "EUR", "0.9", "2026-03-08T12:01:00Z"))
+    # Days that need no rate are reported.
+    result = await report_in(api, APRIL[0], APRIL[-1], "EUR", "Pacific/Chatham")
+    assert result["data"]["salesReport"] == converted_table("Pacific/Chatham", APRIL, {}, "EUR")
+    # Nor does the report in a currency without any rate hide the euros: GBP needs EUR-GBP first.
+    result = await report_in(api, "2026-03-07", "2026-03-07", "GBP")
+    assert result["errors"][0]["extensions"]["pair"] == "EUR-GBP"
+    assert result["errors"][0]["extensions"]["missingAt"] == "2026-03-07T12:00:00Z"
+    # A day with only a cancellation needs the rate of its payment, three days before.
+    result = await report_in(api, "2026-03-10", "2026-03-10", "GBP")
+    assert result["errors"][0]["extensions"]["missingAt"] == "2026-03-07T12:00:00Z"
+
+
+async def test_a_late_rate_corrects_the_days_it_covers_and_no_other(api: Api, clock: Clock, sales: None):
+    clock.now = utc("2026-03-20T09:00:00")
+    week = ["2026-03-05", "2026-03-06", "2026-03-07", "2026-03-08", "2026-03-09", "2026-03-10", "2026-03-11"]
+    for n, day in enumerate(week):
+        await set_rate(api, "EUR", "USD", f"1.{n}", f"{day}T00:00:00Z")
+    await wait_for_projections(api, await set_rate(api, "USD", "EUR", "0.5", "2026-03-01T00:00:00Z"))
+    before = (await report_in(api, week[0], week[-1], "USD"))["data"]["salesReport"]
+    # 897 × 1.2; 30 × 1.3 + 7; 96 × 1.4; M's cancellation at the rate of its payment on the 7th, -512 × 1.2.
+    assert [d["revenue"]["amount"] for d in before] == [
+        "0.00", "0.00", "1076.40", "46.00", "134.40", "-614.40", "0.00"]
+
+    # The 7th's rate, corrected a week later: that day changes, and so does the cancellation of
+    # an order paid that day; the rest stays.
+    clock.now = utc("2026-03-27T09:00:00")
+    await wait_for_projections(api, await set_rate(api, "EUR", "USD", "1.25", "2026-03-07T00:00:00Z"))
+    after = (await report_in(api, week[0], week[-1], "USD"))["data"]["salesReport"]
+    assert [d["revenue"]["amount"] for d in after] == [
+        "0.00", "0.00", "1121.25", "46.00", "134.40", "-640.00", "0.00"]
+    assert [d["orders"] for d in after] == [d["orders"] for d in before]
+
+
+async def test_the_same_pair_and_moment_twice_the_later_counts(api: Api, clock: Clock, sales: None):
+    clock.now = utc("2026-03-20T09:00:00")
+    await set_rate(api, "USD", "EUR", "0.5", "2026-03-08T00:00:00Z")
+    await wait_for_projections(api, await set_rate(api, "USD", "EUR", "0.25", "2026-03-08T00:00:00Z"))
+    result = await report_in(api, "2026-03-08", "2026-03-08", "EUR")
+    assert result["data"]["salesReport"][0]["revenue"]["amount"] == "31.75"  # 30 + 7 × 0.25
+    # A rate set for the inverse pair on its own beats the derived one, 1/0.25 = 4.
+    result = await report_in(api, "2026-03-08", "2026-03-08", "USD")
+    assert result["data"]["salesReport"][0]["revenue"]["amount"] == "127.00"  # 30 × 4 + 7
+    await wait_for_projections(api, await set_rate(api, "EUR", "USD", "3", "2026-03-08T00:00:00Z"))
+    result = await report_in(api, "2026-03-08", "2026-03-08", "USD")
+    assert result["data"]["salesReport"][0]["revenue"]["amount"] == "97.00"  # 30 × 3 + 7
+    # Nor does a later rate of the first pair at the same moment take the inverse back.
+    await wait_for_projections(api, await set_rate(api, "USD", "EUR", "0.2", "2026-03-08T00:00:00Z"))
+    result = await report_in(api, "2026-03-08", "2026-03-08", "USD")
+    assert result["data"]["salesReport"][0]["revenue"]["amount"] == "97.00"

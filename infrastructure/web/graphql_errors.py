@@ -30,7 +30,7 @@ class ErrorCodes(SchemaExtension):
     def _public(self, error: GraphQLError) -> GraphQLError:
         original = error.original_error
         if isinstance(original, PublicError):
-            return self._with(error, str(original), {"code": original.code})
+            return self._with(error, str(original), {**original.extensions, "code": original.code})
         if original is None or isinstance(original, GraphQLError):
             # Syntax, validation and variable-coercion errors: the client's document.
             code = (error.extensions or {}).get("code", "GRAPHQL_VALIDATION_FAILED")

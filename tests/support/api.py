@@ -1,12 +1,14 @@
 """A GraphQL client over the real ASGI app, in the test's own event loop (no socket)."""
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.routing import Route
 
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
@@ -47,3 +49,27 @@ async def asgi_api(data_dir: Path, environ: Mapping[str, str] | None = None,
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
             yield Api(http, settings.data_dir, databases)
+
+
+class Clock:
+    """recorded_at for the next events: whatever the test last set."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@asynccontextmanager
+async def clocked_api(data_dir: Path, clock: Callable[[], datetime]) -> AsyncIterator[Api]:
+    """`asgi_api` whose event store records every event at `clock()`."""
+    settings = Settings.load(str(data_dir), environ={"ORDERSTREAM_JWT_SECRET": SECRET})
+    app = build_app(settings)
+    graphql = next(route.endpoint for route in app.routes if isinstance(route, Route) and route.path == "/graphql")
+    # The one event store the app's dispatcher appends to.
+    graphql.store.clock = clock
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
+            yield Api(http, settings.data_dir)
