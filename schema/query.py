@@ -107,8 +107,9 @@ class Query:
                                   "with no rate in force is EXCHANGE_RATE_MISSING, naming the pair and the "
                                   "earliest time. Staff.")
     async def sales_report(self, info: Info, from_: Annotated[date, strawberry.argument(name="from")],
-                           to: date, currency: str, time_zone: str = "UTC",
+                           to: date, currency: str, time_zone: str | None = "UTC",
                            reporting_currency: str | None = None) -> list[DailySales]:
+        time_zone = "UTC" if time_zone is None else time_zone  # the contract's default, sent as null
         if reporting_currency is None:
             days = await sales.sales_report(info.context.read, info.context.actor, from_, to, currency, time_zone)
         else:

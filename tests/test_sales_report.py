@@ -201,6 +201,9 @@ async def test_payments_land_on_the_local_day(api: Api, sales: None, zone: str):
 async def test_the_zone_defaults_to_utc(api: Api, sales: None):
     result = await report(api, MARCH[0], MARCH[-1])
     assert result["data"]["salesReport"] == table("UTC", MARCH)
+    # The contract's `timeZone: String = "UTC"` lets a client send null: the default.
+    explicit = await api.execute(REPORT, {"from": MARCH[0], "to": MARCH[-1], "currency": "EUR", "zone": None}, STAFF)
+    assert explicit == result
 
 
 async def test_one_day_is_the_whole_local_day(api: Api, sales: None):
