@@ -266,8 +266,12 @@ async def test_a_relay_killed_at_random_points_and_a_broker_gone_for_a_while_lea
         try:
             for kill in range(KILLS):
                 await shop(dispatcher, orders=250, workers=5)  # a backlog while no relay runs
+                published = await published_position(destination)
                 process = await start()
                 writing = asyncio.create_task(shop(dispatcher, orders=60, workers=2))
+                # Killed while it catches up, not before its first publish: on a busy machine
+                # that can come later than the random pause.
+                await until_moved(destination, published)
                 await asyncio.sleep(rng.uniform(0.0, 0.2))
                 if kill == KILLS // 2:
                     await proxy.down()  # the broker goes away under a running relay
@@ -293,6 +297,19 @@ async def test_a_relay_killed_at_random_points_and_a_broker_gone_for_a_while_lea
     assert any(0 < published < head for published, head in killed_at), killed_at
     said = log_path.read_text()
     assert "relay unreachable" in said and "relay stopped" in said
+
+
+async def published_position(destination: Destination) -> int:
+    """The stream's last position; 0 before the relay has made the stream."""
+    status = await stream_status(destination)
+    return status.position if status else 0
+
+
+async def until_moved(destination: Destination, position: int, timeout: float = 60) -> None:
+    """Until the stream's last position is past `position`."""
+    async with asyncio.timeout(timeout):
+        while await published_position(destination) <= position:
+            await asyncio.sleep(0.01)
 
 
 async def test_serve_relays_its_commits_and_says_so_in_healthz(tmp_path, broker_stream):
