@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from types import MappingProxyType
 from typing import TypeVar
 
 from sqlalchemy import (
@@ -182,6 +183,12 @@ class ReadStore:
             for name, position in positions.items():
                 self._positions[name] = max(position, self._positions.get(name, 0))
             self._advanced.notify_all()
+
+    @property
+    def positions(self) -> Mapping[str, int]:
+        """Each projection's checkpoint as this process last learned it (from its projector,
+        notifications, waits and `refresh`): known in memory, never read for the asking."""
+        return MappingProxyType(self._positions)
 
     async def wait_for(self, position: int | None, names: Iterable[str],
                        timeout: float | None = None) -> None:
