@@ -3,7 +3,8 @@
 `{"position": <the log position every read model has applied>, "head": <the log's last
 position>, "lagSeconds": <seconds since the oldest event not yet applied was first seen;
 0 when caught up>}`, so that a client can show "as of" and decide whether to pass
-`consistentWith`. The position is taken as the answer is completed: a query that passed
+`consistentWith`. Positions are decimal strings, as the schema's Position scalar sends
+them (and `consistentWith` takes them). The position is taken as the answer is completed: a query that passed
 `consistentWith: P` reports P or later.
 
 Everything comes from what the process knows in memory, without a database round trip
@@ -61,7 +62,7 @@ class Freshness:
         while rises and rises[0][0] <= position:
             rises.popleft()
         lag = self.clock() - rises[0][1] if rises else 0.0
-        return {"position": position, "head": head, "lagSeconds": round(max(lag, 0.0), 3)}
+        return {"position": str(position), "head": str(head), "lagSeconds": round(max(lag, 0.0), 3)}
 
     def extension(self) -> Callable[[], SchemaExtension]:
         """For `strawberry.Schema(extensions=[...])`."""
