@@ -68,6 +68,7 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
             structlog.processors.TimeStamper(fmt="iso", utc=True),
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tracebacks, renderer],
+        pass_foreign_args=True,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
@@ -88,11 +89,12 @@ def request_scope(request_id: str) -> Iterator[None]:
 def _access_line(logger: Any, method_name: str, event: dict[str, Any]) -> dict[str, Any]:
     """uvicorn's access line, rebuilt from its parts: the path without its query string, and
     no client address."""
+    # Every line's arguments are here (pass_foreign_args), and are not logged: only these.
+    arguments = event.pop("positional_args", ())
     record = event.get("_record")
-    if record is None or record.name != "uvicorn.access" or not isinstance(record.args, tuple) \
-            or len(record.args) != 5:
+    if record is None or record.name != "uvicorn.access" or len(arguments) != 5:
         return event
-    _client, method, full_path, http_version, status = record.args
+    _client, method, full_path, http_version, status = arguments
     path = str(full_path).partition("?")[0]
     event.update(event=f"{method} {path} {status}", method=method, path=path, status=status,
                  http_version=http_version)
