@@ -31,8 +31,8 @@ from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Rela
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.documents import Documents, Manifest
-from orderstream.infrastructure.web.health import Health, MetricsPage
 from orderstream.infrastructure.web.freshness import Freshness
+from orderstream.infrastructure.web.health import Health, MetricsPage
 from orderstream.infrastructure.web.http import BodyLimit, RequestId, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
@@ -266,7 +266,8 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
                        # Accept with the quotes of multipart's subscriptionSpec is not safelisted;
                        # Last-Event-ID resumes a stream of Server-Sent Events.
                        allow_headers=["Accept", "Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID",
-                                      "GraphQL-Require-Preflight", "X-Apollo-Operation-Name"],
+                                      "GraphQL-Require-Preflight", "X-Apollo-Operation-Name",
+                                      "Apollo-Require-Preflight"],
                        expose_headers=["Retry-After", "X-Request-ID"], max_age=600),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],

@@ -179,7 +179,8 @@ async def test_unhandled_errors(api: Api):
 # ---------------------------------------------------------------- the bounds beside the checks
 
 
-@pytest.mark.parametrize("header", ["GraphQL-Require-Preflight", "X-Apollo-Operation-Name"])
+@pytest.mark.parametrize("header", ["GraphQL-Require-Preflight", "X-Apollo-Operation-Name",
+                                    "Apollo-Require-Preflight"])
 async def test_with_a_preflight_header_a_get_query_runs_and_a_get_mutation_is_still_refused(api: Api, header):
     response = await request(api, params={"query": "query cop {__typename}"}, headers={header: "1"})
     assert response.status_code == 200 and response.json()["data"] == {"__typename": "Query"}

@@ -13,7 +13,8 @@ Every refusal carries `errors[0].extensions.code`.
 With `require_preflight` (production) a request that any web page could make cross-site
 without the browser asking first (a CORS preflight) is refused with 400
 (PREFLIGHT_REQUIRED) unless it carries a header such a page cannot set without one:
-`GraphQL-Require-Preflight` or `X-Apollo-Operation-Name`, non-empty. Those requests are a
+`GraphQL-Require-Preflight`, or Apollo's `X-Apollo-Operation-Name` or
+`Apollo-Require-Preflight`, non-empty. Those requests are a
 GET, and a POST whose Content-Type is missing or one a form can send
 (application/x-www-form-urlencoded, multipart/form-data, text/plain). GraphiQL's own visit
 (a GET without a query) is a page, not a request, and needs none.
@@ -53,7 +54,7 @@ SUBSCRIPTION_TRANSPORTS = (
 
 # Headers a page can send cross-site only after a preflight, as Apollo Server and the
 # GraphQL-over-HTTP spec's CSRF note name them; and the media types a form can send without one.
-PREFLIGHT_HEADERS = ("graphql-require-preflight", "x-apollo-operation-name")
+PREFLIGHT_HEADERS = ("graphql-require-preflight", "x-apollo-operation-name", "apollo-require-preflight")
 SIMPLE_MEDIA_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
 PREFLIGHT_REQUIRED = (
     "this request could come from any web page without the browser asking first (a GET, or a POST without "
