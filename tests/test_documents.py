@@ -219,7 +219,8 @@ async def test_in_production_only_the_manifest_runs(tmp_path: Path, manifest: Pa
                         await api.http.post("/graphql", json=apq(other, query=True)),
                         await api.http.post("/graphql", json=apq(other, query=False)),
                         await api.http.post("/graphql", json={"documentId": f"sha256:{sha256(other)}"}),
-                        await api.http.get("/graphql", params={"query": other})):
+                        await api.http.get("/graphql", params={"query": other},
+                                           headers={"GraphQL-Require-Preflight": "1"})):
             assert refused.status_code == 400, refused.text
             assert refused.json()["errors"][0]["extensions"]["code"] == "PERSISTED_QUERY_NOT_IN_LIST"
     assert await kept(databases) == 0
