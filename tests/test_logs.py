@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,22 +95,40 @@ async def test_serve_logs_one_json_object_per_line_with_request_ids_and_nothing_
         assert personal not in written
 
 
-def test_the_default_format_is_readable_text():
+@contextmanager
+def captured(format: str) -> Iterator[io.StringIO]:
+    """Every log line rendered in `format` into the stream yielded; the handlers as they were after."""
     stream = io.StringIO()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    logs.configure("text", stream=stream)
+    logs.configure(format, stream=stream)
     try:
-        with logs.request_scope("req-1"):
-            logging.getLogger("orderstream.commands").info("placeOrder: success", extra={
-                "command": "placeOrder", "outcome": "success", "position": 7, "email": EMAIL})
+        yield stream
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_the_default_format_is_readable_text():
+    with captured("text") as stream, logs.request_scope("req-1"):
+        logging.getLogger("orderstream.commands").info("placeOrder: success", extra={
+            "command": "placeOrder", "outcome": "success", "position": 7, "email": EMAIL})
     line = stream.getvalue().strip()
     assert not line.startswith("{")
     assert "placeOrder: success" in line and "request_id=req-1" in line and "position=7" in line
     assert EMAIL not in line  # only the fields EXTRA_FIELDS names are taken from `extra`
+
+
+def test_a_line_logged_within_a_span_carries_its_trace_id():
+    sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="the OpenTelemetry SDK is not installed")
+    tracer = sdk.TracerProvider().get_tracer("tests")
+    with captured("json") as stream:
+        with tracer.start_as_current_span("operation") as span:
+            logging.getLogger("orderstream").info("inside")
+        logging.getLogger("orderstream").info("outside")
+    inside, outside = lines_of(stream.getvalue())
+    assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert "trace_id" not in outside
 
 
 def test_a_log_format_that_is_neither_text_nor_json_stops_the_command_line(monkeypatch, capsys):
@@ -134,8 +154,13 @@ async def test_a_sane_request_id_is_kept_and_any_other_replaced(tmp_path: Path, 
     assert str(uuid.UUID(other.headers["x-request-id"]))  # every response, not only /graphql's
 
 
-async def test_a_websocket_handshake_carries_the_request_id(tmp_path: Path):
+async def test_a_websocket_handshake_and_an_event_stream_carry_the_request_id(tmp_path: Path):
     async with real_server(tmp_path) as server:
         async with websockets.connect(server.ws_url, subprotocols=["graphql-transport-ws"],
                                       additional_headers={"X-Request-ID": "socket-1"}) as socket:
             assert socket.response.headers["x-request-id"] == "socket-1"
+        async with server.http.stream("POST", "/graphql", json={"query": "subscription { events { position } }"},
+                                      headers={"Accept": "text/event-stream", "X-Request-ID": "stream-1",
+                                               **STAFF}) as stream:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["x-request-id"] == "stream-1"
