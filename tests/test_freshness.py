@@ -2,6 +2,7 @@
 reflect, the log's head and how long they have lagged, from what the process knows in
 memory (infrastructure.web.freshness)."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -15,6 +16,7 @@ from orderstream.commands.product import AddProduct
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.schema.app import build_schema
+from orderstream.schema.context import Context
 from tests.support.api import asgi_api
 from tests.support.mutations import STAFF, order_input, product_input, register, succeed
 from tests.support.shop import succeed as accepted
@@ -116,6 +118,26 @@ async def test_freshness_costs_no_database_round_trip(service: Service):
         event.remove(Engine, "before_cursor_execute", record)
     assert result.extensions["freshness"] == {"position": "1", "head": "1", "lagSeconds": 0.0}
     assert statements == []
+
+
+async def test_the_position_is_what_the_answer_reflects_not_what_was_applied_meanwhile(service: Service):
+    first = await accepted(service.dispatcher, AddProduct("A", "Product A", Decimal("1.00"), "EUR", 5))
+    second = await accepted(service.dispatcher, AddProduct("B", "Product B", Decimal("1.00"), "EUR", 5))
+    schema = build_schema(freshness=Freshness(service.store, service.read, service.hub))
+    context = Context(dispatcher=service.dispatcher, store=service.store, read=service.read, order_lines=None,
+                      hub=service.hub, owners=service.owners, correlation_id="test", verified_actor=None)
+    query = asyncio.create_task(schema.execute('query($at: Position) { product(sku: "A", consistentWith: $at) '
+                                               '{ sku } }', variable_values={"at": str(first.position)},
+                                               context_value=context))
+    for _ in range(50):  # no I/O before its wait: it begins at position 0 and waits for the first
+        await asyncio.sleep(0)
+    assert not query.done()
+    await service.projector.catch_up()  # both events, in one batch
+    result = await query
+    assert result.data == {"product": {"sku": "A"}}
+    # Read after the wait for the first event: that much it reflects for sure.
+    assert result.extensions["freshness"] == {"position": str(first.position), "head": str(second.position),
+                                              "lagSeconds": 0.0}
 
 
 async def test_over_http_an_answer_refused_before_execution_has_no_freshness(tmp_path: Path):

@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -73,6 +74,11 @@ class Checkpoint:
 
 class ConsistencyTimeout(PublicError):
     code = "CONSISTENCY_TIMEOUT"
+
+
+# The positions `wait_for` has reached in the current operation, when something keeps count
+# (web.freshness sets a list for each query; tasks the operation starts share it).
+REACHED: ContextVar[list[int] | None] = ContextVar("orderstream_reached_positions", default=None)
 
 
 class ReadStore:
@@ -219,6 +225,8 @@ class ReadStore:
                         await asyncio.wait_for(self._advanced.wait(), min(remaining, self.poll_interval))
                     except TimeoutError:
                         self._positions.update(await self._positions_in_database())
+            if (reached := REACHED.get()) is not None:
+                reached.append(position)
         finally:
             if self.waited is not None:
                 self.waited(time.monotonic() - started)
