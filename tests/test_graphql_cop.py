@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from tests.support.api import Api, asgi_api
 
@@ -23,9 +24,13 @@ PRODUCTION = {"ORDERSTREAM_ENV": "production"}
 ENDPOINT = "/graphql"
 
 
-@pytest.fixture
-async def api(tmp_path) -> AsyncIterator[Api]:
-    async with asgi_api(tmp_path, PRODUCTION) as api:
+# One server for the module: the checks only read.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
+    async with asgi_api(tmp_path_factory.mktemp("graphql-cop"), PRODUCTION) as api:
         yield api
 
 

@@ -8,18 +8,19 @@ import io
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 import websockets
 
 from orderstream import cli
 from orderstream.infrastructure import logs
-from tests.support.api import asgi_api
+from tests.support.api import Api, asgi_api
 from tests.support.mutations import STAFF, address, customer_input, document, order_input, product_input
 from tests.support.server import ServeProcess, real_server
 
@@ -139,14 +140,20 @@ def test_a_log_format_that_is_neither_text_nor_json_stops_the_command_line(monke
     assert capsys.readouterr().out == ""  # stopped before the command ran
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
+    async with asgi_api(tmp_path_factory.mktemp("request-ids")) as api:
+        yield api
+
+
 @pytest.mark.parametrize("given, kept", [
     ("3f2c8a7e-1b2d-4c5e-9f00-0123456789ab", True), ("checkout.42:retry_1", True), ("x" * 36, True),
     ("x" * 37, False), ("", False), ("two words", False), ("<script>", False), ("ünïcode", False)])
-async def test_a_sane_request_id_is_kept_and_any_other_replaced(tmp_path: Path, given: str, kept: bool):
-    async with asgi_api(tmp_path) as api:
-        response = await api.http.post("/graphql", json={"query": "{ __typename }"},
-                                       headers={"X-Request-ID": given.encode("utf-8")})
-        other = await api.http.get("/healthz")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_sane_request_id_is_kept_and_any_other_replaced(app: Api, given: str, kept: bool):
+    response = await app.http.post("/graphql", json={"query": "{ __typename }"},
+                                   headers={"X-Request-ID": given.encode("utf-8")})
+    other = await app.http.get("/healthz")
     returned = response.headers["x-request-id"]
     assert (returned == given) is kept
     if not kept:
