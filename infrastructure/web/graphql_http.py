@@ -12,12 +12,12 @@ Every refusal carries `errors[0].extensions.code`.
 
 With `require_preflight` (production) a request that any web page could make cross-site
 without the browser asking first (a CORS preflight) is refused with 400
-(PREFLIGHT_REQUIRED) unless it carries a header such a page cannot set without one:
-`GraphQL-Require-Preflight`, or Apollo's `X-Apollo-Operation-Name` or
-`Apollo-Require-Preflight`, non-empty. Those requests are a
-GET, and a POST whose Content-Type is missing or one a form can send
-(application/x-www-form-urlencoded, multipart/form-data, text/plain). GraphiQL's own visit
-(a GET without a query) is a page, not a request, and needs none.
+(PREFLIGHT_REQUIRED) unless it carries a header such a page cannot set without one,
+non-empty: `GraphQL-Require-Preflight`, or Apollo's `X-Apollo-Operation-Name` or
+`Apollo-Require-Preflight`. Those requests are a GET, and a POST whose Content-Type is
+missing or one a form can send (application/x-www-form-urlencoded, multipart/form-data,
+text/plain). GraphiQL's own visit (a GET without a query) is a page, not a request, and
+needs none.
 
 An Accept header asking for a stream (`text/event-stream`, or
 `multipart/mixed;subscriptionSpec="1.0"`, see infrastructure.web.streams) sends the request
@@ -52,8 +52,8 @@ SUBSCRIPTION_TRANSPORTS = (
     "protocol), Server-Sent Events (send `Accept: text/event-stream`) and multipart HTTP (send "
     "`Accept: multipart/mixed;subscriptionSpec=\"1.0\"`)")
 
-# Headers a page can send cross-site only after a preflight, as Apollo Server and the
-# GraphQL-over-HTTP spec's CSRF note name them; and the media types a form can send without one.
+# Headers a page can send cross-site only after a preflight (the generic one, and those
+# Apollo's clients send), and the media types a form can send without one.
 PREFLIGHT_HEADERS = ("graphql-require-preflight", "x-apollo-operation-name", "apollo-require-preflight")
 SIMPLE_MEDIA_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
 PREFLIGHT_REQUIRED = (
