@@ -287,8 +287,8 @@ def shape_error(schema: GraphQLSchema, document: DocumentNode, limits: QueryLimi
 
 
 def _nodes(node: Node) -> Iterator[Node]:
-    """`node` and every node under it, depth first. Without graphql-core's visitor: a
-    document may be large, and this runs before any bound on its shape."""
+    """`node` and every node under it, depth first, on a stack of its own: no recursion,
+    however deeply the document nests (its depth is bounded only by the validation after)."""
     pending = [node]
     while pending:
         node = pending.pop()
