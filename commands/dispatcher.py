@@ -9,6 +9,7 @@ in one transaction.
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
 import uuid
@@ -35,6 +36,8 @@ from orderstream.infrastructure.persistence.event_store import (
     WrongExpectedVersion,
 )
 from orderstream.infrastructure.security.auth import Actor
+
+log = logging.getLogger("orderstream.commands")
 
 A = TypeVar("A", bound=Aggregate)
 Handler = Callable[[Any, "UnitOfWork"], Awaitable[Aggregate]]
@@ -280,22 +283,24 @@ class Dispatcher:
 
     async def execute(self, command: Any, actor: Actor,
                       correlation_id: str | None = None) -> Accepted | DomainError:
-        """Run `command` for `actor`; domain failures come back as values, not raised."""
-        if self.metrics is None:
-            return await self._execute(command, actor, correlation_id)
+        """Run `command` for `actor`; domain failures come back as values, not raised. Each
+        is counted (if there are metrics) and logged with its name, outcome and position."""
         name = self._names[type(command)]
         started = time.perf_counter()
-        outcome = "INTERNAL_SERVER_ERROR"
+        outcome, position = "INTERNAL_SERVER_ERROR", None
         try:
             result = await self._execute(command, actor, correlation_id)
-            outcome = "success" if isinstance(result, Accepted) else result.code
+            outcome, position = ("success", result.position) if isinstance(result, Accepted) else (result.code, None)
             return result
         except PublicError as refused:
             outcome = refused.code
             raise
         finally:
-            self.metrics.commands.labels(name, outcome).inc()
-            self.metrics.command_duration.labels(name).observe(time.perf_counter() - started)
+            if self.metrics is not None:
+                self.metrics.commands.labels(name, outcome).inc()
+                self.metrics.command_duration.labels(name).observe(time.perf_counter() - started)
+            # Names, codes and positions only: a command's input may be personal.
+            log.info("%s: %s", name, outcome, extra={"command": name, "outcome": outcome, "position": position})
 
     async def _execute(self, command: Any, actor: Actor, correlation_id: str | None) -> Accepted | DomainError:
         handler = self.handlers[type(command)]

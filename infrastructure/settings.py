@@ -34,6 +34,7 @@ class Settings:
     - ORDERSTREAM_INTROSPECTION, ORDERSTREAM_FIELD_SUGGESTIONS: `on` or `off`.
     - ORDERSTREAM_MAX_QUERY_DEPTH [15], ORDERSTREAM_MAX_QUERY_TOKENS [2000],
       ORDERSTREAM_MAX_QUERY_ALIASES [15], ORDERSTREAM_MAX_QUERY_COST [20000]: see QueryLimits.
+    - ORDERSTREAM_MAX_QUERY_DIRECTIVES [50]: directives in one document (see QueryLimits).
     - ORDERSTREAM_MAX_BODY_BYTES [1048576]: larger request bodies get 413.
     - ORDERSTREAM_CORS_ORIGINS: comma-separated origins (`https://shop.example.com`) whose
       pages may call the API [none]; ORDERSTREAM_WS_ORIGINS: those that may open a
@@ -56,6 +57,8 @@ class Settings:
       (at least 16 characters), and is not served without one; in development it is open.
     - ORDERSTREAM_TRUSTED_DOCUMENTS: a manifest of trusted documents (web.documents.Manifest)
       [none]; in production only its documents run.
+    - ORDERSTREAM_LOG_FORMAT: `text` [default], readable in a terminal, or `json`, one object
+      per line (read by the command line before anything else: infrastructure.logs).
 
     `Environment` reads and checks the variables; a bad value raises SettingsError naming
     the variable and what it expects.
@@ -106,7 +109,7 @@ class Settings:
             environment=env.env,
             query_limits=QueryLimits(
                 max_depth=env.max_query_depth, max_tokens=env.max_query_tokens, max_aliases=env.max_query_aliases,
-                max_cost=env.max_query_cost,
+                max_cost=env.max_query_cost, max_directives=env.max_query_directives,
                 introspection=development if env.introspection is None else env.introspection,
                 suggestions=development if env.field_suggestions is None else env.field_suggestions),
             max_body_bytes=env.max_body_bytes,
@@ -150,6 +153,7 @@ class Environment(BaseSettings):
     max_query_tokens: int = Field(LIMITS.max_tokens, ge=1, description="a whole number, at least 1")
     max_query_aliases: int = Field(LIMITS.max_aliases, ge=0, description="a whole number, at least 0")
     max_query_cost: int = Field(LIMITS.max_cost, ge=1, description="a whole number, at least 1")
+    max_query_directives: int = Field(LIMITS.max_directives, ge=0, description="a whole number, at least 0")
     max_body_bytes: int = Field(Settings.max_body_bytes, ge=1, description="a number of bytes, at least 1")
     cors_origins: Origins = Field((), description=ORIGINS)
     ws_origins: Origins | None = Field(None, description=ORIGINS)

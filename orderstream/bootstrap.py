@@ -31,8 +31,9 @@ from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Rela
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.documents import Documents, Manifest
+from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.infrastructure.web.health import Health, MetricsPage
-from orderstream.infrastructure.web.http import BodyLimit, SecurityHeaders
+from orderstream.infrastructure.web.http import BodyLimit, RequestId, SecurityHeaders
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
 from orderstream.pages import Pages
@@ -189,13 +190,15 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst, settings.rate_limit_storage,
                            settings.rate_limit_prefix) if settings.rate_limit else None
     pages = Pages(development=settings.environment == "development")
-    schema = build_schema(bounds, metrics)
+    freshness = Freshness(service.store, service.read, service.hub)
+    schema = build_schema(bounds, metrics, freshness)
     manifest = Manifest.load(settings.trusted_documents, schema, bounds) if settings.trusted_documents else None
     documents = Documents(schema, bounds, service.read, manifest, enforce=settings.environment == "production")
     graphql = GraphQLApp(schema, service.dispatcher, service.store, service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
-                         websocket_origins=settings.websocket_origins, documents=documents)
+                         websocket_origins=settings.websocket_origins, documents=documents,
+                         require_preflight=settings.environment == "production")
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -254,15 +257,18 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
             WebSocketRoute("/graphql", graphql),
             *pages.routes(),
         ],
-        # Outermost first: every response gets the security headers, a 413 the CORS headers
-        # (so that a page can read it); bodies are counted before anything reads them.
+        # Outermost first: every response gets its request id and the security headers, a 413
+        # the CORS headers (so that a page can read it); bodies are counted before anything reads them.
         middleware=[
+            Middleware(RequestId),
             Middleware(SecurityHeaders),
             Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                        # Accept with the quotes of multipart's subscriptionSpec is not safelisted;
                        # Last-Event-ID resumes a stream of Server-Sent Events.
-                       allow_headers=["Accept", "Authorization", "Content-Type", "Last-Event-ID", "X-Correlation-Id"],
-                       expose_headers=["Retry-After"], max_age=600),
+                       allow_headers=["Accept", "Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID",
+                                      "GraphQL-Require-Preflight", "X-Apollo-Operation-Name",
+                                      "Apollo-Require-Preflight"],
+                       expose_headers=["Retry-After", "X-Request-ID"], max_age=600),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         lifespan=lifespan,

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from orderstream import demo
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
+from orderstream.infrastructure import logs
 from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.persistence.backup import copy_database, sqlite_path
 from orderstream.infrastructure.persistence.database import Database
@@ -57,7 +58,8 @@ def _serve(args: argparse.Namespace) -> None:
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.end_streams)
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
+    # log_config=None: uvicorn's access and error logs go through infrastructure.logs, as ours do.
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None)).run()
 
 
 def _settle_heap() -> None:
@@ -282,7 +284,10 @@ def _seconds(value: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure(logs.log_format())
+    except SettingsError as error:
+        sys.exit(f"orderstream: {error}")
     # Strawberry logs every GraphQL error with a traceback, the expected ones too;
     # infrastructure.web.graphql_errors logs the unexpected ones, with their correlation id.
     logging.getLogger("strawberry.execution").setLevel(logging.CRITICAL)

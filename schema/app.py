@@ -25,6 +25,7 @@ from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
 from orderstream.infrastructure.web.documents import Documents, refusal_error
+from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.infrastructure.web.graphql_errors import ErrorCodes
 from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
 from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage, Refusal, SubscriptionOverHTTP
@@ -48,14 +49,17 @@ MAX_STREAMS_PER_CALLER = MAX_SUBSCRIPTIONS_PER_CONNECTION
 EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its closing timer
 
 
-def build_schema(bounds: QueryBounds | None = None, metrics: Metrics | None = None) -> strawberry.Schema:
+def build_schema(bounds: QueryBounds | None = None, metrics: Metrics | None = None,
+                 freshness: Freshness | None = None) -> strawberry.Schema:
     """The schema, its documents bounded by `bounds` (the default limits if None), its
-    operations counted in `metrics` if given."""
+    operations counted in `metrics` if given, its queries' answers telling their `freshness`
+    if given."""
     bounds = bounds or QueryBounds(QueryLimits())
     schema = strawberry.Schema(
         query=Query, mutation=Mutation, subscription=Subscription,
         # ErrorCodes first: its on_operation exit runs last, after the bounds have amended the errors.
-        extensions=[ErrorCodes, bounds.extension(), *([observed(metrics)] if metrics else [])],
+        extensions=[ErrorCodes, bounds.extension(), *([observed(metrics)] if metrics else []),
+                    *([freshness.extension()] if freshness else [])],
         config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
     prepare_inputs(schema)
@@ -114,9 +118,11 @@ class GraphQLApp(GraphQLOverHTTP):
     def __init__(self, schema: strawberry.Schema, dispatcher: Dispatcher, store: EventStore,
                  read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier, *,
                  rate_limit: RateLimit | None = None, graphiql: IdePage | None = None,
-                 websocket_origins: Sequence[str] = (), documents: Documents | None = None) -> None:
+                 websocket_origins: Sequence[str] = (), documents: Documents | None = None,
+                 require_preflight: bool = False) -> None:
         # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
         super().__init__(schema, graphiql=graphiql, websocket_origins=websocket_origins, documents=documents,
+                         require_preflight=require_preflight,
                          keep_alive=True, keep_alive_interval=15,
                          max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
@@ -140,9 +146,9 @@ class GraphQLApp(GraphQLOverHTTP):
                 timer.cancel()
 
     async def get_context(self, request: HTTPConnection, response) -> Context:
-        correlation_id = request.headers.get("x-correlation-id", "")
-        if not (0 < len(correlation_id) <= 64 and correlation_id.isprintable()):
-            correlation_id = str(uuid.uuid4())
+        # The request's id (infrastructure.web.http.RequestId): one id from the request to
+        # its events, their projection and their deliveries.
+        correlation_id = request.scope.get("state", {}).get("request_id") or str(uuid.uuid4())
         try:
             actor, error = authenticate(request.headers.get("authorization"), self.tokens), None
         except Unauthenticated as failure:

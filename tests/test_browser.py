@@ -294,6 +294,8 @@ def test_graphiql_runs_a_query_and_a_subscription_from_this_origin_only(server, 
     wait_for_response(page, '"totalCount": 1', '"sku": "MUG-1"')
     # The hint is no token, and is not sent as one.
     assert "authorization" not in sent.value.headers
+    # What a production server asks of requests a page on another site could send (CSRF).
+    assert sent.value.headers.get("graphql-require-preflight") == "1"
 
     replace_text(page, ".graphiql-query-editor", '{ products(first: 5) { edges { node { '
                                                  'price { formatted(locale: "en-GB") } } } } }')

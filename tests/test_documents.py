@@ -22,7 +22,7 @@ from orderstream.infrastructure.web.documents import IN_MEMORY, Documents, Manif
 from orderstream.infrastructure.web.graphql_http import Refusal
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
 from orderstream.schema.app import GraphQLApp, build_schema
-from tests.support.api import Api, asgi_api
+from tests.support.api import FRESHNESS, Api, asgi_api
 from tests.support.databases import BACKENDS, Databases
 from tests.support.graphql_ws import LEGACY_WS, TRANSPORT_WS, connect, receive
 from tests.support.mutations import STAFF, customer_input, document
@@ -84,14 +84,15 @@ async def test_an_unknown_hash_asks_for_the_text_then_the_hash_alone_runs_it(api
     assert "no-cache" in missing.headers["cache-control"]
 
     registered = await api.http.post("/graphql", json=apq(PRODUCTS, query=True))
-    assert registered.status_code == 200 and registered.json() == {"data": {"products": {"edges": []}}}
+    assert registered.status_code == 200
+    assert registered.json() == {"extensions": FRESHNESS, "data": {"products": {"edges": []}}}
     by_post = await api.http.post("/graphql", json=apq(PRODUCTS, query=False))
-    assert by_post.json() == {"data": {"products": {"edges": []}}}
+    assert by_post.json() == {"extensions": FRESHNESS, "data": {"products": {"edges": []}}}
     by_get = await api.http.get("/graphql", params={"extensions": json.dumps(apq(PRODUCTS, query=False)["extensions"])})
-    assert by_get.status_code == 200 and by_get.json() == {"data": {"products": {"edges": []}}}
+    assert by_get.status_code == 200 and by_get.json() == {"extensions": FRESHNESS, "data": {"products": {"edges": []}}}
     # The GraphQL-over-HTTP appendix's documentId names the same registered document.
     by_id = await api.http.get("/graphql", params={"documentId": f"sha256:{sha256(PRODUCTS)}"})
-    assert by_id.json() == {"data": {"products": {"edges": []}}}
+    assert by_id.json() == {"extensions": FRESHNESS, "data": {"products": {"edges": []}}}
 
 
 async def test_a_mutation_runs_by_its_hash(api: Api):
@@ -155,7 +156,7 @@ async def test_a_hash_registered_with_one_process_runs_on_another(tmp_path: Path
             asgi_api(tmp_path / "two", databases=databases) as two:
         assert (await one.http.post("/graphql", json=apq(PRODUCTS, query=True))).json()["data"]
         response = await two.http.post("/graphql", json=apq(PRODUCTS, query=False))
-        assert response.json() == {"data": {"products": {"edges": []}}}
+        assert response.json() == {"extensions": FRESHNESS, "data": {"products": {"edges": []}}}
     assert await kept(databases) == 1
 
 
@@ -203,10 +204,13 @@ async def test_in_production_only_the_manifest_runs(tmp_path: Path, manifest: Pa
     environ = {"ORDERSTREAM_ENV": "production", "ORDERSTREAM_TRUSTED_DOCUMENTS": str(manifest)}
     async with asgi_api(tmp_path, environ, databases) as api:
         for by_id in (await api.http.post("/graphql", json={"documentId": f"sha256:{sha256(PRODUCTS)}"}),
-                      await api.http.get("/graphql", params={"documentId": f"sha256:{sha256(PRODUCTS)}"}),
+                      # In production a GET runs only with a header a page cannot send cross-site unasked.
+                      await api.http.get("/graphql", params={"documentId": f"sha256:{sha256(PRODUCTS)}"},
+                                         headers={"GraphQL-Require-Preflight": "1"}),
                       await api.http.post("/graphql", json=apq(PRODUCTS, query=False)),
                       await api.http.post("/graphql", json={"query": PRODUCTS})):
-            assert by_id.status_code == 200 and by_id.json() == {"data": {"products": {"edges": []}}}
+            assert by_id.status_code == 200
+            assert by_id.json() == {"extensions": FRESHNESS, "data": {"products": {"edges": []}}}
         added = await api.http.post("/graphql", headers=STAFF, json={
             "documentId": f"sha256:{sha256(ADD_PRODUCT)}", "variables": MUG})
         assert added.json()["data"]["result"]["sku"] == "MUG"
@@ -215,7 +219,8 @@ async def test_in_production_only_the_manifest_runs(tmp_path: Path, manifest: Pa
                         await api.http.post("/graphql", json=apq(other, query=True)),
                         await api.http.post("/graphql", json=apq(other, query=False)),
                         await api.http.post("/graphql", json={"documentId": f"sha256:{sha256(other)}"}),
-                        await api.http.get("/graphql", params={"query": other})):
+                        await api.http.get("/graphql", params={"query": other},
+                                           headers={"GraphQL-Require-Preflight": "1"})):
             assert refused.status_code == 400, refused.text
             assert refused.json()["errors"][0]["extensions"]["code"] == "PERSISTED_QUERY_NOT_IN_LIST"
     assert await kept(databases) == 0

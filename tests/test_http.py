@@ -18,7 +18,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from tests.support.api import Api, asgi_api
+from tests.support.api import FRESHNESS, Api, asgi_api
 from tests.support.server import real_server
 from tests.support.tokens import bearer
 
@@ -111,7 +111,7 @@ async def test_the_response_has_the_media_type_the_client_accepts(api, accept, m
     response = await post(api, {"query": "{ __typename }"}, accept)
     assert response.status_code == 200
     assert response.headers["content-type"].split(";")[0] == media_type
-    assert response.json() == {"data": {"__typename": "Query"}}
+    assert response.json() == {"extensions": FRESHNESS, "data": {"__typename": "Query"}}
 
 
 MALFORMED_MUTATION = b'{"query": "mutation { addProduct(input: {sku: \\"MUG\\"'
@@ -176,7 +176,7 @@ async def test_json_is_json_in_any_case_and_with_parameters(api):
         response = await api.http.post("/graphql", content=b'{"query": "{ __typename }"}',
                                        headers={"Content-Type": content_type})
         assert response.status_code == 200, content_type
-        assert response.json() == {"data": {"__typename": "Query"}}
+        assert response.json() == {"extensions": FRESHNESS, "data": {"__typename": "Query"}}
 
 
 # ---------------------------------------------------------------- GET
@@ -186,7 +186,7 @@ async def test_a_query_may_come_over_get(api):
     response = await api.http.get("/graphql", params={"query": "query($n: String!) { __type(name: $n) { name } }",
                                                       "variables": json.dumps({"n": "Order"})})
     assert response.status_code == 200
-    assert response.json() == {"data": {"__type": {"name": "Order"}}}
+    assert response.json() == {"extensions": FRESHNESS, "data": {"__type": {"name": "Order"}}}
 
 
 @pytest.mark.parametrize("accept", [None, "application/json", GRAPHQL_RESPONSE])

@@ -15,7 +15,7 @@ import pytest
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
 from orderstream.schema.app import build_schema
-from tests.support.api import Api, asgi_api
+from tests.support.api import FRESHNESS, Api, asgi_api
 from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
@@ -197,7 +197,7 @@ async def test_the_cost_limit_holds_for_mutations(tmp_path):
 
 async def test_introspection_is_on_in_development(api):
     body = await api.execute("{ __schema { queryType { name } } }")
-    assert body == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+    assert body == {"extensions": FRESHNESS, "data": {"__schema": {"queryType": {"name": "Query"}}}}
 
 
 async def test_introspection_is_off_in_production(tmp_path):
@@ -206,7 +206,7 @@ async def test_introspection_is_off_in_production(tmp_path):
             body = await api.execute(query)
             assert body["data"] is None
             assert set(codes(body)) == {"INTROSPECTION_DISABLED"}
-        assert await api.execute("{ __typename }") == {"data": {"__typename": "Query"}}
+        assert await api.execute("{ __typename }") == {"extensions": FRESHNESS, "data": {"__typename": "Query"}}
 
 
 async def test_production_may_turn_introspection_back_on(tmp_path):

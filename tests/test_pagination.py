@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.support.api import Api
+from tests.support.api import FRESHNESS, Api
 from tests.support.tokens import bearer
 
 STAFF = bearer("staff")
@@ -258,7 +258,7 @@ async def test_one_order_for_its_customer_and_staff_only(api: Api, shop: dict):
         assert codes(result) == [code]
 
     unknown = await api.execute(document, {"id": "00000000-0000-4000-8000-000000000000"}, STAFF)
-    assert unknown == {"data": {"order": None}}
+    assert unknown == {"extensions": FRESHNESS, "data": {"order": None}}
     malformed = await api.execute(document, {"id": "not-a-uuid"}, STAFF)
     assert codes(malformed) == ["BAD_USER_INPUT"]
 

@@ -270,6 +270,10 @@ async def test_three_serve_processes_act_as_one_service(databases: Databases, tm
             # Kill the projector's leader without warning; the read models must still converge.
             states = [(await process.health(http))["projector"] for process in processes]
             assert sorted(states) == ["leading", "standby", "standby"], states
+            # A standby is as ready as the leader: the lag is read from the shared checkpoints.
+            for process in processes:
+                ready = await http.get(f"{process.url}/readyz")
+                assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
             leader = processes[states.index("leading")]
             leader.kill()
             survivors = [process for process in processes if process is not leader]

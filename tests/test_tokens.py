@@ -33,7 +33,7 @@ from orderstream.bootstrap import build_app
 from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.security.auth import MAX_LEEWAY, VERIFIED_TOKENS_KEPT, TokenVerifier, Unauthenticated
 from orderstream.infrastructure.settings import Settings
-from tests.support.api import Api, asgi_api
+from tests.support.api import FRESHNESS, Api, asgi_api
 from tests.support.server import real_server
 from tests.support.tokens import SECRET
 
@@ -347,7 +347,8 @@ async def test_a_customer_token_acts_for_its_customer(tmp_path, keys):
     async with serving(tmp_path, rsa_pem(tmp_path, keys)) as api:
         token = jwt.encode(idp_claims(role="customer", customer_id="c-1"), keys.rsa, algorithm="RS256")
         body = await api.execute("{ me { id } }", headers={"Authorization": f"Bearer {token}"})
-        assert body == {"data": {"me": None}}  # signed in as customer c-1, who has not registered yet
+        # Signed in as customer c-1, who has not registered yet.
+        assert body == {"extensions": FRESHNESS, "data": {"me": None}}
 
 
 # ---------------------------------------------------------------- clock skew

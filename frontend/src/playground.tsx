@@ -22,7 +22,13 @@ const endpoint = new URL(root.dataset.endpoint ?? "/graphql", window.location.hr
 const socket = new URL(endpoint);
 socket.protocol = endpoint.protocol === "https:" ? "wss:" : "ws:";
 
-const send = createGraphiQLFetcher({ url: endpoint.href, subscriptionUrl: socket.href });
+// In production the server runs a request over HTTP only if it carries a header that a
+// page on another site could not send without the browser asking first (CSRF).
+const send = createGraphiQLFetcher({
+  url: endpoint.href,
+  subscriptionUrl: socket.href,
+  headers: { "GraphQL-Require-Preflight": "1" },
+});
 
 // The hint, left as it was, is no token: it is not sent, so that queries which need no
 // token still run before one is pasted.

@@ -9,9 +9,11 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from types import MappingProxyType
 from typing import TypeVar
 
 from sqlalchemy import (
@@ -72,6 +74,11 @@ class Checkpoint:
 
 class ConsistencyTimeout(PublicError):
     code = "CONSISTENCY_TIMEOUT"
+
+
+# The positions `wait_for` has reached in the current operation, when something keeps count
+# (web.freshness sets a list for each query; tasks the operation starts share it).
+REACHED: ContextVar[list[int] | None] = ContextVar("orderstream_reached_positions", default=None)
 
 
 class ReadStore:
@@ -183,6 +190,12 @@ class ReadStore:
                 self._positions[name] = max(position, self._positions.get(name, 0))
             self._advanced.notify_all()
 
+    @property
+    def positions(self) -> Mapping[str, int]:
+        """Each projection's checkpoint as this process last learned it (from its projector,
+        notifications, waits and `refresh`): known in memory, never read for the asking."""
+        return MappingProxyType(self._positions)
+
     async def wait_for(self, position: int | None, names: Iterable[str],
                        timeout: float | None = None) -> None:
         """Return once every projection in `names` has applied `position`.
@@ -212,6 +225,8 @@ class ReadStore:
                         await asyncio.wait_for(self._advanced.wait(), min(remaining, self.poll_interval))
                     except TimeoutError:
                         self._positions.update(await self._positions_in_database())
+            if (reached := REACHED.get()) is not None:
+                reached.append(position)
         finally:
             if self.waited is not None:
                 self.waited(time.monotonic() - started)

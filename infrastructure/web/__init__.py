@@ -1,3 +1,4 @@
 """The HTTP and GraphQL edge: middleware, GraphQL over HTTP, operations streamed over HTTP
 (Server-Sent Events, multipart), persisted and trusted documents, execution shortcuts,
-query limits, error masking, rate limits. It may import every other room."""
+query limits, error masking, rate limits, request ids, the freshness of answers. It may
+import every other room."""

@@ -10,6 +10,15 @@ wrong type) is a 400 for every client. Beyond that, the Accept header decides:
 Refusals for the method, size, media type and rate keep their status (405, 413, 415, 429).
 Every refusal carries `errors[0].extensions.code`.
 
+With `require_preflight` (production) a request that any web page could make cross-site
+without the browser asking first (a CORS preflight) is refused with 400
+(PREFLIGHT_REQUIRED) unless it carries a header such a page cannot set without one,
+non-empty: `GraphQL-Require-Preflight`, or Apollo's `X-Apollo-Operation-Name` or
+`Apollo-Require-Preflight`. Those requests are a GET, and a POST whose Content-Type is
+missing or one a form can send (application/x-www-form-urlencoded, multipart/form-data,
+text/plain). GraphiQL's own visit (a GET without a query) is a page, not a request, and
+needs none.
+
 An Accept header asking for a stream (`text/event-stream`, or
 `multipart/mixed;subscriptionSpec="1.0"`, see infrastructure.web.streams) sends the request
 to `stream` instead; a subscription without one is refused with 400, naming the transports.
@@ -42,6 +51,15 @@ SUBSCRIPTION_TRANSPORTS = (
     "subscriptions are served over WebSocket (ws(s)://<host>/graphql with the graphql-transport-ws or graphql-ws "
     "protocol), Server-Sent Events (send `Accept: text/event-stream`) and multipart HTTP (send "
     "`Accept: multipart/mixed;subscriptionSpec=\"1.0\"`)")
+
+# Headers a page can send cross-site only after a preflight (the generic one, and those
+# Apollo's clients send), and the media types a form can send without one.
+PREFLIGHT_HEADERS = ("graphql-require-preflight", "x-apollo-operation-name", "apollo-require-preflight")
+SIMPLE_MEDIA_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+PREFLIGHT_REQUIRED = (
+    "this request could come from any web page without the browser asking first (a GET, or a POST without "
+    "Content-Type: application/json): send it with the header `GraphQL-Require-Preflight: 1` "
+    "(or `X-Apollo-Operation-Name`)")
 
 CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 406: "NOT_ACCEPTABLE",
          413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 429: "RATE_LIMITED", 503: "UNAVAILABLE"}
@@ -98,14 +116,16 @@ class GraphQLOverHTTP(GraphQL):
     """strawberry's ASGI GraphQL view, held to the GraphQL-over-HTTP spec (see the module).
     Batching is off: a JSON array is refused. `graphiql`: the IDE page served on GET to
     browsers instead of strawberry's (whose scripts come from a CDN); None: no IDE (404).
-    `documents`: persisted and trusted documents (web.documents); None: only `query` runs."""
+    `documents`: persisted and trusted documents (web.documents); None: only `query` runs.
+    `require_preflight`: refuse requests a page could send cross-site unasked (see the module)."""
 
     def __init__(self, schema, *, graphiql: IdePage | None = None, websocket_origins: Sequence[str] = (),
-                 documents: "Documents | None" = None, **options: object) -> None:
+                 documents: "Documents | None" = None, require_preflight: bool = False, **options: object) -> None:
         super().__init__(schema, graphql_ide="graphiql" if graphiql else None, allowed_origins=websocket_origins,
                          **options)
         self.ide_page = graphiql
         self.documents = documents
+        self.require_preflight = require_preflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,12 +177,15 @@ class GraphQLOverHTTP(GraphQL):
             raise HTTPException(400, "the request body must be JSON in UTF-8") from None
 
     async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData:
+        # The media type alone, without parameters (strawberry's parse_content_type builds
+        # an e-mail message for it: a measurable share of a small request's time).
+        content_type = (request.content_type or "").partition(";")[0].strip().lower()
+        if self.require_preflight and (request.method == "GET" or content_type in SIMPLE_MEDIA_TYPES) and not any(
+                request.headers.get(name, "").strip() for name in PREFLIGHT_HEADERS):
+            raise Refusal(400, PREFLIGHT_REQUIRED, "PREFLIGHT_REQUIRED")
         if request.method == "GET":
             data = self.parse_query_params(request.query_params)
         else:
-            # The media type alone, without parameters (strawberry's parse_content_type builds
-            # an e-mail message for it: a measurable share of a small request's time).
-            content_type = (request.content_type or "").partition(";")[0].strip().lower()
             if content_type != JSON:
                 raise Refusal(415, "send the GraphQL request as a JSON object with Content-Type: application/json")
             data = self.parse_json(await request.get_body())

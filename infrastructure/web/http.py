@@ -1,13 +1,22 @@
-"""Plain ASGI middleware for every HTTP response: a request body limit and security headers.
+"""Plain ASGI middleware for every HTTP response: a request id, a request body limit and
+security headers.
 
-Both are passed explicitly to `Starlette(middleware=[...])` by the composition root.
+All are passed explicitly to `Starlette(middleware=[...])` by the composition root.
 """
 
+import re
+import uuid
 from collections.abc import Mapping
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orderstream.infrastructure.logs import request_scope
+
+# A client's own id, taken as it is when it looks like one: at most 36 characters (a UUID's
+# length, and the events' correlation_id column's) of letters, digits and . _ : -.
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,36}")
 
 # For API responses; a response that sets its own Content-Security-Policy (the GraphQL IDE
 # page) keeps it.
@@ -21,6 +30,34 @@ SECURITY_HEADERS = {
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"errors": [{"message": message, "extensions": {"code": code}}]}, status_code=status)
+
+
+class RequestId:
+    """Gives every HTTP request and WebSocket an id: the client's `X-Request-ID` if it is
+    sane (SANE_REQUEST_ID), else a new UUID. The id is sent back as `X-Request-ID` on the
+    response (on a WebSocket, on its handshake's), kept in `scope["state"]["request_id"]`
+    (`request.state.request_id`: the commands' correlation id) and carried by every log
+    line of the request (infrastructure.logs)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if SANE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
+                headers = [(name, value) for name, value in message.get("headers", ()) if name.lower() != header[0]]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        with request_scope(request_id):
+            await self.app(scope, receive, send_with_id)
 
 
 class _TooLarge(Exception):

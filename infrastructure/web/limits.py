@@ -1,4 +1,5 @@
-"""Bounds on what one GraphQL document may ask for: depth, tokens, aliases and cost.
+"""Bounds on what one GraphQL document may ask for: depth, tokens, aliases, directives,
+repeated fields and cost.
 
 `QueryBounds` is built once, with the schema, and keeps each document's verdict (its
 validation errors, and its cost where no variable sets it) for every request that sends
@@ -12,14 +13,22 @@ start: parsed, validated and costed then, and held outside the caches' bounds.
 The cost limit needs the request's variables (`first: $n`), which validation never sees, so
 an operation whose list sizes are variables is costed per request, right after the
 validation, on valid documents only.
+
+Directives and repeated fields are counted before validation (`shape_error`), and a
+document over those bounds gets that one error and no validation: each repeat would
+otherwise cost a validation error of its own (`@aa@aa...` gives one "Unknown directive" per
+repeat) or a comparison with every other (500 times `__typename` is 125,000 field pairs
+for the rule that merges fields).
 """
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from graphql import (
+    DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
@@ -28,6 +37,7 @@ from graphql import (
     GraphQLSyntaxError,
     InlineFragmentNode,
     IntValueNode,
+    Node,
     OperationDefinitionNode,
     SelectionSetNode,
     ValidationRule,
@@ -61,6 +71,11 @@ class QueryLimits:
     max_tokens: int = 2_000
     # Aliased fields per operation, counting a fragment once for every place it is spread.
     max_aliases: int = 15
+    # Directives in the whole document (graphql-armor's default).
+    max_directives: int = 50
+    # How often one selection set may select the same field (response name) itself: the
+    # repeats add nothing to the answer, only work.
+    max_field_repeats: int = 10
     # The most values a response may hold: see `QueryCost`.
     max_cost: int = 20_000
     # What a list field without `first` is assumed to hold.
@@ -142,8 +157,9 @@ class QueryBounds:
         if known is None or known.schema is not schema or known.rules != rules:
             if len(self._verdicts) >= self.limits.cache_size:
                 self._verdicts.pop(next(iter(self._verdicts)))
-            known = self._verdicts[id(document)] = _Verdict(document, schema, rules,
-                                                            validate_document(schema, document, rules), {})
+            refused = shape_error(schema, document, self.limits)
+            errors = [refused] if refused else validate_document(schema, document, rules)
+            known = self._verdicts[id(document)] = _Verdict(document, schema, rules, errors, {})
         return known
 
     def extension(self) -> Callable[[], SchemaExtension]:
@@ -230,6 +246,59 @@ class EnforceBounds(SchemaExtension):
         if result.errors:
             result.errors = [self.bounds.public(error) for error in result.errors]
         yield
+
+
+# ---------------------------------------------------------------- before validation
+
+
+def shape_error(schema: GraphQLSchema, document: DocumentNode, limits: QueryLimits) -> GraphQLError | None:
+    """The first bound on directives or repeated fields `document` breaks, as the one error
+    to answer it with; None if it keeps them all. A directive may appear once in a place
+    (on a field, a fragment, an operation...) unless the schema declares it repeatable,
+    and `max_directives` times in the document; a selection set may select a field itself
+    at most `max_field_repeats` times."""
+    directives = 0
+    for node in _nodes(document):
+        used = getattr(node, "directives", None)
+        if used:
+            directives += len(used)
+            if directives > limits.max_directives:
+                return GraphQLError(
+                    f"This document uses more than {limits.max_directives} directives, the limit.", node,
+                    extensions={"code": "TOO_MANY_DIRECTIVES", "maxDirectives": limits.max_directives})
+            names = Counter(directive.name.value for directive in used)
+            for name, times in names.items():
+                declared = schema.get_directive(name)
+                if times > 1 and not (declared and declared.is_repeatable):
+                    return GraphQLError(
+                        f"The directive @{name} appears {times} times in one place; it may appear once.",
+                        [d for d in used if d.name.value == name],
+                        extensions={"code": "DUPLICATE_DIRECTIVE", "directive": name, "times": times})
+        if isinstance(node, SelectionSetNode):
+            keys = Counter((s.alias or s.name).value for s in node.selections if isinstance(s, FieldNode))
+            key, times = keys.most_common(1)[0] if keys else ("", 0)
+            if times > limits.max_field_repeats:
+                return GraphQLError(
+                    f"This selection asks for `{key}` {times} times; a field may be selected at most "
+                    f"{limits.max_field_repeats} times in one place (once is enough: the answer holds it once).",
+                    node, extensions={"code": "REPEATED_FIELD", "field": key, "times": times,
+                                      "maxFieldRepeats": limits.max_field_repeats})
+    return None
+
+
+def _nodes(node: Node) -> Iterator[Node]:
+    """`node` and every node under it, depth first, on a stack of its own: no recursion,
+    however deeply the document nests (its depth is bounded only by the validation after)."""
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        yield node
+        for key in node.keys:
+            value = getattr(node, key, None)
+            if isinstance(value, Node):
+                pending.append(value)
+            elif isinstance(value, tuple | list):
+                pending.extend(item for item in value if isinstance(item, Node))
 
 
 # ---------------------------------------------------------------- validation rules

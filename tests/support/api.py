@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 from starlette.routing import Route
@@ -14,6 +15,10 @@ from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
 from tests.support.databases import Databases
 from tests.support.tokens import SECRET
+
+# What every query's answer carries beside its data (infrastructure.web.freshness), for
+# comparing whole answers: tests/test_freshness.py checks its values.
+FRESHNESS = {"freshness": {"position": ANY, "head": ANY, "lagSeconds": ANY}}
 
 
 @dataclass
