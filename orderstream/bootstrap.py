@@ -195,7 +195,8 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     graphql = GraphQLApp(schema, service.dispatcher, service.store, service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
-                         websocket_origins=settings.websocket_origins, documents=documents)
+                         websocket_origins=settings.websocket_origins, documents=documents,
+                         metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
