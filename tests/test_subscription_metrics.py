@@ -201,11 +201,14 @@ async def test_each_transport_counts_its_subscriptions_and_every_message_once_pe
 
 async def test_the_gauge_comes_down_when_the_token_expires_and_when_the_subscription_fails(server):
     await register(server)
-    short = token("staff", ttl=timedelta(seconds=2))
+    short = token("staff", ttl=timedelta(seconds=3))
     before = await scrape(server)
     async with AsyncExitStack() as stack:
         expiring = [await stack.enter_async_context(subscribed(server, transport, short, EVENTS, {"after": "0"}))
                     for transport in TRANSPORTS]
+        await wait_until(lambda: all(client.results for client in expiring))
+        assert await open_gauges(server) == dict.fromkeys(TRANSPORTS, 1)
+
         failing = [await stack.enter_async_context(subscribed(server, transport, STAFF, REFUSED_EVENTS, REFUSED))
                    for transport in TRANSPORTS]
         # A query sent over the socket is an operation, not a subscription: not counted.
@@ -216,8 +219,7 @@ async def test_the_gauge_comes_down_when_the_token_expires_and_when_the_subscrip
         for client in failing:
             [refused] = client.results
             assert refused["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT", refused
-        await wait_until(lambda: all(client.results for client in expiring))
-        assert await open_gauges(server) == dict.fromkeys(TRANSPORTS, 1)
+
         await gauges_become(server, dict.fromkeys(TRANSPORTS, 0))
         for client in expiring:
             await asyncio.wait_for(client.ended.wait(), 15)
