@@ -20,9 +20,10 @@ A subscription resolver opts in by following `info.root_value`, the operation's 
 when there is one, instead of the hub: `(info.root_value or hub).subscribe(after, wants)`.
 
 Every subscription is counted in the metrics by its transport (infrastructure.metrics):
-open from its first step to its end, however it ends (`counted`), and each result once
-it is sent: by its own execution's stream (`counted`), or by its group, which tallies its
-frames by transport and adds them up once per event, not once per member.
+open from its first step to its end, however it ends (`counted`), and each result as it
+goes out, once per subscriber: from its own execution (`counted`, during catch-up and
+after its group dropped it), or in a frame of its group, which tallies its frames by
+transport and adds them up once per event, not once per member.
 """
 
 import asyncio
