@@ -1,5 +1,6 @@
 """Live subscriptions: commit-to-delivery latency, delivered messages per second and server
-CPU per delivered message, orderstream against a plain strawberry subscription.
+CPU per delivered message, orderstream over WebSocket against a plain strawberry
+subscription, and orderstream over Server-Sent Events beside its WebSocket.
 
 The claim under test: the `events` subscription fans a committed event out to its
 subscribers fast and cheaply, however many there are, and its memory stays flat however
@@ -17,18 +18,23 @@ next collection frees, a grown heap) is charged to the next:
   subscription yields from its queue: strawberry executes the selection once per
   subscriber and event, and nothing is stored.
 
-The clients live in this process: one `websockets` connection per subscriber speaking
-graphql-transport-ws (no compression offered), each with one
-`subscription { events { position type streamId occurredAt } }`, its socket read from then
-on by FrameReader (a few µs per message rather than the websockets client's 25, so that the
-clients stay far from busy at 50,000 messages a second), and one HTTP client
-sending `restockProduct` mutations with a staff token at a steady rate. Every message is
+The clients live in this process, one connection per subscriber, each with one
+`subscription { events { position type streamId occurredAt } }`:
+- **orderstream** and **baseline**: a `websockets` connection speaking graphql-transport-ws
+  (no compression offered), its socket read from then on by FrameReader (a few µs per
+  message rather than the websockets client's 25, so that the clients stay far from busy
+  at 50,000 messages a second);
+- **orderstream-sse**: the same server, each subscriber a POST with
+  `Accept: text/event-stream` (graphql-sse's distinct connections) on a plain asyncio
+  connection read by EventStreamReader, with a staff token of its own (the limit of streams
+  over HTTP is per caller; every staff token still shares the one execution);
+and one HTTP client sending `restockProduct` mutations with a staff token at a steady rate. Every message is
 stamped with time.time() as it is read; its latency is that stamp minus the event's
 `occurredAt`. Both clocks are this machine's wall clock. orderstream stamps `occurredAt`
 when the append starts, so its latency includes the durable SQLite commit; the baseline
 stamps it in the mutation resolver, right before the broadcast.
 
-A round measures, on each server in turn (which one goes first alternates):
+A round measures, on each server and transport in turn (which one goes first rotates):
 - no subscriber, 20 commands a second: what the commands alone cost the server;
 - 100 subscribers, 20 commands a second;
 - 1,000 subscribers, 4, 20 and then 50 commands a second on the same connections. A server
@@ -45,11 +51,13 @@ warms up for 2 s, then measures an 8 s window:
   until every subscriber has them all or 6 s after the window (if some are still missing
   then, that p99 is a lower bound and the table says so).
 Every figure is the median over 3 rounds; client CPU and the CPU of every other process
-on the machine are recorded with each window.
+on the machine are recorded with each window. Goal: at 1,000 subscribers, at most 15 µs of
+server CPU per delivered message, net of the commands, on WebSocket and on SSE, and a p99
+under 25 ms at 50 events/s.
 
-Memory: 100 subscribers on a fresh server, 100 warm-up events, resident memory (VmRSS),
-then 1,000 more events at up to 40 a second (100,000 deliveries), resident memory again
-once every subscriber has them all.
+Memory, on each server and transport: 100 subscribers on a fresh server, 100 warm-up events,
+resident memory (VmRSS), then 1,000 more events at up to 40 a second (100,000
+deliveries), resident memory again once every subscriber has them all.
 """
 
 import asyncio
@@ -81,10 +89,16 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import Info
 
 from bench.hot_aggregate import BenchmarkError, cpu_seconds, machine
+from orderstream.infrastructure.security.auth import issue_token
 
 NAME = "subscriptions"
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("orderstream", "baseline")
+# Each row of the table: a server, and the transport its subscribers use.
+RUNS = ("orderstream", "orderstream-sse", "baseline")
+SERVER_OF = {"orderstream": "orderstream", "orderstream-sse": "orderstream", "baseline": "baseline"}
+WEBSOCKET, SSE = "websocket", "sse"
+TRANSPORT_OF = {"orderstream": WEBSOCKET, "orderstream-sse": SSE, "baseline": WEBSOCKET}
+GOAL_CPU_US, GOAL_P99_MS = 15, 25
 SKU = "BENCH-LIVE"
 SUBSCRIBE = "subscription { events { position type streamId occurredAt } }"
 RESTOCK = """
@@ -155,31 +169,33 @@ def run(quick: bool, results_dir: Path) -> str:
 async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
     secret = secrets.token_hex(32)
     token = staff_token(folder, secret)
-    start = {"orderstream": lambda: orderstream_server(folder, secret, token),
-             "baseline": lambda: baseline_server(folder)}
+    servers = {"orderstream": lambda: orderstream_server(folder, secret, token),
+               "baseline": lambda: baseline_server(folder)}
+    start = {name: servers[SERVER_OF[name]] for name in RUNS}
     memory, started_rss = {}, {}
-    for name in SERVERS:
+    for name in RUNS:
         async with start[name]() as server:
             started_rss[name] = server.rss_mb()
-            memory[name] = await measure_memory(server, sizes)
+            memory[name] = await measure_memory(server, sizes, TRANSPORT_OF[name])
 
     labels = [label(count, events_per_s) for count, rates in sizes.points for events_per_s in rates]
     alone, *measured = labels
-    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {name: {key: [] for key in labels} for name in SERVERS}
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {name: {key: [] for key in labels} for name in RUNS}
     for number in range(sizes.rounds):
-        # Alternate who goes first, so drift over the run favours neither.
-        order = SERVERS if number % 2 == 0 else SERVERS[::-1]
+        # Rotate who goes first, so drift over the run favours none.
+        shift = number % len(RUNS)
+        order = RUNS[shift:] + RUNS[:shift]
         for count, rates in sizes.points:
             for name in order:
                 # A fresh process each time: nothing left over from the last point (garbage
                 # that the next collection frees, grown heaps) is charged to this one.
-                async with start[name]() as server, subscribed(server, count) as subscribers:
+                async with start[name]() as server, subscribed(server, count, TRANSPORT_OF[name]) as subscribers:
                     for events_per_s in rates:
                         point = await measure_rate(server, subscribers, events_per_s, sizes)
                         rounds[name][label(count, events_per_s)].append(point)
                         note(f"round {number + 1}/{sizes.rounds}, {name}, {label(count, events_per_s)}: "
                              + describe(point))
-        for name in SERVERS:
+        for name in RUNS:
             commands_alone = rounds[name][alone][-1]
             cpu_per_command = commands_alone["server_cpu_s_per_s"] / commands_alone["events_per_s"]
             for key in measured:
@@ -187,14 +203,17 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
                 fan_out = point["server_cpu_s_per_s"] - cpu_per_command * point["events_per_s"]
                 point["net_cpu_us_per_message"] = fan_out / point["messages_per_s"] * 1e6
 
-    points = {name: {key: summary(rounds[name][key]) for key in measured} for name in SERVERS}
-    ratios = {key: {figure: ratio(points["orderstream"][key][figure], points["baseline"][key][figure])
-                    for figure in RATIOS}
-              for key in measured}
+    points = {name: {key: summary(rounds[name][key]) for key in measured} for name in RUNS}
+
+    def ratios(mine: str, theirs: str) -> dict[str, dict[str, float | None]]:
+        return {key: {figure: ratio(points[mine][key][figure], points[theirs][key][figure]) for figure in RATIOS}
+                for key in measured}
+
     return {
         "points": points,
-        "orderstream_over_baseline": ratios,
-        "commands_alone": {name: summary(rounds[name][alone]) for name in SERVERS},
+        "orderstream_over_baseline": ratios("orderstream", "baseline"),
+        "sse_over_websocket": ratios("orderstream-sse", "orderstream"),
+        "commands_alone": {name: summary(rounds[name][alone]) for name in RUNS},
         "memory": memory,
         "started_rss_mb": started_rss,
         "rounds": rounds,
@@ -305,10 +324,11 @@ def deliveries(subscribers: "Subscribers", arrivals: list[list[tuple[float, str 
 # ---------------------------------------------------------------- memory
 
 
-async def measure_memory(server: "ServerProcess", sizes: Sizes) -> dict[str, Any]:
+async def measure_memory(server: "ServerProcess", sizes: Sizes, transport: str) -> dict[str, Any]:
     """Resident memory before and after `memory_subscribers` x `memory_events` deliveries."""
-    note(f"memory, {server.name}: {sizes.memory_subscribers} subscribers x {sizes.memory_events:,} events")
-    async with subscribed(server, sizes.memory_subscribers) as subscribers:
+    note(f"memory, {server.name} over {transport}: {sizes.memory_subscribers} subscribers x"
+         f" {sizes.memory_events:,} events")
+    async with subscribed(server, sizes.memory_subscribers, transport) as subscribers:
         warmup = Writer(server, sizes.memory_events_per_s, limit=sizes.memory_warmup_events)
         await warmup.run()
         await wait_until(lambda: subscribers.have(warmup.positions[-1]), 60, "the warm-up events")
@@ -339,10 +359,11 @@ async def measure_memory(server: "ServerProcess", sizes: Sizes) -> dict[str, Any
 
 
 class Subscribers:
-    """WebSocket clients, one `events` subscription each; keeps every message with the
+    """Clients over `transport`, one `events` subscription each; keeps every message with the
     time it was read, and leaves the parsing for later so that reading stays cheap."""
 
-    def __init__(self) -> None:
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
         self.arrivals: list[list[tuple[float, str | bytes]]] = []
         self._occurred: dict[str, float] = {}
 
@@ -355,10 +376,18 @@ class Subscribers:
     def parse(self, arrival: tuple[float, str | bytes]) -> tuple[float, tuple[int, float]]:
         """(read at, (position, occurred at)) of one message."""
         received_at, raw = arrival
-        message = json.loads(raw)
-        if message.get("type") != "next" or "errors" in message["payload"]:
-            raise BenchmarkError(f"a subscriber got {message}")
-        event = message["payload"]["data"]["events"]
+        if self.transport == SSE:
+            # One message of the stream: `event: next`, `id: <position>`, `data: <result>`.
+            event_type, _, rest = raw.partition(b"\n")
+            result = json.loads(rest[rest.index(b"data: ") + 6:])
+            if event_type != b"event: next" or "errors" in result:
+                raise BenchmarkError(f"a subscriber got {raw!r}")
+        else:
+            message = json.loads(raw)
+            if message.get("type") != "next" or "errors" in message["payload"]:
+                raise BenchmarkError(f"a subscriber got {message}")
+            result = message["payload"]
+        event = result["data"]["events"]
         stamp = event["occurredAt"]
         occurred_at = self._occurred.get(stamp)
         if occurred_at is None:
@@ -367,13 +396,16 @@ class Subscribers:
 
 
 @asynccontextmanager
-async def subscribed(server: "ServerProcess", count: int) -> AsyncIterator[Subscribers]:
-    """`count` clients subscribed to `events` on `server`, closed on the way out."""
-    subscribers = Subscribers()
+async def subscribed(server: "ServerProcess", count: int, transport: str) -> AsyncIterator[Subscribers]:
+    """`count` clients subscribed to `events` on `server` over `transport`, closed on the way out."""
+    subscribers = Subscribers(transport)
     connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
 
     async def subscribe(arrivals: list) -> None:
         async with connecting:
+            if transport == SSE:
+                readers.append(await EventStreamReader.open(server, arrivals))
+                return
             # No client pings: once subscribed, FrameReader reads the socket instead.
             ws = await websockets.connect(server.ws_url, subprotocols=["graphql-transport-ws"], compression=None,
                                           open_timeout=60, max_size=2 ** 20, ping_interval=None)
@@ -388,7 +420,7 @@ async def subscribed(server: "ServerProcess", count: int) -> AsyncIterator[Subsc
             ws.transport.set_protocol(reader)
             readers.append(reader)
 
-    readers: list[FrameReader] = []
+    readers: list[FrameReader | EventStreamReader] = []
     try:
         started = time.perf_counter()
         subscribers.arrivals = [[] for _ in range(count)]
@@ -441,6 +473,60 @@ class FrameReader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = self.lost or f"connection lost: {exc}"
+
+
+class EventStreamReader(asyncio.Protocol):
+    """A subscriber over Server-Sent Events on a plain asyncio connection, as light as
+    FrameReader: one POST with `Accept: text/event-stream`, then every message of the stream
+    (the bytes up to the blank line that ends it) kept with the time its end was read. The
+    response's chunked framing stays in the bytes kept, around the messages: a blank line
+    (two line feeds) appears only at a message's end, so it does not get in the way."""
+
+    def __init__(self, arrivals: list) -> None:
+        self.arrivals = arrivals
+        self.buffer = b""
+        self.headers: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.lost: str | None = None
+
+    @classmethod
+    async def open(cls, server: "ServerProcess", arrivals: list) -> "EventStreamReader":
+        """Subscribed, with its own staff token (the limit of streams is per caller)."""
+        loop = asyncio.get_running_loop()
+        transport, reader = await loop.create_connection(lambda: cls(arrivals), "127.0.0.1", server.port)
+        body = json.dumps({"query": SUBSCRIBE}).encode()
+        bearer = issue_token(server.secret, "staff")
+        transport.write(f"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAccept: text/event-stream\r\n"
+                        f"Content-Type: application/json\r\nAuthorization: Bearer {bearer}\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = await asyncio.wait_for(reader.headers, 60)
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise BenchmarkError(f"{server.name} answered the stream with {status!r}")
+        return reader
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buffer = self.buffer + data if self.buffer else data
+        if not self.headers.done():
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            self.headers.set_result(buffer[:end])
+            buffer = buffer[end + 4:]
+        *messages, self.buffer = buffer.split(b"\n\n")
+        for message in messages:
+            start = message.find(b"event: ")
+            if start >= 0:
+                self.arrivals.append((now, message[start:]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.lost or f"connection lost: {exc}"
+        if not self.headers.done():
+            self.headers.set_exception(BenchmarkError(f"the stream closed before its headers: {exc}"))
 
 
 @dataclass(eq=False)
@@ -504,6 +590,7 @@ class ServerProcess:
     port: int
     token: str
     log: Path
+    secret: str = ""  # what its tokens are signed with
 
     @property
     def http_url(self) -> str:
@@ -546,6 +633,7 @@ async def orderstream_server(folder: Path, secret: str, token: str) -> AsyncIter
     port = free_port()
     argv = [*ORDERSTREAM, "serve", "--port", str(port), "--data-dir", str(folder / "orderstream")]
     async with server_process("orderstream", argv, server_environment(secret), port, token, folder) as server:
+        server.secret = secret
         async with httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": f"Bearer {token}"}) as http:
             # The key makes every start after the first get the first start's answer.
             await command(http, ADD_PRODUCT, {"sku": SKU, "name": "Bench live product", "initialStock": 0,
@@ -743,26 +831,46 @@ def note(message: str) -> None:
     sys.stderr.flush()
 
 
+def goals(points: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Goal 7, per transport: net CPU per message at 1,000 subscribers, p99 at 1,000 x 50/s."""
+    lines = []
+    for name in ("orderstream", "orderstream-sse"):
+        at_1000 = {key: point for key, point in points[name].items() if point["subscribers"] >= 1000}
+        if not at_1000:
+            continue
+        worst = max(point["net_cpu_us_per_message"] for point in at_1000.values())
+        text = (f"goal, {name}: net CPU/msg at 1,000 subscribers at most {GOAL_CPU_US} µs: {worst:.1f} µs at worst"
+                f" ({'met' if worst <= GOAL_CPU_US else 'not met'})")
+        fastest = [point for point in at_1000.values() if point["target_events_per_s"] >= 50]
+        if fastest:
+            p99 = fastest[0]["latency_p99_ms"]
+            text += (f"; p99 at 50 events/s under {GOAL_P99_MS} ms: {p99:.1f} ms"
+                     f" ({'met' if p99 < GOAL_P99_MS and not fastest[0]['undelivered'] else 'not met'})")
+        lines.append(text)
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
     sizes, host, points = report["sizes"], report["machine"], report["points"]
     header = ("subscribers x commands", "server", "commands/s", "p50", "p99", "delivered/s", "CPU/msg",
               "net CPU/msg", "server cores", "client cores")
     rows = [header]
     for key in points["orderstream"]:
-        for name in SERVERS:
+        for name in RUNS:
             point = points[name][key]
             p99 = f"{point['latency_p99_ms']:.1f} ms" + ("*" if point["undelivered"] else "")
             rows.append((key, name, f"{point['events_per_s']:.1f}", f"{point['latency_p50_ms']:.1f} ms", p99,
                          f"{point['messages_per_s']:,.0f}", f"{point['cpu_us_per_message']:.1f} µs",
                          f"{point['net_cpu_us_per_message']:.1f} µs", f"{point['server_cpu_s_per_s']:.2f}",
                          f"{point['client_cpu_s_per_s']:.2f}"))
-        ratios = report["orderstream_over_baseline"][key]
-        rows.append(("", "orderstream/baseline", "", *(f"{ratios[figure]:.2f}" if ratios[figure] is not None else "-"
-                                                   for figure in RATIOS), ""))
+        for title, ratios in (("orderstream/baseline", report["orderstream_over_baseline"][key]),
+                              ("sse/websocket", report["sse_over_websocket"][key])):
+            rows.append(("", title, "", *(f"{ratios[figure]:.2f}" if ratios[figure] is not None else "-"
+                                          for figure in RATIOS), ""))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = [
-        f"{NAME}: the `events` subscription, {{ position type streamId occurredAt }}, orderstream vs a plain "
-        f"strawberry subscription (baseline)",
+        f"{NAME}: the `events` subscription, {{ position type streamId occurredAt }}, orderstream over WebSocket"
+        f" vs a plain strawberry subscription (baseline), and orderstream over Server-Sent Events (orderstream-sse)",
         f"restockProduct commands over HTTP, one at a time at a steady rate (a server that falls behind slows"
         f" them: commands/s is the rate reached); medians of {sizes['rounds']} rounds of {sizes['window_s']:g} s;",
         "latency = time the client read the message - the event's occurredAt; net CPU/msg = CPU/msg without the"
@@ -778,22 +886,23 @@ def table(report: dict[str, Any]) -> str:
     for key in points["orderstream"]:
         lines.append(f"  {key}: " + ", ".join(f"{name} {points[name][key]['first_read_p50_ms']:.1f} +"
                                              f" {points[name][key]['fan_out_spread_p50_ms']:.1f} ms"
-                                             for name in SERVERS))
-    if any(points[name][count]["undelivered"] for name in SERVERS for count in points[name]):
+                                             for name in RUNS))
+    if any(points[name][count]["undelivered"] for name in RUNS for count in points[name]):
         lines.append("* some deliveries had not arrived when the drain ended: that p99 is a lower bound")
     alone = report["commands_alone"]
     if alone:
         lines.append("the commands alone (no subscriber): "
                      + ", ".join(f"{name} {alone[name]['server_cpu_s_per_s'] / alone[name]['events_per_s'] * 1000:.2f}"
-                                 f" ms" for name in SERVERS) + " of CPU per command"
+                                 f" ms" for name in RUNS) + " of CPU per command"
                      + "; command round trip p50 "
-                     + ", ".join(f"{name} {alone[name]['command_round_trip_p50_ms']:.1f} ms" for name in SERVERS))
-    others = [point["other_cpu_s_per_s"] for name in SERVERS for runs in report["rounds"][name].values()
+                     + ", ".join(f"{name} {alone[name]['command_round_trip_p50_ms']:.1f} ms" for name in RUNS))
+    others = [point["other_cpu_s_per_s"] for name in RUNS for runs in report["rounds"][name].values()
               for point in runs]
     if max(others) > 0.1:
         lines.append(f"note: other processes kept {statistics.mean(others):.2f} cores busy on average during the"
                      f" measured windows (at most {max(others):.2f}) on this {host['cores']}-core machine")
-    for name in SERVERS:
+    lines.extend(goals(points))
+    for name in RUNS:
         memory = report["memory"][name]
         lines.append(f"memory, {name}: RSS {memory['rss_before_mb']:.1f} MB before and {memory['rss_after_mb']:.1f} MB"
                      f" after {memory['deliveries']:,} deliveries ({memory['subscribers']} subscribers x"

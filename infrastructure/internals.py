@@ -22,6 +22,8 @@ Reached on instances and classes, beyond the imports:
   (live.multiplex);
 - strawberry's graphql-transport-ws handler's `handle_subscribe` and the legacy handler's
   `handle_start`, each with its `connection_acknowledged` and `send_message` (live.multiplex);
+- starlette's `WebSocket._send`, the ASGI send beneath `WebSocket.send`, which a group
+  writes its frames with (live.multiplex);
 - strawberry's ASGI view hooks `parse_http_body`, `execute_single`, `process_result`,
   `render_graphql_ide`, `should_render_graphql_ide`, `decode_json` and `graphql_ide_html`
   (web.graphql_http).

@@ -2,12 +2,15 @@
 one, so that each app (and each test) counts for itself.
 
 Every label takes a bounded set of values (mutation names, error codes, operation types,
-stream types, projection names): no ids, no documents. What is a state rather
-than a count (the log's head, each projection's lag) is read when /metrics is scraped.
+stream types, projection names, subscription transports): no ids, no documents. What is a
+state rather than a count (the log's head, each projection's lag) is read when /metrics is
+scraped.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# The transports subscriptions are served over (the `transport` label).
+TRANSPORTS = ("graphql-transport-ws", "graphql-ws", "sse", "multipart")
 # Seconds: from a cached command's few milliseconds to a consistentWith wait's timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -38,3 +41,11 @@ class Metrics:
         self.consistency_wait = Histogram("orderstream_consistency_wait_seconds", "How long queries with "
                                           "consistentWith waited for the read models.", buckets=BUCKETS,
                                           registry=registry)
+        self.subscriptions = Gauge("orderstream_subscriptions", "Subscriptions open, by transport.", ["transport"],
+                                   registry=registry)
+        self.subscription_messages = Counter("orderstream_subscription_messages", "Results sent to subscribers, "
+                                             "each counted once per subscriber, by transport.", ["transport"],
+                                             registry=registry)
+        for transport in TRANSPORTS:  # shown at 0 before the first subscription
+            self.subscriptions.labels(transport)
+            self.subscription_messages.labels(transport)

@@ -198,7 +198,8 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
                          websocket_origins=settings.websocket_origins, documents=documents,
-                         require_preflight=settings.environment == "production")
+                         require_preflight=settings.environment == "production",
+                         metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):

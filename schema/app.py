@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, OperationType, get_operation_ast, parse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
@@ -19,7 +19,13 @@ from strawberry.schema.config import StrawberryConfig
 
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.infrastructure.live.event_hub import EventHub
-from orderstream.infrastructure.live.multiplex import Multiplexer, Rights, SharingLegacyWS, SharingTransportWS
+from orderstream.infrastructure.live.multiplex import (
+    Multiplexer,
+    Rights,
+    SharingLegacyWS,
+    SharingTransportWS,
+    counted,
+)
 from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
@@ -110,7 +116,8 @@ class GraphQLApp(GraphQLOverHTTP):
     refused at the handshake. Subscriptions with the same document, variables and rights
     share their executions (infrastructure.live.multiplex), whatever their transport.
     `documents`: persisted and trusted documents, on HTTP and WebSocket alike
-    (infrastructure.web.documents)."""
+    (infrastructure.web.documents). `metrics` counts subscriptions and their messages, by
+    transport."""
 
     graphql_transport_ws_handler_class = SharingTransportWS
     graphql_ws_handler_class = SharingLegacyWS
@@ -119,7 +126,8 @@ class GraphQLApp(GraphQLOverHTTP):
                  read: ReadStore, hub: EventHub, owners: OrderOwners, tokens: TokenVerifier, *,
                  rate_limit: RateLimit | None = None, graphiql: IdePage | None = None,
                  websocket_origins: Sequence[str] = (), documents: Documents | None = None,
-                 require_preflight: bool = False) -> None:
+                 require_preflight: bool = False,
+                 metrics: Metrics | None = None) -> None:
         # keep_alive: "ka" messages on the legacy protocol; uvicorn pings every socket anyway.
         super().__init__(schema, graphiql=graphiql, websocket_origins=websocket_origins, documents=documents,
                          require_preflight=require_preflight,
@@ -127,7 +135,8 @@ class GraphQLApp(GraphQLOverHTTP):
                          max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION)
         self.dispatcher, self.store, self.read, self.tokens = dispatcher, store, read, tokens
         self.hub, self.owners, self.rate_limit = hub, owners, rate_limit
-        self.multiplexer = Multiplexer(schema, hub, shared_rights)
+        self.metrics = metrics
+        self.multiplexer = Multiplexer(schema, hub, shared_rights, metrics)
         self.streams: Counter[str] = Counter()  # subscriptions streamed over HTTP, by caller
         # Set when the server stops: streams end without their end frame, so that clients
         # reconnect (and resume) rather than take the operation as complete.
@@ -199,8 +208,8 @@ class GraphQLApp(GraphQLOverHTTP):
             if not self.streams[who]:
                 del self.streams[who]
 
-        member = self.multiplexer.member(None, framing.media_type, partial(http_frame, framing), data.query,
-                                         data.variables, data.operation_name, context)
+        member = self.multiplexer.member(None, framing.media_type, partial(http_frame, framing), framing.transport,
+                                         data.query, data.variables, data.operation_name, context)
         try:
             results = await self.schema.subscribe(data.query, variable_values=data.variables, context_value=context,
                                                   root_value=member, operation_name=data.operation_name,
@@ -208,10 +217,22 @@ class GraphQLApp(GraphQLOverHTTP):
         except BaseException:
             release()
             raise
+        results = counted(results, self.metrics, framing.transport)
         actor = context.verified_actor if context.auth_error is None else None
         expires_at = actor.expires_at.timestamp() if actor is not None and actor.expires_at is not None else None
         return StreamResponse(framing, results, position=lambda: context.position, member=member,
                               ends_at=expires_at, stopping=self.stopping, release=release)
+
+    def is_subscription(self, query: str, operation_name: str | None) -> bool:
+        """Whether a WebSocket operation runs a subscription (not a query or mutation sent over
+        the socket): its document as the schema parses it, through the bounds' cache."""
+        bounds = self.documents.bounds if self.documents is not None else None
+        try:
+            document = bounds.parse(query, **bounds.parse_options) if bounds is not None else parse(query)
+        except GraphQLError:
+            return False
+        operation = get_operation_ast(document, operation_name)
+        return operation is not None and operation.operation == OperationType.SUBSCRIPTION
 
     async def refuse_operation(self, context: Context) -> GraphQLError | None:
         """Each operation a WebSocket starts counts against its caller's rate limit, as an

@@ -99,6 +99,12 @@ def test_websocket_handlers_keep_their_operations_where_multiplex_finds_them():
     assert not assigned_in_init(Operation, "task"), "strawberry graphql-transport-ws Operation.task"
 
 
+def test_starlette_websockets_keep_the_asgi_send_beneath_their_checks():
+    from starlette.websockets import WebSocket
+    assert not assigned_in_init(WebSocket, "_send"), "starlette WebSocket._send (live.multiplex writes frames with it)"
+    assert "await self._send(message)" in inspect.getsource(WebSocket.send), "starlette WebSocket.send"
+
+
 def test_the_http_view_hooks_we_override_are_still_called_by_that_name():
     for hook in ("parse_http_body", "execute_single", "process_result", "render_graphql_ide", "decode_json",
                  "should_render_graphql_ide"):

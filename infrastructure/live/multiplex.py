@@ -18,6 +18,12 @@ caught up. Its token's expiry is checked before every frame.
 
 A subscription resolver opts in by following `info.root_value`, the operation's `Member`,
 when there is one, instead of the hub: `(info.root_value or hub).subscribe(after, wants)`.
+
+Every subscription is counted in the metrics by its transport (infrastructure.metrics):
+open from its first step to its end, however it ends (`counted`), and each result as it
+goes out, once per subscriber: from its own execution (`counted`, during catch-up and
+after its group dropped it), or in a frame of its group, which tallies its frames by
+transport and adds them up once per event, not once per member.
 """
 
 import asyncio
@@ -25,8 +31,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import strawberry
 from graphql import GraphQLError
@@ -36,6 +43,7 @@ from strawberry.types.execution import PreExecutionError
 
 from orderstream.infrastructure.internals import BaseGraphQLTransportWSHandler, BaseGraphQLWSHandler
 from orderstream.infrastructure.live.event_hub import EventHub, Filter, Subscriber
+from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 
 log = logging.getLogger("orderstream.multiplex")
@@ -77,6 +85,7 @@ class Member:
     # Members with equal `frame_key` get equal frames for one event: each is built once.
     frame_key: Hashable
     frame: Frame
+    transport: str  # what the metrics count its messages under
     expires_at: float | None = None
     position: int = 0  # the last event this subscription was sent
     subscriber: Subscriber | None = None
@@ -173,7 +182,7 @@ class Group:
     def deliver(self, position: int, payload: str) -> None:
         now = time.time()
         messages: dict[Hashable, Message] = {}  # by frame key: most members of a group share one
-        sent = 0
+        sent: dict[str, int] = {}  # by transport
         for member in tuple(self.members):
             if position <= member.position:
                 continue  # it had read this one from the log before it parked
@@ -187,8 +196,8 @@ class Group:
                 self.drop(member)
                 continue
             member.position = position
-            sent += 1
-        self.multiplexer.deliveries += sent
+            sent[member.transport] = sent.get(member.transport, 0) + 1
+        self.multiplexer.delivered(sent)
 
     def drop(self, member: Member, alone: bool = False) -> None:
         """Hands `member` back to the hub, to read the log from the last event it was sent."""
@@ -203,18 +212,28 @@ class Group:
 
 class Multiplexer:
     """The groups of this process's shared subscriptions. `rights` gives an operation's
-    context's Rights, or None for a caller whose subscriptions are not to be shared."""
+    context's Rights, or None for a caller whose subscriptions are not to be shared; the
+    frames the groups write are counted in `metrics`, if given."""
 
-    def __init__(self, schema: strawberry.Schema, hub: EventHub, rights: Callable[[Any], Rights | None]) -> None:
+    def __init__(self, schema: strawberry.Schema, hub: EventHub, rights: Callable[[Any], Rights | None],
+                 metrics: Metrics | None = None) -> None:
         self.schema = schema
         self.hub = hub
         self.rights = rights
+        self.metrics = metrics
         self.groups: dict[tuple, Group] = {}
         self.executions = 0  # results the groups rendered, each once for all its members
         self.deliveries = 0  # frames the groups wrote
 
+    def delivered(self, sent: dict[str, int]) -> None:
+        """Counts the frames a group wrote for one event, by transport."""
+        for transport, count in sent.items():
+            self.deliveries += count
+            if self.metrics is not None:
+                self.metrics.subscription_messages.labels(transport).inc(count)
+
     def member(self, send: Callable[[Message], Awaitable[None]] | None, frame_key: Hashable, frame: Frame,
-               query: str, variables: dict[str, Any] | None, operation_name: str | None,
+               transport: str, query: str, variables: dict[str, Any] | None, operation_name: str | None,
                context: Any) -> Member | None:
         """The Member to pass as the operation's root value, or None if it is not to be shared."""
         rights = self.rights(context)
@@ -225,7 +244,8 @@ class Multiplexer:
         except (TypeError, ValueError):
             return None
         key = (query, operation_name, canonical, rights.key)
-        return Member(self, key, query, variables, operation_name, rights, send, frame_key, frame, rights.expires_at)
+        return Member(self, key, query, variables, operation_name, rights, send, frame_key, frame, transport,
+                      rights.expires_at)
 
     def park(self, member: Member, subscriber: Subscriber) -> bool:
         """Takes a caught-up member into its group, forming the group if need be."""
@@ -261,6 +281,30 @@ class Multiplexer:
             group.drop(member, alone)
 
 
+Result = TypeVar("Result")
+
+
+def counted(results: AsyncIterator[Result], metrics: Metrics | None, transport: str) -> AsyncIterator[Result]:
+    """One subscription's `results`, counted in `metrics` (unchanged without): open from its
+    first step to its end, however it ends (complete, failed, or closed by its transport when
+    the client leaves, the connection drops or the token expires), and each result as the
+    transport takes it to send."""
+    if metrics is None:
+        return results
+    return _counted(results, metrics.subscriptions.labels(transport), metrics.subscription_messages.labels(transport))
+
+
+async def _counted(results: AsyncIterator[Result], opened: Any, sent: Any) -> AsyncIterator[Result]:
+    async with aclosing(results):
+        opened.inc()
+        try:
+            async for result in results:
+                sent.inc()
+                yield result
+        finally:
+            opened.dec()
+
+
 def payload(result: ExecutionResult) -> str:
     """A result as JSON: the `payload` of a next (or data) message, as strawberry's handlers
     build it, and the `data` of a Server-Sent Event."""
@@ -276,7 +320,9 @@ class _SharingSchema:
     """Stands in for the schema in a WebSocket handler: each operation gets its Member as
     its root value (the handler itself passes none). The view may refuse an operation before
     it starts: `await view.refuse_operation(context)` gives the GraphQLError to answer it
-    with, or None; the handler sends that as the operation's error, the socket stays open."""
+    with, or None; the handler sends that as the operation's error, the socket stays open.
+    A subscription (`view.is_subscription(query, operation_name)`) is counted in the
+    multiplexer's metrics under the handler's `transport`."""
 
     def __init__(self, multiplexer: Multiplexer, handler: "SharingTransportWS | SharingLegacyWS") -> None:
         self.multiplexer = multiplexer
@@ -287,16 +333,23 @@ class _SharingSchema:
         if (error := await self.handler.view.refuse_operation(context_value)) is not None:
             return _refused(error)
         root_value = self._member(query, variable_values, operation_name, context_value) or root_value
-        return await self.multiplexer.schema.stream(query, variable_values, context_value, root_value,
-                                                    operation_name, **options)
+        results = await self.multiplexer.schema.stream(query, variable_values, context_value, root_value,
+                                                       operation_name, **options)
+        return self._counted(results, query, operation_name)
 
     async def subscribe(self, query, variable_values=None, context_value=None, root_value=None, operation_name=None,
                         **options):
         if (error := await self.handler.view.refuse_operation(context_value)) is not None:
             return _refused(error)
         root_value = self._member(query, variable_values, operation_name, context_value) or root_value
-        return await self.multiplexer.schema.subscribe(query, variable_values, context_value, root_value,
-                                                       operation_name, **options)
+        results = await self.multiplexer.schema.subscribe(query, variable_values, context_value, root_value,
+                                                          operation_name, **options)
+        return self._counted(results, query, operation_name)
+
+    def _counted(self, results: AsyncIterator, query: Any, operation_name: Any) -> AsyncIterator:
+        if not (isinstance(query, str) and self.handler.view.is_subscription(query, operation_name)):
+            return results  # a query or mutation sent over the socket
+        return counted(results, self.multiplexer.metrics, self.handler.transport)
 
     def _member(self, query, variables, operation_name, context) -> Member | None:
         # The handler calls this first thing in the task it started for the operation.
@@ -304,8 +357,11 @@ class _SharingSchema:
         if id is None or not isinstance(query, str):
             return None
         prefix = self.handler.frame_prefix(id)
-        return self.multiplexer.member(self.handler.websocket.ws.send, prefix, websocket_frame(prefix), query,
-                                       variables, operation_name, context)
+        # The ASGI send beneath starlette's WebSocket.send, whose checks of the socket's state
+        # cost a measurable share of each frame a group writes; a frame the socket no longer
+        # takes fails all the same, and drops the member.
+        return self.multiplexer.member(self.handler.websocket.ws._send, prefix, websocket_frame(prefix),
+                                       self.handler.transport, query, variables, operation_name, context)
 
 
 async def _refused(error: GraphQLError) -> AsyncIterator[PreExecutionError]:
@@ -323,6 +379,8 @@ async def _document_refused(view: Any, message: dict[str, Any]) -> GraphQLError 
 
 class SharingTransportWS(BaseGraphQLTransportWSHandler):
     """graphql-transport-ws, with subscriptions shared through the view's `multiplexer`."""
+
+    transport = "graphql-transport-ws"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -343,6 +401,8 @@ class SharingTransportWS(BaseGraphQLTransportWSHandler):
 
 class SharingLegacyWS(BaseGraphQLWSHandler):
     """The legacy graphql-ws protocol, with subscriptions shared through the view's `multiplexer`."""
+
+    transport = "graphql-ws"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -18,6 +18,7 @@ DELIMITER = b"\r\n--" + BOUNDARY
 class MultipartSubscription:
     """web.streams.Framing for multipart subscriptions."""
 
+    transport = "multipart"
     media_type = 'multipart/mixed; boundary="graphql"; subscriptionSpec="1.0"'
     opening = DELIMITER
     keep_alive = PART + b"{}" + DELIMITER

@@ -20,6 +20,7 @@ MAX_POSITION_DIGITS = 19
 class ServerSentEvents:
     """web.streams.Framing for Server-Sent Events."""
 
+    transport = "sse"
     media_type = MEDIA_TYPE
     opening = b""
     # A comment line: ignored by every client, it keeps proxies from closing an idle stream.

@@ -39,6 +39,7 @@ TOKEN_EXPIRED = {"message": "the token has expired: get a new one and subscribe 
 class Framing(Protocol):
     """How one transport writes a stream."""
 
+    transport: str  # its name in the metrics (infrastructure.metrics)
     media_type: str  # the response's Content-Type
     opening: bytes  # written once, before anything else
     keep_alive: bytes
