@@ -3,7 +3,8 @@ which. Every import counts, wherever it sits in a module (a function's own impor
 
 - infrastructure/persistence and infrastructure/security import no other room of
   infrastructure, only the modules beside the rooms that every room may use
-  (`infrastructure.errors`, `infrastructure.internals`, `infrastructure.metrics`);
+  (`infrastructure.errors`, `infrastructure.internals`, `infrastructure.metrics`,
+  `infrastructure.tracing`);
 - infrastructure/projection imports persistence only (and those);
 - infrastructure/live imports persistence and security only (and those);
 - infrastructure/relay imports persistence only (and those);
@@ -98,7 +99,8 @@ def imports_in(package: str) -> list[Import]:
 
 # Beside the rooms, for every room: the errors any may raise, the reaches into
 # strawberry's and graphql-core's internals, named once, and the metrics' instruments.
-SHARED = (f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals", f"{INFRASTRUCTURE}.metrics")
+SHARED = (f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals", f"{INFRASTRUCTURE}.metrics",
+          f"{INFRASTRUCTURE}.tracing")
 
 # A room may import itself, the rooms named here, and SHARED.
 ROOM_RULES = {
