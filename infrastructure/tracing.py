@@ -115,10 +115,12 @@ class Tracing:
         order, repeats and None allowed): in the first one's trace, linked to every other."""
         if self.tracer is None:
             return nullcontext()
-        parents = dict.fromkeys(filter(None, map(parent_of, dict.fromkeys(traceparents))))
-        first, *others = parents or (None,)
-        context = trace.set_span_in_context(NonRecordingSpan(first)) if first is not None else None
-        return self._span(name, attributes, SpanKind.INTERNAL, context,
+        parents = [parent for traceparent in dict.fromkeys(traceparents)  # each command once, in order
+                   if (parent := parent_of(traceparent)) is not None]
+        if not parents:
+            return self._span(name, attributes, SpanKind.INTERNAL, None, ())
+        first, *others = parents
+        return self._span(name, attributes, SpanKind.INTERNAL, trace.set_span_in_context(NonRecordingSpan(first)),
                           [Link(other) for other in others[:MAX_LINKS]])
 
     def start(self, name: str, traceparent: str | None,

@@ -34,7 +34,8 @@ class Observed(SchemaExtension):
                 kind = context.operation_type.value
             except RuntimeError:  # no document: a syntax error, or no query at all
                 kind = "unknown"
-            errors = context.pre_execution_errors or (context.result.errors if context.result is not None else None)
+            # The result's errors carry their codes (ErrorCodes); pre_execution_errors, the raw ones.
+            errors = (context.result.errors if context.result is not None else None) or context.pre_execution_errors
             if span is not None:
                 name = context.operation_name
                 span.update_name(f"{kind} {name}" if name else kind)
