@@ -19,15 +19,15 @@ counts and the database's kind, never a document, a variable, an id or an except
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = ["MAX_LINKS", "PROTOCOLS", "SpanKind", "Tracing", "exporting_provider", "failed", "parent_of"]
 
@@ -40,10 +40,15 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 MAX_LINKS = 128
 
 
-def exporting_provider(protocol: Protocol, service_name: str = "orderstream") -> TracerProvider:
+def exporting_provider(protocol: Protocol, service_name: str = "orderstream") -> "TracerProvider":
     """A provider that sends its spans in batches over OTLP with `protocol`. The exporter reads
     the standard OTEL_EXPORTER_OTLP_* variables itself (endpoint, headers, certificate,
     timeout); OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the service."""
+    # Imported here: a process that does not trace does not load the SDK.
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
@@ -64,7 +69,7 @@ def parent_of(traceparent: str | None) -> SpanContext | None:
 class Tracing:
     """The spans of this process, made by `provider`'s tracer; off (None) makes none."""
 
-    def __init__(self, provider: TracerProvider | None = None) -> None:
+    def __init__(self, provider: "TracerProvider | None" = None) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("orderstream") if provider is not None else None
 

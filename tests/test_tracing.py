@@ -8,10 +8,9 @@ read back from the SDK's own in-memory exporter, or, for a server in a process o
 import asyncio
 import gzip
 import json
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,9 @@ from starlette.routing import Route
 
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.errors import SettingsError
-from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.tracing import Tracing
 from orderstream.schema.app import GraphQLApp
 from tests.support.api import Api
@@ -292,3 +291,61 @@ def test_an_unknown_otlp_protocol_is_named_in_the_error(tmp_path: Path):
     with pytest.raises(SettingsError, match="OTEL_EXPORTER_OTLP_PROTOCOL: expected http/protobuf or grpc"):
         Settings.load(str(tmp_path), environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
                                               "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+
+
+@asynccontextmanager
+async def otlp_receiver() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A collector's OTLP/HTTP endpoint for traces on a free port: its URL, and every span
+    sent to it so far (name, trace id, span id, parent's span id, in hex)."""
+    received: list[dict[str, Any]] = []
+
+    async def traces(request: Request) -> Response:
+        body = await request.body()
+        if request.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        received.extend({"name": span.name, "trace": span.trace_id.hex(), "span": span.span_id.hex(),
+                         "parent": span.parent_span_id.hex() or None}
+                        for resource in export.resource_spans for scope in resource.scope_spans
+                        for span in scope.spans)
+        return Response(ExportTraceServiceResponse().SerializeToString(), media_type="application/x-protobuf")
+
+    app = Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning"))
+    running = asyncio.create_task(server.serve())
+    while not server.started:
+        if running.done():
+            running.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://{HOST}:{server.servers[0].sockets[0].getsockname()[1]}", received
+    finally:
+        server.should_exit = True
+        await running
+
+
+@pytest.mark.slow
+async def test_serve_and_its_projector_process_send_one_trace_over_otlp(tmp_path: Path):
+    async with otlp_receiver() as (endpoint, received):
+        # Batches every 50 ms, not the SDK's 5 s: the test waits for them.
+        server = ServeProcess(tmp_path / "data", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                                                  "OTEL_BSP_SCHEDULE_DELAY": "50", "ORDERSTREAM_RATE_LIMIT": "0"})
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                # On SQLite the projector runs in a child process of serve.
+                await server.until_healthy(http, lambda health: health["projector"] == "process")
+                customer, _ = await shop(Api(http, tmp_path / "data"))
+                response = await http.post("/graphql", json={"query": PLACE_ORDER, "variables": {
+                    "input": order_input(customer, ("MUG", 1))}}, headers={**STAFF, **TRACEPARENT})
+                assert response.json()["data"]["placeOrder"]["__typename"] == "OrderSuccess", response.text
+                in_trace = await until(lambda: (lambda spans: spans if {"command placeOrder", "project"} <= {
+                    span["name"] for span in spans} else None)([s for s in received if s["trace"] == CLIENT_TRACE]),
+                    "the server's and its projector process's spans")
+        finally:
+            server.stop()
+    by_name = {span["name"]: span for span in in_trace}
+    assert by_name["mutation PlaceOrder"]["parent"] == CLIENT_SPAN
+    assert by_name["command placeOrder"]["parent"] == by_name["mutation PlaceOrder"]["span"]
+    assert by_name["append"]["parent"] == by_name["command placeOrder"]["span"]
+    # Sent by the child process, which read the command's context from the events it was given.
+    assert by_name["project"]["parent"] == by_name["command placeOrder"]["span"]
