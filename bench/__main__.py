@@ -6,7 +6,17 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench import commands, fx_report, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
+from bench import (
+    commands,
+    fx_report,
+    hot_aggregate,
+    observability,
+    read_latency,
+    rebuild,
+    relay,
+    scale_out,
+    subscriptions,
+)
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
@@ -18,6 +28,7 @@ BENCHMARKS = {
     "subscriptions": subscriptions.run,
     "scale_out": scale_out.run,
     "relay": relay.run,
+    "observability": observability.run,
 }
 
 
