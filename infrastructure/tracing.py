@@ -53,7 +53,10 @@ def exporting_provider(protocol: Protocol, service_name: str = "orderstream") ->
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    resource = Resource.create()
+    if resource.attributes["service.name"].startswith("unknown_service"):  # the SDK's stand-in
+        resource = resource.merge(Resource({"service.name": service_name}))
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 

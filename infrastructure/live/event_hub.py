@@ -167,7 +167,7 @@ class EventHub:
                 async for event in self._live_events(subscriber):
                     # A live delivery's span, in the trace of the command that appended the
                     # event: from here until the next event is asked for, the time its
-                    # subscriber (or shared group) took to render and send it.
+                    # subscriber (or shared group) took to check, render and send it.
                     delivering = self.tracing.start("deliver", event.traceparent, {
                         "orderstream.position": event.position, "orderstream.event_type": event.type,
                         "orderstream.shared": feed})
