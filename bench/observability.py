@@ -3,6 +3,7 @@ on and with both off, in the same run.
 
 - **off**: `build_app(counting=False)` and no OpenTelemetry variables: no operation or
   command is counted, no span is made, no traceparent written;
+- **metrics**: everything counted for /metrics, and no traces: what metrics cost alone;
 - **on**: everything counted for /metrics, and every span sent over OTLP/HTTP, as
   OTEL_EXPORTER_OTLP_ENDPOINT sets it up (the SDK's batch processor and exporter, in the
   server and in its projector process), to a receiver in the benchmark's own process that
@@ -44,7 +45,8 @@ from orderstream.infrastructure.settings import Settings
 
 NAME = "observability"
 CLIENTS = 32
-SIDES = ("on", "off")
+# Both on; metrics alone (no OpenTelemetry variables); both off.
+SIDES = ("on", "metrics", "off")
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,15 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         "points": median,
         "ratios": {"throughput_on_over_off": on["per_s"] / off["per_s"],
                    "p50_on_over_off": on["p50_ms"] / off["p50_ms"],
-                   "server_cpu_on_over_off": on["server_cpu_ms"] / off["server_cpu_ms"]},
+                   "server_cpu_on_over_off": on["server_cpu_ms"] / off["server_cpu_ms"],
+                   "server_cpu_metrics_over_off": median["metrics"]["server_cpu_ms"] / off["server_cpu_ms"]},
         "rounds": rounds,
     }
 
 
 async def measure_side(side: str, folder: Path, secret: str, token: str, shop: dict[str, Any], sizes: Sizes,
                        environ: dict[str, str]) -> dict[str, Any]:
-    """A fresh server with metrics and traces `side` on a fresh copy of the shop, a fresh
+    """A fresh server with metrics and traces as `side` says on a fresh copy of the shop, a fresh
     client process, one window of placeOrder from CLIENTS clients."""
     data_dir = folder / "run"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -150,16 +153,17 @@ async def receiver() -> AsyncIterator[tuple[str, Counter[str]]]:
 
 def table(report: dict[str, Any]) -> str:
     points, ratios = report["points"], report["ratios"]
-    lines = [f"{NAME}: placeOrder x{CLIENTS}, metrics and traces on against off, median of "
+    lines = [f"{NAME}: placeOrder x{CLIENTS}, metrics and traces on, metrics alone, both off, median of "
              f"{report['sizes']['rounds']} rounds (other processes: {report['other_processes_cpu_cores']:.2f} cores)",
-             f"{'':4} {'orders/s':>9} {'p50':>9} {'p99':>9} {'server CPU/order':>17} {'spans sent':>11}"]
+             f"{'':7} {'orders/s':>9} {'p50':>9} {'p99':>9} {'server CPU/order':>17} {'spans sent':>11}"]
     for side in SIDES:
         figures = points[side]
-        lines.append(f"{side:4} {figures['per_s']:9.0f} {format_ms(figures['p50_ms']):>9} "
+        lines.append(f"{side:7} {figures['per_s']:9.0f} {format_ms(figures['p50_ms']):>9} "
                      f"{format_ms(figures['p99_ms']):>9} {format_ms(figures['server_cpu_ms']):>17} "
                      f"{figures['exported_bytes'] / 1e6:9.1f} MB")
     lines.append(f"on/off: throughput {ratios['throughput_on_over_off']:.3f}, p50 {ratios['p50_on_over_off']:.3f}, "
-                 f"server CPU per order {ratios['server_cpu_on_over_off']:.3f}")
+                 f"server CPU per order {ratios['server_cpu_on_over_off']:.3f} "
+                 f"(metrics alone: {ratios['server_cpu_metrics_over_off']:.3f})")
     return "\n".join(lines)
 
 
@@ -168,7 +172,7 @@ def serve(side: str, port: int, data_dir: str) -> None:
     projector in a child process), counting only when `side` is on; traces go out when
     the environment names a collector."""
     settings = Settings.load(data_dir, environ=os.environ)
-    app = build_app(settings, "process", counting=side == "on")
+    app = build_app(settings, "process", counting=side != "off")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
