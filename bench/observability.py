@@ -41,6 +41,7 @@ from starlette.routing import Route
 from bench.commands import ROOT, prepare_shop, server, staff_token
 from bench.common import BenchmarkError, Progress, format_ms, measured
 from orderstream.bootstrap import build_app
+from orderstream.cli import _settle_heap
 from orderstream.infrastructure.settings import Settings
 
 NAME = "observability"
@@ -168,12 +169,13 @@ def table(report: dict[str, Any]) -> str:
 
 
 def serve(side: str, port: int, data_dir: str) -> None:
-    """The server of one side: the app as `orderstream serve` builds it on SQLite (its
-    projector in a child process), counting only when `side` is on; traces go out when
-    the environment names a collector."""
+    """The server of one side, as `orderstream serve` runs on SQLite (its projector in a
+    child process, its garbage collector tuned, uvicorn's access log on), counting unless
+    `side` is off; traces go out when the environment names a collector."""
     settings = Settings.load(data_dir, environ=os.environ)
     app = build_app(settings, "process", counting=side != "off")
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    _settle_heap()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
 
 
 if __name__ == "__main__":
