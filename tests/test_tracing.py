@@ -338,9 +338,13 @@ async def test_serve_and_its_projector_process_send_one_trace_over_otlp(tmp_path
                 response = await http.post("/graphql", json={"query": PLACE_ORDER, "variables": {
                     "input": order_input(customer, ("MUG", 1))}}, headers={**STAFF, **TRACEPARENT})
                 assert response.json()["data"]["placeOrder"]["__typename"] == "OrderSuccess", response.text
-                in_trace = await until(lambda: (lambda spans: spans if {"command placeOrder", "project"} <= {
-                    span["name"] for span in spans} else None)([s for s in received if s["trace"] == CLIENT_TRACE]),
-                    "the server's and its projector process's spans")
+
+                def in_client_trace() -> list[dict[str, Any]] | None:
+                    spans = [span for span in received if span["trace"] == CLIENT_TRACE]
+                    names = {span["name"] for span in spans}
+                    return spans if names >= {"mutation PlaceOrder", "command placeOrder", "append", "project"} else None
+
+                in_trace = await until(in_client_trace, "the server's and its projector process's spans")
         finally:
             server.stop()
     by_name = {span["name"]: span for span in in_trace}
