@@ -341,8 +341,8 @@ async def test_serve_and_its_projector_process_send_one_trace_over_otlp(tmp_path
 
                 def in_client_trace() -> list[dict[str, Any]] | None:
                     spans = [span for span in received if span["trace"] == CLIENT_TRACE]
-                    names = {span["name"] for span in spans}
-                    return spans if names >= {"mutation PlaceOrder", "command placeOrder", "append", "project"} else None
+                    every = {"mutation PlaceOrder", "command placeOrder", "append", "project"}
+                    return spans if every <= {span["name"] for span in spans} else None
 
                 in_trace = await until(in_client_trace, "the server's and its projector process's spans")
         finally:
