@@ -3,6 +3,8 @@ on and with both off, in the same run.
 
 - **off**: `build_app(counting=False)` and no OpenTelemetry variables: no operation or
   command is counted, no span is made, no traceparent written;
+- **sampled**: as on, with OpenTelemetry's sampler recording one trace in ten
+  (OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1);
 - **metrics**: everything counted for /metrics, and no traces: what metrics cost alone;
 - **on**: everything counted for /metrics, and every span sent over OTLP/HTTP, as
   OTEL_EXPORTER_OTLP_ENDPOINT sets it up (the SDK's batch processor and exporter, in the
@@ -46,8 +48,9 @@ from orderstream.infrastructure.settings import Settings
 
 NAME = "observability"
 CLIENTS = 32
-# Both on; metrics alone (no OpenTelemetry variables); both off.
-SIDES = ("on", "metrics", "off")
+# Both on; both on with one trace in ten recorded; metrics alone (no OpenTelemetry variables); both off.
+SIDES = ("on", "sampled", "metrics", "off")
+SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,14 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
                 for side in SIDES if number % 2 == 0 else SIDES[::-1]:
                     # A path of its own: the projector process of the previous point may
                     # still be sending its last spans.
-                    environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{endpoint}/v1/traces/{number}"} \
-                        if side == "on" else {}
+                    traced = side in ("on", "sampled")
+                    environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{endpoint}/v1/traces/{side}{number}",
+                               **(SAMPLED if side == "sampled" else {})} if traced else {}
                     figures = await measure_side(side, folder, secret, token, shop, sizes, environ)
-                    if side == "on":
-                        figures["exported_bytes"] = received[str(number)]
+                    if traced:
+                        figures["exported_bytes"] = received[f"{side}{number}"]
                         if not figures["exported_bytes"]:
-                            raise BenchmarkError("the server with traces on exported no span")
+                            raise BenchmarkError(f"the server with traces {side} exported no span")
                     else:
                         figures["exported_bytes"] = 0
                     rounds[side].append(figures)
@@ -98,6 +102,7 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         "ratios": {"throughput_on_over_off": on["per_s"] / off["per_s"],
                    "p50_on_over_off": on["p50_ms"] / off["p50_ms"],
                    "server_cpu_on_over_off": on["server_cpu_ms"] / off["server_cpu_ms"],
+                   "server_cpu_sampled_over_off": median["sampled"]["server_cpu_ms"] / off["server_cpu_ms"],
                    "server_cpu_metrics_over_off": median["metrics"]["server_cpu_ms"] / off["server_cpu_ms"]},
         "rounds": rounds,
     }
@@ -154,7 +159,8 @@ async def receiver() -> AsyncIterator[tuple[str, Counter[str]]]:
 
 def table(report: dict[str, Any]) -> str:
     points, ratios = report["points"], report["ratios"]
-    lines = [f"{NAME}: placeOrder x{CLIENTS}, metrics and traces on, metrics alone, both off, median of "
+    lines = [f"{NAME}: placeOrder x{CLIENTS}, metrics and traces on (every trace, one in ten), metrics alone, "
+             f"both off, median of "
              f"{report['sizes']['rounds']} rounds (other processes: {report['other_processes_cpu_cores']:.2f} cores)",
              f"{'':7} {'orders/s':>9} {'p50':>9} {'p99':>9} {'server CPU/order':>17} {'spans sent':>11}"]
     for side in SIDES:
@@ -164,7 +170,8 @@ def table(report: dict[str, Any]) -> str:
                      f"{figures['exported_bytes'] / 1e6:9.1f} MB")
     lines.append(f"on/off: throughput {ratios['throughput_on_over_off']:.3f}, p50 {ratios['p50_on_over_off']:.3f}, "
                  f"server CPU per order {ratios['server_cpu_on_over_off']:.3f} "
-                 f"(metrics alone: {ratios['server_cpu_metrics_over_off']:.3f})")
+                 f"(one trace in ten: {ratios['server_cpu_sampled_over_off']:.3f}, "
+                 f"metrics alone: {ratios['server_cpu_metrics_over_off']:.3f})")
     return "\n".join(lines)
 
 
