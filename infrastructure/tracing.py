@@ -115,11 +115,13 @@ class Tracing:
     def on_behalf(self, name: str, traceparents: Iterable[str | None],
                   attributes: Mapping[str, str | int | bool] | None = None) -> AbstractContextManager[Span | None]:
         """`span` for work done for the commands whose events carry `traceparents` (in
-        order, repeats and None allowed): in the first one's trace, linked to every other."""
+        order, repeats and None allowed): in the first one's trace, linked to every other.
+        The first of those a sampler recorded comes first: the span is recorded if any is."""
         if self.tracer is None:
             return nullcontext()
         parents = [parent for traceparent in dict.fromkeys(traceparents)  # each command once, in order
                    if (parent := parent_of(traceparent)) is not None]
+        parents.sort(key=lambda parent: not parent.trace_flags.sampled)
         if not parents:
             return self._span(name, attributes, SpanKind.INTERNAL, None, ())
         first, *others = parents

@@ -31,10 +31,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orderstream.bootstrap import build_app
+from orderstream.bootstrap import Service, build_app
+from orderstream.commands.customer import RegisterCustomer
 from orderstream.infrastructure.errors import SettingsError
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.security.auth import Actor
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.tracing import Tracing
 from orderstream.schema.app import GraphQLApp
@@ -54,6 +56,8 @@ PLACE_ORDER = """mutation PlaceOrder($input: PlaceOrderInput!) { placeOrder(inpu
   __typename ... on OrderSuccess { orderId position } ... on DomainError { code } } }"""
 CAUGHT_UP = "query($at: Position) { product(sku: \"MUG\", consistentWith: $at) { sku } }"
 EVENTS = "subscription($after: Position) { events(after: $after) { position type } }"
+
+ANYONE = Actor(subject=None, role=None)
 
 # Personal data the shop is given below: none of it may show in a span.
 PERSON = {"name": "Zelda Quixote-Personal", "email": "zelda.quixote@personal.example",
@@ -262,6 +266,26 @@ async def test_no_span_holds_personal_data(tmp_path: Path, databases: Databases)
                  *(str(value) for link in span.links for value in (link.attributes or {}).values())]
         leaked = [secret for secret in secrets for text in texts if secret.lower() in text.lower()]
         assert not leaked, f"{span.name} holds {leaked}: {texts}"
+
+
+async def test_a_batch_of_several_commands_sits_in_the_first_ones_trace_and_links_the_others(
+        tmp_path: Path, databases: Databases):
+    tracing, exporter = recording()
+    service = Service(settings_of(tmp_path, databases), traces=tracing)
+    await service.open()
+    try:
+        # Not projected in between: the projector is not running until the step below.
+        for name in ("Ann Example", "Bo Example"):
+            accepted = await service.dispatcher.execute(RegisterCustomer(name, "ann@example.com", "DE"), ANYONE)
+            assert accepted.position > 0, accepted
+        assert await service.projector.step() == 2
+    finally:
+        await service.close()
+    first, second = named(list(exporter.get_finished_spans()), "command registerCustomer")
+    project, = named(list(exporter.get_finished_spans()), "project")
+    assert hex_ids(project)[0::2] == (hex_ids(first)[0], hex_ids(first)[1])
+    assert [(link.context.trace_id, link.context.span_id) for link in project.links] == [
+        (second.context.trace_id, second.context.span_id)]
 
 
 async def test_off_no_span_is_made_and_no_traceparent_written(tmp_path: Path, databases: Databases):
