@@ -11,6 +11,7 @@ from bench import (
     freshness,
     fx_report,
     hot_aggregate,
+    observability,
     read_latency,
     rebuild,
     relay,
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "scale_out": scale_out.run,
     "relay": relay.run,
     "freshness": freshness.run,
+    "observability": observability.run,
 }
 
 

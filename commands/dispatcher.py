@@ -36,6 +36,7 @@ from orderstream.infrastructure.persistence.event_store import (
     WrongExpectedVersion,
 )
 from orderstream.infrastructure.security.auth import Actor
+from orderstream.infrastructure.tracing import SpanKind, Tracing, failed
 
 log = logging.getLogger("orderstream.commands")
 
@@ -270,10 +271,13 @@ def new_event(event: events.Event) -> NewEvent:
 
 class Dispatcher:
     def __init__(self, store: EventStore, handlers: dict[type, Handler],
-                 cache: AggregateCache | None = None, metrics: Metrics | None = None) -> None:
+                 cache: AggregateCache | None = None, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.store = store
         self.handlers = handlers
         self.metrics = metrics
+        self.tracing = tracing or Tracing()
+        self._append_attributes = {"db.system": store.system}
         # The mutation's name for each command (PlaceOrder: placeOrder), the metrics' label.
         self._names = {command: command.__name__[0].lower() + command.__name__[1:] for command in handlers}
         self.cache = cache or AggregateCache()
@@ -284,23 +288,32 @@ class Dispatcher:
     async def execute(self, command: Any, actor: Actor,
                       correlation_id: str | None = None) -> Accepted | DomainError:
         """Run `command` for `actor`; domain failures come back as values, not raised. Each
-        is counted (if there are metrics) and logged with its name, outcome and position."""
+        is counted (if there are metrics), traced (if tracing is on) and logged with its name,
+        outcome and position."""
         name = self._names[type(command)]
         started = time.perf_counter()
         outcome, position = "INTERNAL_SERVER_ERROR", None
-        try:
-            result = await self._execute(command, actor, correlation_id)
-            outcome, position = ("success", result.position) if isinstance(result, Accepted) else (result.code, None)
-            return result
-        except PublicError as refused:
-            outcome = refused.code
-            raise
-        finally:
-            if self.metrics is not None:
-                self.metrics.commands.labels(name, outcome).inc()
-                self.metrics.command_duration.labels(name).observe(time.perf_counter() - started)
-            # Names, codes and positions only: a command's input may be personal.
-            log.info("%s: %s", name, outcome, extra={"command": name, "outcome": outcome, "position": position})
+        # The span is current while the command runs: its append's span is its child, and
+        # its events carry its context (Metadata.traceparent).
+        with self.tracing.span(f"command {name}", {"orderstream.command": name}) as span:
+            try:
+                result = await self._execute(command, actor, correlation_id)
+                outcome, position = (("success", result.position) if isinstance(result, Accepted)
+                                     else (result.code, None))
+                return result
+            except PublicError as refused:
+                outcome = refused.code
+                raise
+            finally:
+                if self.metrics is not None:
+                    self.metrics.commands.labels(name, outcome).inc()
+                    self.metrics.command_duration.labels(name).observe(time.perf_counter() - started)
+                if span is not None:
+                    span.set_attribute("orderstream.outcome", outcome)
+                    if outcome != "success":
+                        failed(span, outcome)
+                # Names, codes and positions only: a command's input may be personal.
+                log.info("%s: %s", name, outcome, extra={"command": name, "outcome": outcome, "position": position})
 
     async def _execute(self, command: Any, actor: Actor, correlation_id: str | None) -> Accepted | DomainError:
         handler = self.handlers[type(command)]
@@ -320,7 +333,8 @@ class Dispatcher:
             if previous := await self.store.find_idempotent(idempotent.scope, key):
                 return replayed(previous, idempotent.request_hash)
         meta = Metadata(correlation_id=correlation_id or str(uuid.uuid4()),
-                        causation_id=str(uuid.uuid4()), actor=actor.subject, idempotency_key=key)
+                        causation_id=str(uuid.uuid4()), actor=actor.subject, idempotency_key=key,
+                        traceparent=self.tracing.traceparent())
 
         turn = None
         fresh = False
@@ -342,13 +356,14 @@ class Dispatcher:
                         {"stream_id": aggregate.id, "version": aggregate.version},
                     )
                 try:
-                    landing = self.store.submit(uow.writes(), meta, idempotent, uow.after)
-                    uow.submitted(landing)
-                    if turn is not None:
-                        # The next retry on the stream may decide on this one's state now.
-                        turn.release()
-                        turn = None
-                    recorded = await landing
+                    with self.tracing.span("append", self._append_attributes, SpanKind.CLIENT):
+                        landing = self.store.submit(uow.writes(), meta, idempotent, uow.after)
+                        uow.submitted(landing)
+                        if turn is not None:
+                            # The next retry on the stream may decide on this one's state now.
+                            turn.release()
+                            turn = None
+                        recorded = await landing
                 except WrongExpectedVersion as conflict:
                     # On cached state the conflict may be the cache's, not the client's:
                     # the client's expected version is held against the log's state.

@@ -17,6 +17,7 @@ from orderstream.infrastructure.security.auth import (
     SHARED_SECRET_ALGORITHM,
     TokenSettings,
 )
+from orderstream.infrastructure.tracing import PROTOCOLS, Protocol
 from orderstream.infrastructure.web.limits import QueryLimits
 
 PREFIX = "ORDERSTREAM_"
@@ -59,6 +60,10 @@ class Settings:
       [none]; in production only its documents run.
     - ORDERSTREAM_LOG_FORMAT: `text` [default], readable in a terminal, or `json`, one object
       per line (read by the command line before anything else: infrastructure.logs).
+    - OpenTelemetry's own OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT):
+      traces go there over OTLP, with OTEL_EXPORTER_OTLP_PROTOCOL (`http/protobuf` [default]
+      or `grpc`) and the exporter's other OTEL_EXPORTER_OTLP_* variables [none: no traces,
+      as with OTEL_SDK_DISABLED=true].
 
     `Environment` reads and checks the variables; a bad value raises SettingsError naming
     the variable and what it expects.
@@ -87,6 +92,8 @@ class Settings:
     relay_stream: str = "ORDERSTREAM"
     relay_subject_prefix: str = "orderstream"
     trusted_documents: Path | None = None
+    # How traces go out over OTLP; None: they are not made at all.
+    otlp_protocol: Protocol | None = None
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -123,7 +130,21 @@ class Settings:
             relay_stream=env.relay_stream,
             relay_subject_prefix=env.relay_subject_prefix,
             trusted_documents=env.trusted_documents,
+            otlp_protocol=otlp_protocol(environ),
         )
+
+
+def otlp_protocol(environ: Mapping[str, str]) -> Protocol | None:
+    """The protocol traces go out with, when OpenTelemetry's variables name a collector."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or not (
+            environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        return None
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if value := environ.get(name):
+            if value not in PROTOCOLS:
+                raise SettingsError(f"{name}: expected {' or '.join(PROTOCOLS)}, got {value!r}")
+            return value
+    return "http/protobuf"
 
 
 Origins = Annotated[tuple[str, ...], NoDecode]

@@ -30,6 +30,7 @@ from orderstream.infrastructure.projection.projector import Projection, Projecto
 from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Relay
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.tracing import Tracing, exporting_provider
 from orderstream.infrastructure.web.documents import Documents, Manifest
 from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.infrastructure.web.health import Health, MetricsPage
@@ -58,21 +59,29 @@ def relay(store: EventStore, settings: Settings) -> Relay | None:
                  personal)
 
 
+def tracing_for(settings: Settings) -> Tracing:
+    """Traces sent over OTLP when OpenTelemetry's variables name a collector; else none made."""
+    return Tracing(exporting_provider(settings.otlp_protocol) if settings.otlp_protocol else None)
+
+
 class Service:
     """The stores, the dispatcher, the projector and the relay, opened and closed together."""
 
     def __init__(self, settings: Settings, inline: bool = False,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), metrics: Metrics | None = None) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), metrics: Metrics | None = None,
+                 traces: Tracing | None = None) -> None:
         """`inline`: a process that only projects runs its SQLite statements in its event
         loop (see infrastructure.persistence.database). `clock`: the log's time (the demo
-        shop spreads its history over past days). `metrics`: what a server counts."""
+        shop spreads its history over past days). `metrics`: what a server counts.
+        `traces`: where spans go (by default as the settings say); shut down by `close`."""
         self.settings = settings
+        self.tracing = traces if traces is not None else tracing_for(settings)
         self.store = EventStore(settings.event_store_url, clock=clock, inline=inline)
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline,
                               waited=metrics.consistency_wait.observe if metrics else None)
-        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS, metrics=metrics)
-        self.projector = Projector(self.store, self.read, projections())
-        self.hub = EventHub(self.store)
+        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS, metrics=metrics, tracing=self.tracing)
+        self.projector = Projector(self.store, self.read, projections(), tracing=self.tracing)
+        self.hub = EventHub(self.store, tracing=self.tracing)
         self.owners = OrderOwners(self.store)
         # Project and fan out right after each commit of this process. Commits of other
         # processes are seen by the poll, and on PostgreSQL at once through notifications.
@@ -108,6 +117,7 @@ class Service:
     async def close(self) -> None:
         await self.store.close()
         await self.read.close()
+        self.tracing.shutdown()
 
     async def project(self) -> None:
         """Run the projector until `stop_projecting`; on PostgreSQL only while leading."""
@@ -174,14 +184,18 @@ def projector_process(service: Service, poll_interval: float = 1.0) -> Projector
                             recent=service.store.recent)
 
 
-def build_app(settings: Settings, projector: str = "thread") -> Starlette:
+def build_app(settings: Settings, projector: str = "thread", traces: Tracing | None = None,
+              counting: bool = True) -> Starlette:
     """The service over HTTP. `projector`: where the read models are projected: "thread", in
     this process; "process", in a child process this one starts and watches; "off",
-    elsewhere (`orderstream projections run`)."""
+    elsewhere (`orderstream projections run`). `traces`: where spans go (by default as the
+    settings say). `counting=False`: operations and commands go uncounted (/metrics shows
+    the log's head and the lags only), which is what their cost is measured against."""
     if projector not in PROJECTOR_MODES:
         raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
     metrics = Metrics()
-    service = Service(settings, metrics=metrics)
+    counted = metrics if counting else None
+    service = Service(settings, metrics=counted, traces=traces)
     child = projector_process(service) if projector == "process" else None
     if child is not None:
         service.store.on_append(child.wake)
@@ -191,7 +205,7 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
                            settings.rate_limit_prefix) if settings.rate_limit else None
     pages = Pages(development=settings.environment == "development")
     freshness = Freshness(service.store, service.read, service.hub)
-    schema = build_schema(bounds, metrics, freshness)
+    schema = build_schema(bounds, counted, freshness, service.tracing)
     manifest = Manifest.load(settings.trusted_documents, schema, bounds) if settings.trusted_documents else None
     documents = Documents(schema, bounds, service.read, manifest, enforce=settings.environment == "production")
     graphql = GraphQLApp(schema, service.dispatcher, service.store, service.read, service.hub,

@@ -30,6 +30,7 @@ from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.security.auth import Actor, TokenVerifier, Unauthenticated, authenticate
+from orderstream.infrastructure.tracing import Tracing
 from orderstream.infrastructure.web.documents import Documents, refusal_error
 from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.infrastructure.web.graphql_errors import ErrorCodes
@@ -56,16 +57,18 @@ EXPIRY_TIMER = "orderstream.expiry_timer"  # where a WebSocket's scope keeps its
 
 
 def build_schema(bounds: QueryBounds | None = None, metrics: Metrics | None = None,
-                 freshness: Freshness | None = None) -> strawberry.Schema:
+                 freshness: Freshness | None = None, tracing: Tracing | None = None) -> strawberry.Schema:
     """The schema, its documents bounded by `bounds` (the default limits if None), its
-    operations counted in `metrics` if given, its queries' answers telling their `freshness`
-    if given."""
+    operations counted in `metrics` and traced by `tracing` if given, its queries' answers
+    telling their `freshness` if given."""
     bounds = bounds or QueryBounds(QueryLimits())
+    tracing = tracing or Tracing()
+    watched = [observed(metrics, tracing)] if metrics or tracing.on else []
     schema = strawberry.Schema(
         query=Query, mutation=Mutation, subscription=Subscription,
-        # ErrorCodes first: its on_operation exit runs last, after the bounds have amended the errors.
-        extensions=[ErrorCodes, bounds.extension(), *([observed(metrics)] if metrics else []),
-                    *([freshness.extension()] if freshness else [])],
+        # On exit in reverse: Observed's last, once ErrorCodes has given every error its code,
+        # and ErrorCodes' after the bounds have amended the errors.
+        extensions=[*watched, ErrorCodes, bounds.extension(), *([freshness.extension()] if freshness else [])],
         config=StrawberryConfig(scalar_map=SCALARS), execution_context_class=PerEventMemo,
     )
     prepare_inputs(schema)

@@ -4,7 +4,7 @@ which. Every import counts, wherever it sits in a module (a function's own impor
 - infrastructure/persistence and infrastructure/security import no other room of
   infrastructure, only the modules beside the rooms that every room may use
   (`infrastructure.errors`, `infrastructure.internals`, `infrastructure.metrics`,
-  `infrastructure.logs`);
+  `infrastructure.logs`, `infrastructure.tracing`);
 - infrastructure/projection imports persistence only (and those);
 - infrastructure/live imports persistence and security only (and those);
 - infrastructure/relay imports persistence only (and those);
@@ -98,10 +98,10 @@ def imports_in(package: str) -> list[Import]:
 
 
 # Beside the rooms, for every room: the errors any may raise, the reaches into
-# strawberry's and graphql-core's internals, named once, the metrics' instruments and the
-# logs' format.
+# strawberry's and graphql-core's internals, named once, the metrics' instruments, the
+# logs' format and the tracing's spans.
 SHARED = (f"{INFRASTRUCTURE}.errors", f"{INFRASTRUCTURE}.internals", f"{INFRASTRUCTURE}.metrics",
-          f"{INFRASTRUCTURE}.logs")
+          f"{INFRASTRUCTURE}.logs", f"{INFRASTRUCTURE}.tracing")
 
 # A room may import itself, the rooms named here, and SHARED.
 ROOM_RULES = {

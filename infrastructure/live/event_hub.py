@@ -19,6 +19,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
+from orderstream.infrastructure.tracing import Tracing
 
 log = logging.getLogger("orderstream.event_hub")
 
@@ -47,8 +48,9 @@ Park = Callable[[Subscriber], bool]
 
 class EventHub:
     def __init__(self, store: EventStore, batch_size: int = 500, queue_size: int = 1000,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 1.0, tracing: Tracing | None = None) -> None:
         self.store = store
+        self.tracing = tracing or Tracing()
         self.batch_size = batch_size
         self.queue_size = queue_size
         self.poll_interval = poll_interval
@@ -163,7 +165,17 @@ class EventHub:
                     continue
                 self._live.add(subscriber)
                 async for event in self._live_events(subscriber):
-                    yield event
+                    # A live delivery's span, in the trace of the command that appended the
+                    # event: from here until the next event is asked for, the time its
+                    # subscriber (or shared group) took to check, render and send it.
+                    delivering = self.tracing.start("deliver", event.traceparent, {
+                        "orderstream.position": event.position, "orderstream.event_type": event.type,
+                        "orderstream.shared": feed})
+                    try:
+                        yield event
+                    finally:
+                        if delivering is not None:
+                            delivering.end()
         finally:
             self._live.discard(subscriber)
             self._parked.discard(subscriber)

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, func, insert, select
+from sqlalchemy.engine import make_url
 
 from orderstream.infrastructure.persistence import personal_data
 from orderstream.infrastructure.persistence.database import Database
@@ -70,6 +71,11 @@ class EventStore:
         # a trip to the database.
         self._recent = RecentEvents(RECENT_EVENTS)
         self._appends = GroupCommit(self._db, self._recent)
+
+    @property
+    def system(self) -> str:
+        """The database's kind as OpenTelemetry's `db.system` names it: sqlite or postgresql."""
+        return make_url(self.url).get_backend_name()
 
     async def open(self) -> None:
         """Migrate the log's database to the newest revision (infrastructure.persistence.migrations)."""

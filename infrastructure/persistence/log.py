@@ -51,6 +51,8 @@ events = Table(
     Column("actor", String(200)),
     Column("idempotency_key", String(200)),
     Column("recorded_at", UTCDateTime, nullable=False),
+    # The W3C traceparent of the command that appended it (infrastructure.tracing), if traced.
+    Column("traceparent", String(55)),
     UniqueConstraint("stream_id", "version", name="uq_events_stream_version"),
 )
 
@@ -118,6 +120,8 @@ class Metadata:
     causation_id: str | None = None
     actor: str | None = None
     idempotency_key: str | None = None
+    # The command's trace context, a W3C traceparent (infrastructure.tracing).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ class RecordedEvent:
     actor: str | None
     idempotency_key: str | None
     recorded_at: datetime
+    traceparent: str | None = None
 
 
 class WrongExpectedVersion(Exception):

@@ -209,7 +209,7 @@ def _rows(request: "PendingAppend", keys: dict[str, bytes], after: int) -> list[
                 "schema_version": new.schema_version, "data": data,
                 "correlation_id": meta.correlation_id, "causation_id": meta.causation_id,
                 "actor": meta.actor, "idempotency_key": meta.idempotency_key,
-                "recorded_at": request.now,
+                "recorded_at": request.now, "traceparent": meta.traceparent,
             })
     return rows
 

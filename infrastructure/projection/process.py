@@ -41,7 +41,8 @@ def encode_events(events: Sequence[RecordedEvent]) -> bytes:
     """One line: each event as a list of its fields in order, `recorded_at` in ISO 8601."""
     return json.dumps([[e.position, e.event_id, e.stream_id, e.stream_type, e.version, e.type, e.schema_version,
                         e.data, e.correlation_id, e.causation_id, e.actor, e.idempotency_key,
-                        e.recorded_at.isoformat()] for e in events], separators=(",", ":")).encode() + b"\n"
+                        e.recorded_at.isoformat(), e.traceparent] for e in events],
+                      separators=(",", ":")).encode() + b"\n"
 
 
 def decode_events(line: bytes) -> list[RecordedEvent]:
@@ -51,7 +52,8 @@ def decode_events(line: bytes) -> list[RecordedEvent]:
         message = json.loads(line)
         if isinstance(message, int):
             return []
-        return [RecordedEvent(*fields[:-1], recorded_at=datetime.fromisoformat(fields[-1])) for fields in message]
+        return [RecordedEvent(*fields[:-2], recorded_at=datetime.fromisoformat(fields[-2]), traceparent=fields[-1])
+                for fields in message]
     except (TypeError, IndexError) as error:
         raise ValueError(f"not a message of events: {error}") from None
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import StatementError
 
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
 from orderstream.infrastructure.persistence.read_store import Checkpoint, ReadStore, read_model_metadata, shadow_copy
+from orderstream.infrastructure.tracing import Tracing
 
 log = logging.getLogger("orderstream.projector")
 
@@ -60,8 +61,9 @@ Progress = Callable[[int, int], None]
 class Projector:
     def __init__(self, store: EventStore, read_store: ReadStore,
                  projections: Sequence[Projection], batch_size: int = 500,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 1.0, tracing: Tracing | None = None) -> None:
         self.store, self.read_store = store, read_store
+        self.tracing = tracing or Tracing()
         self.projections = list(projections)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -130,8 +132,11 @@ class Projector:
         batch = await self.store.read(after=start, limit=self.batch_size)
         if not batch:
             return 0
-        moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
-        await self.read_store.advanced(moved)
+        # In the trace of the command whose events come first, linked to the others'.
+        with self.tracing.on_behalf("project", (event.traceparent for event in batch), {
+                "orderstream.events": len(batch), "orderstream.position": batch[-1].position}):
+            moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
+            await self.read_store.advanced(moved)
         if moved:
             for listener in self._listeners:
                 listener(moved)
