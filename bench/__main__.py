@@ -6,7 +6,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench import commands, fx_report, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
+from bench import commands, fx_report, hot_aggregate, read_latency, rebuild, relay, replicas, scale_out, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "subscriptions": subscriptions.run,
     "scale_out": scale_out.run,
     "relay": relay.run,
+    "replicas": replicas.run,
 }
 
 

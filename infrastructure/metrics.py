@@ -51,3 +51,6 @@ class Metrics:
                                          "place of a read replica (left out while waiting, failed, or too slow "
                                          "with ORDERSTREAM_REPLICA_FALLBACK=primary).", ["replica"],
                                          registry=registry)
+        self.replica_looks = Counter("orderstream_replica_looks", "Looks at a read replica's replay position "
+                                     "(and checkpoints): quick while a query waits on it, once a second "
+                                     "otherwise.", ["replica"], registry=registry)

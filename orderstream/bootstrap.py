@@ -65,7 +65,8 @@ def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> Repl
     return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
                         fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
                         waited=metrics.consistency_wait.observe,
-                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc())
+                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc(),
+                        looked=lambda name: metrics.replica_looks.labels(name).inc())
 
 
 class Service:

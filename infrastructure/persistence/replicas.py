@@ -87,7 +87,6 @@ class Replica:
         self.positions: dict[str, int] = {}
         self.lsn: str | None = None
         self.replay_age: float | None = None
-        self.looks = 0
         self._behind_since: float | None = None
         self._changed = asyncio.Condition()
         self._waiting = 0
@@ -115,7 +114,6 @@ class Replica:
             moved = replayed.lsn is None or replayed.lsn != self.lsn
             if moved:
                 positions = {row.name: row.position for row in await conn.execute(_POSITIONS)}
-        self.looks += 1
         self.replay_age = replayed.replay_age
         if moved:
             self.lsn = replayed.lsn
@@ -197,15 +195,16 @@ class ReplicaReads:
     def __init__(self, primary: ReadStore, replicas: Sequence[Replica], *, fallback: Fallback = "none",
                  max_lag: float = 30.0, follow_interval: float = 0.005, probe_interval: float = 1.0,
                  look_timeout: float = 3.0, waited: Callable[[float], None] | None = None,
-                 fell_back: Callable[[str], None] | None = None) -> None:
+                 fell_back: Callable[[str], None] | None = None, looked: Callable[[str], None] | None = None) -> None:
         """`waited(seconds)` after each consistentWith wait; `fell_back(replica name)` when a
-        query went to the primary instead of a replica (left out, failed, or too slow)."""
+        query went to the primary instead of a replica (left out, failed, or too slow);
+        `looked(replica name)` after each look of a follower (what following costs)."""
         self.primary = primary
         self.replicas = list(replicas)
         self.fallback = fallback
         self.max_lag = max_lag
         self.follow_interval, self.probe_interval, self.look_timeout = follow_interval, probe_interval, look_timeout
-        self.waited, self.fell_back = waited, fell_back
+        self.waited, self.fell_back, self.looked = waited, fell_back, looked
         self.consistency_timeout = primary.consistency_timeout
         self._stopping = asyncio.Event()
 
@@ -236,6 +235,8 @@ class ReplicaReads:
     async def _look(self, replica: Replica) -> None:
         try:
             await asyncio.wait_for(replica.look(), self.look_timeout)
+            if self.looked is not None:
+                self.looked(replica.name)
         except REPLICA_FAILURES as failure:
             log.debug("replica %s: look failed", replica.name, exc_info=failure)
             await replica.set_state("unreachable", "does not answer")
