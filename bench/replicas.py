@@ -21,9 +21,9 @@ standby and projects nothing.
    waiting for the one before) straight to a Dispatcher of their own (GraphQL would only
    add the client's CPU to a machine both servers share), projected by the primary app,
    while a sampler reads the `orders` checkpoint of the primary and of the standby every
-   2 ms. The rate reached is reported beside it (a busy machine falls short of 200). For each order: the time from placeOrder's
-   answer to the primary's checkpoint reaching its position (projection), and from there to
-   the standby's (replication). Beside it, PostgreSQL's own `replay_lag` from
+   2 ms. The rate reached is reported beside it (a busy machine falls short of 200). For
+   each order: the time from placeOrder's answer to the primary's checkpoint reaching its
+   position (projection), and from there to the standby's (replication). Beside it, PostgreSQL's own `replay_lag` from
    pg_stat_replication, sampled.
 3. Cost: the follower's look (`pg_last_wal_replay_lsn()`, then the checkpoint rows when it
    moved), timed alone; and how many looks the latency run made per query that waited.
