@@ -74,7 +74,7 @@ class Sizes:
     looks: int  # follower looks timed alone
 
 
-FULL = Sizes(rounds=3, requests=300, lag_seconds=10, rate=200, looks=2000)
+FULL = Sizes(rounds=3, requests=200, lag_seconds=10, rate=200, looks=2000)
 QUICK = Sizes(rounds=1, requests=60, lag_seconds=3, rate=200, looks=300)
 
 

@@ -14,18 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from orderstream.infrastructure.errors import SettingsError
+from orderstream.infrastructure.settings import Settings
 from tests.support.api import Api, asgi_api
 from tests.support.clusters import Cluster, PostgresClusters
 from tests.support.databases import Databases
-from tests.support.mutations import STAFF, order_input, product_input, register, succeed
-
-pytestmark = pytest.mark.slow
+from tests.support.mutations import STAFF, money, order_input, product_input, register, succeed
+from tests.support.server import real_server
+from tests.support.streams import SSE, SSE_ACCEPT, results_of
 
 ORDER = """
 query($id: ID!, $at: Position) {
   order(id: $id, consistentWith: $at) { id status version lines { sku quantity } }
 }"""
 PRODUCTS = "query { products(first: 5) { totalCount } }"
+ORDER_UPDATED = "subscription($id: ID!) { orderUpdated(orderId: $id) { id status version } }"
 
 _numbers = itertools.count(1)
 
@@ -106,6 +109,7 @@ async def until_replica(api: Api, state: str, caught_up: bool = False) -> dict:
     raise AssertionError(f"the replica did not become {state}: {seen}")
 
 
+@pytest.mark.slow
 async def test_an_order_read_on_the_replica_right_after_it_is_placed(api: Api, standby: Cluster) -> None:
     order_id, position = await place_order(api, "SKU-R1")
 
@@ -122,6 +126,7 @@ async def test_an_order_read_on_the_replica_right_after_it_is_placed(api: Api, s
     assert seen["state"] == "serving"
 
 
+@pytest.mark.slow
 async def test_a_read_waits_while_replay_is_paused_and_answers_once_it_resumes(api: Api, standby: Cluster) -> None:
     await place_order(api, "SKU-W0")  # the customer and product tables exist on the replica
     await asyncio.to_thread(standby.pause_replay)
@@ -138,6 +143,7 @@ async def test_a_read_waits_while_replay_is_paused_and_answers_once_it_resumes(a
     assert body["data"]["order"]["lines"] == [{"sku": "SKU-W1", "quantity": 2}]
 
 
+@pytest.mark.slow
 async def test_replay_paused_past_the_timeout_answers_consistency_timeout(
         tmp_path: Path, pair: Pair, standby: Cluster) -> None:
     async for api in replica_api(tmp_path, pair, ORDERSTREAM_CONSISTENCY_TIMEOUT="1"):
@@ -152,6 +158,7 @@ async def test_replay_paused_past_the_timeout_answers_consistency_timeout(
         assert "postgres" not in error["message"] and "127.0.0.1" not in error["message"]
 
 
+@pytest.mark.slow
 async def test_with_fallback_to_the_primary_the_paused_replica_is_passed_over(
         tmp_path: Path, pair: Pair, standby: Cluster) -> None:
     async for api in replica_api(tmp_path, pair, ORDERSTREAM_CONSISTENCY_TIMEOUT="1",
@@ -168,6 +175,7 @@ async def test_with_fallback_to_the_primary_the_paused_replica_is_passed_over(
         assert 'orderstream_replica_fallbacks_total{replica="127.0.0.1:' in metrics
 
 
+@pytest.mark.slow
 async def test_a_stopped_replica_is_left_out_and_taken_back(api: Api, standby: Cluster) -> None:
     order_id, position = await place_order(api, "SKU-S1")
     assert (await until_replica(api, "serving", caught_up=True))["lagSeconds"] == 0
@@ -187,3 +195,44 @@ async def test_a_stopped_replica_is_left_out_and_taken_back(api: Api, standby: C
     await asyncio.to_thread(standby.start)
     await until_replica(api, "serving", caught_up=True)
     assert (await read_order(api, after_stop, later))["data"]["order"]["id"] == after_stop
+
+
+@pytest.mark.slow
+async def test_subscriptions_follow_the_log_while_the_replica_stands_still(
+        tmp_path: Path, pair: Pair, standby: Cluster) -> None:
+    databases = pair.databases()
+    environ = {**databases.environ, "ORDERSTREAM_READ_REPLICA_URLS": pair.replica_of(databases)}
+    async with real_server(tmp_path, environ) as served:
+        api = Api(served.http, tmp_path, databases)
+        order_id, position = await place_order(api, "SKU-U1")
+        await read_order(api, order_id, position)  # the replica has the order
+        await asyncio.to_thread(standby.pause_replay)
+        headers = {"Accept": SSE_ACCEPT, **STAFF}
+        async with served.http.stream("POST", "/graphql", headers=headers,
+                                      json={"query": ORDER_UPDATED, "variables": {"id": order_id}}) as response:
+            updates = results_of(SSE, response)
+            first = (await asyncio.wait_for(anext(updates), 30))["data"]["orderUpdated"]
+            await succeed(api, "payOrder", {"orderId": order_id, "amount": money("20.00")}, STAFF)
+            paid = (await asyncio.wait_for(anext(updates), 30))["data"]["orderUpdated"]
+
+        assert first == {"id": order_id, "status": "PENDING", "version": 1}
+        assert paid == {"id": order_id, "status": "PAID", "version": 2}
+        # The replica has not replayed the payment: the update came from the log.
+        assert (await read_order(api, order_id, None))["data"]["order"]["status"] == "PENDING"
+
+
+def test_replicas_need_a_postgresql_primary_and_postgresql_urls(tmp_path: Path) -> None:
+    primary = {"ORDERSTREAM_READ_STORE_URL": "postgresql+asyncpg://orderstream@db-a/read"}
+    with pytest.raises(SettingsError, match="ORDERSTREAM_READ_REPLICA_URLS needs ORDERSTREAM_READ_STORE_URL"):
+        Settings.load(str(tmp_path), {"ORDERSTREAM_READ_REPLICA_URLS": "postgresql://db-b/read"})
+    with pytest.raises(SettingsError, match="ORDERSTREAM_READ_REPLICA_URLS: expected PostgreSQL URLs") as refused:
+        Settings.load(str(tmp_path), {**primary, "ORDERSTREAM_READ_REPLICA_URLS": "mysql://u:hunter2@db-b/read"})
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(SettingsError, match="ORDERSTREAM_REPLICA_FALLBACK: expected none or primary"):
+        Settings.load(str(tmp_path), {**primary, "ORDERSTREAM_REPLICA_FALLBACK": "nearest"})
+
+    settings = Settings.load(str(tmp_path), {**primary, "ORDERSTREAM_REPLICA_FALLBACK": "primary",
+                                             "ORDERSTREAM_READ_REPLICA_URLS": "postgresql://db-b/read, "
+                                                                              "postgresql+asyncpg://db-c:5433/read"})
+    assert settings.read_replica_urls == ("postgresql+asyncpg://db-b/read", "postgresql+asyncpg://db-c:5433/read")
+    assert settings.replica_fallback == "primary" and settings.replica_max_lag == 30

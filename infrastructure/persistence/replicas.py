@@ -44,6 +44,13 @@ Fallback = Literal["none", "primary"]
 # connection, or a query cancelled by a conflict with replay.
 REPLICA_FAILURES = (DBAPIError, OSError, TimeoutError)
 
+
+def lost_connection(failure: BaseException) -> bool:
+    """Whether `failure` says the replica cannot be reached (not that one query failed there)."""
+    if isinstance(failure, DBAPIError):
+        return failure.connection_invalidated or isinstance(failure.orig, OSError)
+    return isinstance(failure, (OSError, TimeoutError))
+
 # The replay position first, the checkpoint rows after it in a snapshot of their own: a
 # snapshot taken after the replica has replayed up to a position holds every commit up to
 # it, so checkpoints that commit later move the position, and the next look reads them.
@@ -177,8 +184,9 @@ class Replica:
 # The source a task's reads stay on once a consistentWith wait (or a look at the
 # checkpoints) has chosen it: the replica that replayed the position, or the primary. A
 # context variable, because the query handlers call `wait_for` and then `read` on the one
-# object that the whole process shares. Each request (each field resolved in a task of its
-# own) starts unpinned.
+# object that the whole process shares. A request, a WebSocket operation and a field
+# resolved beside others each run in a task of their own, and start unpinned; the fields
+# below a pinned one (an order's lines) inherit its pin.
 _pinned: ContextVar["Replica | ReadStore | None"] = ContextVar("orderstream_replica_pinned", default=None)
 
 
@@ -237,9 +245,13 @@ class ReplicaReads:
             await asyncio.wait_for(replica.look(), self.look_timeout)
             if self.looked is not None:
                 self.looked(replica.name)
-        except REPLICA_FAILURES as failure:
-            log.debug("replica %s: look failed", replica.name, exc_info=failure)
-            await replica.set_state("unreachable", "does not answer")
+        except Exception as failure:
+            if replica.state != "unreachable":
+                log.warning("replica %s: a look failed (%s)", replica.name, type(failure).__name__,
+                            exc_info=not isinstance(failure, REPLICA_FAILURES))
+            # The follower goes on whatever went wrong: it is what takes the replica back.
+            await replica.set_state("unreachable", "does not answer" if lost_connection(failure) else
+                                    "its checkpoints cannot be read: is it a replica of the read database?")
             return
         seconds, _ = replica.lag_behind(self.primary.known_positions(), time.monotonic())
         if seconds > self.max_lag:
@@ -266,20 +278,31 @@ class ReplicaReads:
         """`ReadStore.read` on this task's source: the replica or primary its consistentWith
         wait chose, else the nearest replica in service. A replica that fails is left out
         and the read is made on the primary, which is never behind a replica."""
-        source = _pinned.get() or self.choose()
-        if source is None or source is self.primary:
+        source = self._source()
+        if source is None:
             return await self.primary.read(work)
         try:
             return await source.read(work)
         except REPLICA_FAILURES as failure:
             log.warning("replica %s: a read failed (%s); reading from the primary", source.name,
                         type(failure).__name__)
-            await source.set_state("unreachable", "a read failed")
-            source._wanted.set()
+            if lost_connection(failure):
+                await source.set_state("unreachable", "a read lost its connection")
+                source._wanted.set()
             _pinned.set(self.primary)
             if self.fell_back is not None:
                 self.fell_back(source.name)
             return await self.primary.read(work)
+
+    def _source(self) -> Replica | None:
+        """The replica this task reads from, or None: the primary. A task pinned to a replica
+        that has been left out since reads from the primary, which is never behind it."""
+        pinned = _pinned.get()
+        if pinned is self.primary:
+            return None
+        if pinned is not None:
+            return pinned if pinned.serving else None
+        return self.choose()
 
     async def scan(self, work: Callable[[Connection], T]) -> T:
         """`read` for reads that may go through a whole table (the same on PostgreSQL)."""
@@ -288,9 +311,8 @@ class ReplicaReads:
     async def checkpoints(self) -> dict[str, Checkpoint]:
         """The checkpoints of this task's source: the replica's own (what its read models
         reflect) or the primary's; the reads after it stay on that source."""
-        source = _pinned.get() or self.choose()
-        if source is not None and source is not self.primary:
-            _pinned.set(source)
+        source = self._source()
+        _pinned.set(source or self.primary)
         return await self.read(ReadStore.checkpoints_in)
 
     async def wait_for(self, position: int | None, names: Iterable[str], timeout: float | None = None) -> None:
@@ -301,8 +323,8 @@ class ReplicaReads:
             return
         names = tuple(names)
         timeout = self.consistency_timeout if timeout is None else timeout
-        source = _pinned.get() or self.choose()
-        if source is None or source is self.primary:
+        source = self._source()
+        if source is None:
             _pinned.set(self.primary)
             await self.primary.wait_for(position, names, timeout)
             return
