@@ -57,6 +57,7 @@ NAME = "replicas"
 PRODUCTS = 50
 CUSTOMERS = 20
 WARMUP = 30
+IN_FLIGHT = 16
 
 PLACE = """
 mutation($input: PlaceOrderInput!) {
@@ -74,7 +75,7 @@ class Sizes:
     looks: int  # follower looks timed alone
 
 
-FULL = Sizes(rounds=3, requests=200, lag_seconds=10, rate=200, looks=2000)
+FULL = Sizes(rounds=3, requests=150, lag_seconds=10, rate=200, looks=2000)
 QUICK = Sizes(rounds=1, requests=60, lag_seconds=3, rate=200, looks=300)
 
 
@@ -253,8 +254,17 @@ async def lag_round(shop: Shop, sizes: Sizes, number: int) -> dict[str, float]:
     address = ShippingAddress(name="Ann", line1="Main St 1", line2=None, city="Berlin", postal_code="10115",
                               country="DE")
     picks = itertools.count()
+    # A machine too busy for the rate does not pile up commands without end: past this many
+    # unanswered, the schedule waits, and the rate reached shows it.
+    in_flight = asyncio.Semaphore(IN_FLIGHT)
 
     async def one() -> None:
+        try:
+            await place_one()
+        finally:
+            in_flight.release()
+
+    async def place_one() -> None:
         pick = next(picks)
         command = PlaceOrder(customer_id=shop.customers[pick % CUSTOMERS],
                              items=((shop.skus[pick % PRODUCTS], 1),), shipping_address=address)
@@ -264,12 +274,13 @@ async def lag_round(shop: Shop, sizes: Sizes, number: int) -> dict[str, float]:
     total = int(sizes.rate * sizes.lag_seconds)
     samplers = [asyncio.create_task(sample()), asyncio.create_task(replay_lag())]
     started = time.perf_counter()
-    pending = []
+    pending: list[asyncio.Task] = []
     try:
         with Progress(f"{NAME}: round {number + 1}, {sizes.rate} orders/s", total, "orders") as progress:
             for n in range(total):
-                # On schedule, whether or not earlier orders have been answered.
+                # On schedule, whether or not earlier orders have been answered (up to IN_FLIGHT).
                 await asyncio.sleep(max(0.0, started + n / sizes.rate - time.perf_counter()))
+                await in_flight.acquire()
                 pending.append(asyncio.create_task(one()))
                 progress.update(n + 1)
             await asyncio.gather(*pending)
@@ -281,6 +292,9 @@ async def lag_round(shop: Shop, sizes: Sizes, number: int) -> dict[str, float]:
                 raise BenchmarkError("the standby did not catch up within 30 s of the last order")
             await asyncio.sleep(0.01)
     finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         stop.set()
         await asyncio.gather(*samplers)
         for connection in (primary, standby, wal):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from types import MappingProxyType
 from typing import TypeVar
 
 from sqlalchemy import (
@@ -178,11 +179,6 @@ class ReadStore:
     async def _positions_in_database(self) -> dict[str, int]:
         return {name: c.position for name, c in (await self.checkpoints()).items()}
 
-    def known_positions(self) -> dict[str, int]:
-        """Each projection's checkpoint as this process last learnt it (its own projector,
-        other processes' notifications, or the last look), without asking the database."""
-        return dict(self._positions)
-
     async def advanced(self, positions: Mapping[str, int]) -> None:
         """Record committed checkpoints and wake the queries waiting for them."""
         async with self._advanced:
@@ -190,6 +186,12 @@ class ReadStore:
             for name, position in positions.items():
                 self._positions[name] = max(position, self._positions.get(name, 0))
             self._advanced.notify_all()
+
+    @property
+    def positions(self) -> Mapping[str, int]:
+        """Each projection's checkpoint as this process last learned it (from its projector,
+        notifications, waits and `refresh`): known in memory, never read for the asking."""
+        return MappingProxyType(self._positions)
 
     async def wait_for(self, position: int | None, names: Iterable[str],
                        timeout: float | None = None) -> None:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal, TypeVar
 
 from sqlalchemy import Connection, text
@@ -169,9 +170,12 @@ class Replica:
         finally:
             self._waiting -= 1
 
-    async def pause(self, seconds: float) -> None:
-        """The follower's pause: cut short when a query starts waiting here."""
+    async def pause(self, seconds: float, stopping: asyncio.Event) -> None:
+        """The follower's pause: cut short when a query starts waiting here, or once `stopping`
+        is set (which sets `_wanted` too)."""
         self._wanted.clear()
+        if stopping.is_set():
+            return
         if self._waiting:
             await asyncio.sleep(seconds)
             return
@@ -238,7 +242,7 @@ class ReplicaReads:
         while not self._stopping.is_set():
             await self._look(replica)
             busy = replica._waiting and replica.serving
-            await replica.pause(self.follow_interval if busy else self.probe_interval)
+            await replica.pause(self.follow_interval if busy else self.probe_interval, self._stopping)
 
     async def _look(self, replica: Replica) -> None:
         try:
@@ -253,7 +257,7 @@ class ReplicaReads:
             await replica.set_state("unreachable", "does not answer" if lost_connection(failure) else
                                     "its checkpoints cannot be read: is it a replica of the read database?")
             return
-        seconds, _ = replica.lag_behind(self.primary.known_positions(), time.monotonic())
+        seconds, _ = replica.lag_behind(self.primary.positions, time.monotonic())
         if seconds > self.max_lag:
             await replica.set_state("lagging", f"{seconds:.1f} s behind the primary (at most {self.max_lag:g} s)")
         else:
@@ -261,7 +265,7 @@ class ReplicaReads:
 
     def statuses(self) -> list[ReplicaStatus]:
         """Each replica's state and lag, as its follower last saw them."""
-        primary, now = self.primary.known_positions(), time.monotonic()
+        primary, now = self.primary.positions, time.monotonic()
         found = []
         for replica in self.replicas:
             seconds, events = replica.lag_behind(primary, now)
@@ -293,6 +297,13 @@ class ReplicaReads:
             if self.fell_back is not None:
                 self.fell_back(source.name)
             return await self.primary.read(work)
+
+    @property
+    def positions(self) -> Mapping[str, int]:
+        """Each projection's checkpoint where this task's queries read: the replica's own, as
+        its follower last saw them, or the primary's (as `ReadStore.positions`)."""
+        source = self._source()
+        return self.primary.positions if source is None else MappingProxyType(source.positions)
 
     def _source(self) -> Replica | None:
         """The replica this task reads from, or None: the primary. A task pinned to a replica
