@@ -236,3 +236,15 @@ def test_replicas_need_a_postgresql_primary_and_postgresql_urls(tmp_path: Path) 
                                                                               "postgresql+asyncpg://db-c:5433/read"})
     assert settings.read_replica_urls == ("postgresql+asyncpg://db-b/read", "postgresql+asyncpg://db-c:5433/read")
     assert settings.replica_fallback == "primary" and settings.replica_max_lag == 30
+
+
+@pytest.mark.slow
+def test_clusters_are_stopped_and_removed_when_a_test_fails() -> None:
+    with pytest.raises(RuntimeError, match="the test failed"), PostgresClusters() as clusters:
+        primary = clusters.primary()
+        pid = primary.postmaster_pid()
+        assert pid is not None and primary.value("SELECT 1") == 1
+        raise RuntimeError("the test failed")
+
+    assert not clusters.folder.exists()
+    assert not Path(f"/proc/{pid}").exists() or "postgres" not in Path(f"/proc/{pid}/cmdline").read_text()
