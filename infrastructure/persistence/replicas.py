@@ -5,7 +5,7 @@ standby replays that WAL, checkpoint rows with the read-model rows of the same
 transaction. So the checkpoint rows a replica shows say exactly which log position its
 read models reflect, and `consistentWith` on a replica waits for those rows.
 
-A hot standby takes no LISTEN, and PostgreSQL (up to 16) has no way to wait on a standby
+A hot standby takes no LISTEN, and PostgreSQL (up to 17) has no way to wait on a standby
 for a WAL position. So each replica has one follower per process: it looks at the replica's
 replay position (`pg_last_wal_replay_lsn()`) and, when that has moved, at its checkpoint
 rows, every `follow_interval` seconds while a query waits on the replica, every
