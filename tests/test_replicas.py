@@ -189,12 +189,24 @@ async def test_a_stopped_replica_is_left_out_and_taken_back(api: Api, standby: C
     assert (await api.execute(PRODUCTS, {}, STAFF))["data"]["products"]["totalCount"] == 2
     left_out = await until_replica(api, "unreachable")
     assert left_out["state"] == "unreachable"
-    metrics = (await api.http.get("/metrics")).text
-    assert 'orderstream_replica_serving{replica="127.0.0.1:' in metrics and "} 0.0" in metrics
+    stopped = await replica_metrics(api)
+    assert stopped["serving"] == 0.0 and stopped["lag_events"] > 0  # SKU-S2's order never reached it
 
     await asyncio.to_thread(standby.start)
     await until_replica(api, "serving", caught_up=True)
     assert (await read_order(api, after_stop, later))["data"]["order"]["id"] == after_stop
+    assert await replica_metrics(api) == {"serving": 1.0, "lag_seconds": 0.0, "lag_events": 0.0}
+
+
+async def replica_metrics(api: Api) -> dict[str, float]:
+    """The one replica's gauges on /metrics."""
+    found = {}
+    for line in (await api.http.get("/metrics")).text.splitlines():
+        if line.startswith("orderstream_replica_") and '{replica="127.0.0.1:' in line:
+            name, value = line.split("{")[0].removeprefix("orderstream_replica_"), float(line.rsplit(" ", 1)[1])
+            if name in ("serving", "lag_seconds", "lag_events"):
+                found[name] = value
+    return found
 
 
 @pytest.mark.slow
