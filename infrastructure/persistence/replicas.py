@@ -170,9 +170,18 @@ class Replica:
         finally:
             self._waiting -= 1
 
+    @property
+    def waited_on(self) -> bool:
+        """Whether a query waits for this replica to replay a position."""
+        return self._waiting > 0
+
+    def wake_follower(self) -> None:
+        """Cut the follower's pause short: look now."""
+        self._wanted.set()
+
     async def pause(self, seconds: float, stopping: asyncio.Event) -> None:
         """The follower's pause: cut short when a query starts waiting here, or once `stopping`
-        is set (which sets `_wanted` too)."""
+        is set (`stop` wakes the follower too)."""
         self._wanted.clear()
         if stopping.is_set():
             return
@@ -232,7 +241,7 @@ class ReplicaReads:
     def stop(self) -> None:
         self._stopping.set()
         for replica in self.replicas:
-            replica._wanted.set()
+            replica.wake_follower()
 
     async def close(self) -> None:
         for replica in self.replicas:
@@ -241,7 +250,7 @@ class ReplicaReads:
     async def _follow(self, replica: Replica) -> None:
         while not self._stopping.is_set():
             await self._look(replica)
-            busy = replica._waiting and replica.serving
+            busy = replica.waited_on and replica.serving
             await replica.pause(self.follow_interval if busy else self.probe_interval, self._stopping)
 
     async def _look(self, replica: Replica) -> None:
@@ -292,7 +301,7 @@ class ReplicaReads:
                         type(failure).__name__)
             if lost_connection(failure):
                 await source.set_state("unreachable", "a read lost its connection")
-                source._wanted.set()
+                source.wake_follower()
             _pinned.set(self.primary)
             if self.fell_back is not None:
                 self.fell_back(source.name)
