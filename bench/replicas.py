@@ -57,7 +57,7 @@ NAME = "replicas"
 PRODUCTS = 50
 CUSTOMERS = 20
 WARMUP = 30
-IN_FLIGHT = 16
+IN_FLIGHT = 64
 
 PLACE = """
 mutation($input: PlaceOrderInput!) {
