@@ -198,6 +198,24 @@ async def test_a_stopped_replica_is_left_out_and_taken_back(api: Api, standby: C
     assert await replica_metrics(api) == {"serving": 1.0, "lag_seconds": 0.0, "lag_events": 0.0}
 
 
+
+@pytest.mark.slow
+async def test_a_replica_paused_past_the_bound_is_left_out_until_it_replays_again(
+        tmp_path: Path, pair: Pair, standby: Cluster) -> None:
+    async for api in replica_api(tmp_path, pair, ORDERSTREAM_REPLICA_MAX_LAG_SECONDS="1"):
+        await place_order(api, "SKU-L0")
+        await until_replica(api, "serving", caught_up=True)
+        await asyncio.to_thread(standby.pause_replay)
+        order_id, _ = await place_order(api, "SKU-L1")
+
+        lagging = await until_replica(api, "lagging")
+
+        assert lagging["lagEvents"] > 0 and lagging["lagSeconds"] > 1
+        # Left out: a query without consistentWith reads the primary, which has the order.
+        assert (await read_order(api, order_id, None))["data"]["order"]["id"] == order_id
+        await asyncio.to_thread(standby.resume_replay)
+        assert (await until_replica(api, "serving", caught_up=True))["lagSeconds"] == 0
+
 async def replica_metrics(api: Api) -> dict[str, float]:
     """The one replica's gauges on /metrics."""
     found = {}
