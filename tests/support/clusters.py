@@ -291,7 +291,8 @@ class PostgresClusters:
 
     def close(self) -> None:
         for cluster in reversed(self.clusters):
-            if cluster.running:
+            # A cluster already stopped makes pg_ctl fail, harmlessly: nothing to wait for.
+            if cluster.postmaster_pid() is not None:
                 self.run(["pg_ctl", "-D", str(cluster.data), "-m", "immediate", "-w", "stop"], check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
 
