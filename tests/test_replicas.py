@@ -1,14 +1,13 @@
 """Queries from a real PostgreSQL streaming replica of the read database.
 
-The module makes its own primary and standby clusters (tests/support/clusters.py) once;
-each test gets an event database and a read database of its own on the primary, which the
-standby replays, and runs the app with ORDERSTREAM_READ_STORE_URL on the primary and
-ORDERSTREAM_READ_REPLICA_URLS on the standby. Without PostgreSQL's server binaries the
+The module makes its own primary and standby clusters (tests/support/clusters.py) once,
+with an event database and a read database on the primary, which the standby replays;
+each test starts them empty and runs the app with ORDERSTREAM_READ_STORE_URL on the
+primary and ORDERSTREAM_READ_REPLICA_URLS on the standby. Without PostgreSQL's server binaries the
 tests skip with the reason, except under CI=true.
 """
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,21 +29,22 @@ query($id: ID!, $at: Position) {
 PRODUCTS = "query { products(first: 5) { totalCount } }"
 ORDER_UPDATED = "subscription($id: ID!) { orderUpdated(orderId: $id) { id status version } }"
 
-_numbers = itertools.count(1)
-
-
 class Pair:
-    """The module's primary and its streaming standby."""
+    """The module's primary and its streaming standby, and the databases on them."""
 
     def __init__(self, clusters: PostgresClusters) -> None:
         self.primary = clusters.primary()
         self.standby = clusters.standby(self.primary)
+        self.events = self.primary.create_database("events")
+        self.read = self.primary.create_database("read")
 
     def databases(self) -> Databases:
-        """An event and a read database of their own, on the primary (and so on the standby)."""
-        number = next(_numbers)
-        return Databases(self.primary.create_database(f"events_{number}"),
-                         self.primary.create_database(f"read_{number}"))
+        """The event and the read database, emptied (on the standby too, once it replays)."""
+        # Emptied rather than made anew: a new database is a copy of its template in the WAL,
+        # which the standby replays and the teardown removes again, every test.
+        for database in ("events", "read"):
+            self.primary.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public", database=database)
+        return Databases(self.events, self.read)
 
     def replica_of(self, databases: Databases) -> str:
         return self.standby.url(databases.read_store_url.rsplit("/", 1)[1])
@@ -67,9 +67,12 @@ def standby(pair: Pair) -> Iterator[Cluster]:
 
 
 async def replica_api(tmp_path: Path, pair: Pair, **environ: str) -> AsyncIterator[Api]:
+    """The app reading from the standby, once the standby serves: it has replayed the
+    migrations the app has just made on the primary."""
     databases = pair.databases()
     settings = {"ORDERSTREAM_READ_REPLICA_URLS": pair.replica_of(databases), **environ}
     async with asgi_api(tmp_path, settings, databases) as api:
+        await until_replica(api, "serving", caught_up=True)
         yield api
 
 
@@ -128,7 +131,6 @@ async def test_an_order_read_on_the_replica_right_after_it_is_placed(api: Api, s
 
 @pytest.mark.slow
 async def test_a_read_waits_while_replay_is_paused_and_answers_once_it_resumes(api: Api, standby: Cluster) -> None:
-    await place_order(api, "SKU-W0")  # the customer and product tables exist on the replica
     await asyncio.to_thread(standby.pause_replay)
     order_id, position = await place_order(api, "SKU-W1")
 
@@ -203,8 +205,6 @@ async def test_a_stopped_replica_is_left_out_and_taken_back(api: Api, standby: C
 async def test_a_replica_paused_past_the_bound_is_left_out_until_it_replays_again(
         tmp_path: Path, pair: Pair, standby: Cluster) -> None:
     async for api in replica_api(tmp_path, pair, ORDERSTREAM_REPLICA_MAX_LAG_SECONDS="1"):
-        await place_order(api, "SKU-L0")
-        await until_replica(api, "serving", caught_up=True)
         await asyncio.to_thread(standby.pause_replay)
         order_id, _ = await place_order(api, "SKU-L1")
 
@@ -234,6 +234,7 @@ async def test_subscriptions_follow_the_log_while_the_replica_stands_still(
     environ = {**databases.environ, "ORDERSTREAM_READ_REPLICA_URLS": pair.replica_of(databases)}
     async with real_server(tmp_path, environ) as served:
         api = Api(served.http, tmp_path, databases)
+        await until_replica(api, "serving", caught_up=True)
         order_id, position = await place_order(api, "SKU-U1")
         await read_order(api, order_id, position)  # the replica has the order
         await asyncio.to_thread(standby.pause_replay)
