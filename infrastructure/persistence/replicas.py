@@ -264,7 +264,8 @@ class ReplicaReads:
                             exc_info=not isinstance(failure, REPLICA_FAILURES))
             # The follower goes on whatever went wrong: it is what takes the replica back.
             await replica.set_state("unreachable", "does not answer" if lost_connection(failure) else
-                                    "its checkpoints cannot be read: is it a replica of the read database?")
+                                    "its checkpoints cannot be read: not replayed yet, or not a replica of "
+                                    "the read database")
             return
         seconds, _ = replica.lag_behind(self.primary.positions, time.monotonic())
         if seconds > self.max_lag:
