@@ -193,6 +193,8 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
         raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
     metrics = Metrics()
     service = Service(settings, metrics=metrics)
+    # Queries read from the replicas when there are any; projections and documents write to the primary.
+    replicas = replica_reads(service.read, settings, metrics)
     child = projector_process(service) if projector == "process" else None
     if child is not None:
         service.store.on_append(child.wake)
@@ -204,8 +206,6 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     schema = build_schema(bounds, metrics)
     manifest = Manifest.load(settings.trusted_documents, schema, bounds) if settings.trusted_documents else None
     documents = Documents(schema, bounds, service.read, manifest, enforce=settings.environment == "production")
-    # Queries read from the replicas when there are any; projections and documents write to the primary.
-    replicas = replica_reads(service.read, settings, metrics)
     graphql = GraphQLApp(schema, service.dispatcher, service.store, replicas or service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
