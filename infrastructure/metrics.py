@@ -29,15 +29,6 @@ class Metrics:
         self.projection_lag_seconds = Gauge("orderstream_projection_lag_seconds", "Seconds since the oldest event "
                                             "a projection has not applied was committed; 0 when caught up.",
                                             ["projection"], registry=registry)
-        self.requests = Counter("orderstream_graphql_requests", "GraphQL operations, by type and outcome (success, "
-                                "or error when the response carries errors).", ["operation_type", "outcome"],
-                                registry=registry)
-        self.request_duration = Histogram("orderstream_graphql_request_duration_seconds", "Time to run a GraphQL "
-                                          "operation (a subscription: its start).", ["operation_type"],
-                                          buckets=BUCKETS, registry=registry)
-        self.consistency_wait = Histogram("orderstream_consistency_wait_seconds", "How long queries with "
-                                          "consistentWith waited for the read models.", buckets=BUCKETS,
-                                          registry=registry)
         # Replicas of the read database, labelled by host:port/database as configured.
         self.replica_serving = Gauge("orderstream_replica_serving", "1 while a read replica serves queries, 0 "
                                      "while it is left out (unreachable, or too far behind).", ["replica"],
@@ -54,3 +45,12 @@ class Metrics:
         self.replica_looks = Counter("orderstream_replica_looks", "Looks at a read replica's replay position "
                                      "(and checkpoints): quick while a query waits on it, once a second "
                                      "otherwise.", ["replica"], registry=registry)
+        self.requests = Counter("orderstream_graphql_requests", "GraphQL operations, by type and outcome (success, "
+                                "or error when the response carries errors).", ["operation_type", "outcome"],
+                                registry=registry)
+        self.request_duration = Histogram("orderstream_graphql_request_duration_seconds", "Time to run a GraphQL "
+                                          "operation (a subscription: its start).", ["operation_type"],
+                                          buckets=BUCKETS, registry=registry)
+        self.consistency_wait = Histogram("orderstream_consistency_wait_seconds", "How long queries with "
+                                          "consistentWith waited for the read models.", buckets=BUCKETS,
+                                          registry=registry)

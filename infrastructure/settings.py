@@ -72,6 +72,10 @@ class Settings:
     data_dir: Path
     event_store_url: str
     read_store_url: str
+    # Streaming replicas of the read database that queries read from, nearest first.
+    read_replica_urls: tuple[str, ...] = ()
+    replica_fallback: str = "none"
+    replica_max_lag: float = 30.0
     tokens: TokenSettings = TokenSettings()
     # How long a query with consistentWith waits for the projections, in seconds.
     consistency_timeout: float = 5.0
@@ -92,9 +96,6 @@ class Settings:
     relay_stream: str = "ORDERSTREAM"
     relay_subject_prefix: str = "orderstream"
     trusted_documents: Path | None = None
-    read_replica_urls: tuple[str, ...] = ()
-    replica_fallback: str = "none"
-    replica_max_lag: float = 30.0
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -109,6 +110,9 @@ class Settings:
             data_dir=folder,
             event_store_url=env.event_store_url or f"sqlite+aiosqlite:///{folder / 'events.db'}",
             read_store_url=env.read_store_url or f"sqlite+aiosqlite:///{folder / 'read.db'}",
+            read_replica_urls=env.read_replica_urls,
+            replica_fallback=env.replica_fallback,
+            replica_max_lag=env.replica_max_lag_seconds,
             tokens=TokenSettings(
                 algorithms=env.jwt_algorithms or (PUBLIC_KEY_ALGORITHMS if env.jwt_public_key_file or env.jwt_jwks_file
                                                    else (SHARED_SECRET_ALGORITHM,)),
@@ -134,9 +138,6 @@ class Settings:
             relay_stream=env.relay_stream,
             relay_subject_prefix=env.relay_subject_prefix,
             trusted_documents=env.trusted_documents,
-            read_replica_urls=env.read_replica_urls,
-            replica_fallback=env.replica_fallback,
-            replica_max_lag=env.replica_max_lag_seconds,
         )
 
 
@@ -157,6 +158,12 @@ class Environment(BaseSettings):
     data_dir: Path = Field(Path("./var"), description="a folder")
     event_store_url: str | None = Field(None, description="a database URL")
     read_store_url: str | None = Field(None, description="a database URL")
+    read_replica_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="PostgreSQL URLs (postgresql+asyncpg://user@host/db), comma-separated, beside a "
+                        "PostgreSQL ORDERSTREAM_READ_STORE_URL")
+    replica_fallback: Literal["none", "primary"] = Field("none", description="none or primary")
+    replica_max_lag_seconds: float = Field(Settings.replica_max_lag, gt=0, allow_inf_nan=False,
+                                           description="a number of seconds above 0, e.g. 30")
     consistency_timeout: float = Field(5.0, ge=0, allow_inf_nan=False, description="a number of seconds, e.g. 5")
     metrics_token: str | None = Field(None, min_length=16, description="a token of at least 16 characters")
     ready_max_lag_seconds: float = Field(Settings.ready_max_lag, gt=0, allow_inf_nan=False,
@@ -185,12 +192,6 @@ class Environment(BaseSettings):
     relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
                                       description="one subject token: letters, digits, _ and -")
     trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
-    read_replica_urls: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="PostgreSQL URLs (postgresql+asyncpg://user@host/db), comma-separated, beside a "
-                        "PostgreSQL ORDERSTREAM_READ_STORE_URL")
-    replica_fallback: Literal["none", "primary"] = Field("none", description="none or primary")
-    replica_max_lag_seconds: float = Field(Settings.replica_max_lag, gt=0, allow_inf_nan=False,
-                                           description="a number of seconds above 0, e.g. 30")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
     jwt_secret: str | None = Field(None, description="the HS256 secret")
@@ -230,6 +231,17 @@ class Environment(BaseSettings):
         return {name: value for name, value in values.items()
                 if value != "" or name in ("cors_origins", "ws_origins")}
 
+    @field_validator("read_replica_urls", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        urls = tuple(url.strip() for url in value.split(",") if url.strip())
+        for url in urls:
+            if not url.startswith(("postgresql://", "postgresql+asyncpg://")) or not urlsplit(url).hostname:
+                raise ValueError("not a PostgreSQL URL")  # the URL itself may carry a password
+        return tuple(url.replace("postgresql://", "postgresql+asyncpg://", 1) for url in urls)
+
     @field_validator("introspection", "field_suggestions", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
@@ -248,17 +260,6 @@ class Environment(BaseSettings):
                 raise ValueError(origin)
             origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
         return tuple(origins)
-
-    @field_validator("read_replica_urls", mode="before")
-    @classmethod
-    def _replicas(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        urls = tuple(url.strip() for url in value.split(",") if url.strip())
-        for url in urls:
-            if not url.startswith(("postgresql://", "postgresql+asyncpg://")) or not urlsplit(url).hostname:
-                raise ValueError("not a PostgreSQL URL")  # the URL itself may carry a password
-        return tuple(url.replace("postgresql://", "postgresql+asyncpg://", 1) for url in urls)
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

@@ -58,17 +58,6 @@ def relay(store: EventStore, settings: Settings) -> Relay | None:
                  personal)
 
 
-def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> ReplicaReads | None:
-    """Queries from the read database's replicas, if ORDERSTREAM_READ_REPLICA_URLS names any."""
-    if not settings.read_replica_urls:
-        return None
-    return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
-                        fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
-                        waited=metrics.consistency_wait.observe,
-                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc(),
-                        looked=lambda name: metrics.replica_looks.labels(name).inc())
-
-
 class Service:
     """The stores, the dispatcher, the projector and the relay, opened and closed together."""
 
@@ -185,6 +174,17 @@ def projector_process(service: Service, poll_interval: float = 1.0) -> Projector
                             recent=service.store.recent)
 
 
+def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> ReplicaReads | None:
+    """Queries from the read database's replicas, if ORDERSTREAM_READ_REPLICA_URLS names any."""
+    if not settings.read_replica_urls:
+        return None
+    return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
+                        fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
+                        waited=metrics.consistency_wait.observe,
+                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc(),
+                        looked=lambda name: metrics.replica_looks.labels(name).inc())
+
+
 def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     """The service over HTTP. `projector`: where the read models are projected: "thread", in
     this process; "process", in a child process this one starts and watches; "off",
@@ -193,12 +193,12 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
         raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
     metrics = Metrics()
     service = Service(settings, metrics=metrics)
-    # Queries read from the replicas when there are any; projections and documents write to the primary.
-    replicas = replica_reads(service.read, settings, metrics)
     child = projector_process(service) if projector == "process" else None
     if child is not None:
         service.store.on_append(child.wake)
     tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
+    # Queries read from the replicas when there are any; projections and documents write to the primary.
+    replicas = replica_reads(service.read, settings, metrics)
     bounds = QueryBounds(settings.query_limits)
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst, settings.rate_limit_storage,
                            settings.rate_limit_prefix) if settings.rate_limit else None

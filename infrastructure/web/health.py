@@ -137,12 +137,12 @@ class MetricsPage:
             return PlainTextResponse("a database is unreachable: see /readyz", status_code=503)
         metrics = self.metrics
         metrics.head.set(head)
-        for name, checkpoint in checkpoints.items():
-            metrics.projection_lag_events.labels(name).set(max(head - checkpoint.position, 0))
-            metrics.projection_lag_seconds.labels(name).set(await self.health.lag(checkpoint.position, head))
         if self.health.replicas is not None:
             for status in self.health.replicas.statuses():
                 metrics.replica_serving.labels(status.name).set(1 if status.state == "serving" else 0)
                 metrics.replica_lag_seconds.labels(status.name).set(status.lag_seconds)
                 metrics.replica_lag_events.labels(status.name).set(status.lag_events)
+        for name, checkpoint in checkpoints.items():
+            metrics.projection_lag_events.labels(name).set(max(head - checkpoint.position, 0))
+            metrics.projection_lag_seconds.labels(name).set(await self.health.lag(checkpoint.position, head))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
