@@ -24,11 +24,6 @@ class Metrics:
         self.events_appended = Counter("orderstream_events_appended", "Events this process appended, by stream "
                                        "type.", ["stream_type"], registry=registry)
         self.head = Gauge("orderstream_log_head_position", "The log's last position.", registry=registry)
-        self.projection_lag_events = Gauge("orderstream_projection_lag_events", "Events in the log that a "
-                                           "projection has not applied.", ["projection"], registry=registry)
-        self.projection_lag_seconds = Gauge("orderstream_projection_lag_seconds", "Seconds since the oldest event "
-                                            "a projection has not applied was committed; 0 when caught up.",
-                                            ["projection"], registry=registry)
         # Replicas of the read database, labelled by host:port/database as configured.
         self.replica_serving = Gauge("orderstream_replica_serving", "1 while a read replica serves queries, 0 "
                                      "while it is left out (unreachable, or too far behind).", ["replica"],
@@ -45,6 +40,11 @@ class Metrics:
         self.replica_looks = Counter("orderstream_replica_looks", "Looks at a read replica's replay position "
                                      "(and checkpoints): quick while a query waits on it, once a second "
                                      "otherwise.", ["replica"], registry=registry)
+        self.projection_lag_events = Gauge("orderstream_projection_lag_events", "Events in the log that a "
+                                           "projection has not applied.", ["projection"], registry=registry)
+        self.projection_lag_seconds = Gauge("orderstream_projection_lag_seconds", "Seconds since the oldest event "
+                                            "a projection has not applied was committed; 0 when caught up.",
+                                            ["projection"], registry=registry)
         self.requests = Counter("orderstream_graphql_requests", "GraphQL operations, by type and outcome (success, "
                                 "or error when the response carries errors).", ["operation_type", "outcome"],
                                 registry=registry)

@@ -159,6 +159,17 @@ class Service:
         self.stop_listening()
 
 
+def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> ReplicaReads | None:
+    """Queries from the read database's replicas, if ORDERSTREAM_READ_REPLICA_URLS names any."""
+    if not settings.read_replica_urls:
+        return None
+    return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
+                        fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
+                        waited=metrics.consistency_wait.observe,
+                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc(),
+                        looked=lambda name: metrics.replica_looks.labels(name).inc())
+
+
 PROJECTOR_MODES = ("process", "thread", "off")
 
 
@@ -172,17 +183,6 @@ def projector_process(service: Service, poll_interval: float = 1.0) -> Projector
             "--poll-interval", str(poll_interval), "--data-dir", str(settings.data_dir)]
     return ProjectorProcess(argv, environ, moved=service.read.advanced, restarted=service.read.refresh,
                             recent=service.store.recent)
-
-
-def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> ReplicaReads | None:
-    """Queries from the read database's replicas, if ORDERSTREAM_READ_REPLICA_URLS names any."""
-    if not settings.read_replica_urls:
-        return None
-    return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
-                        fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
-                        waited=metrics.consistency_wait.observe,
-                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc(),
-                        looked=lambda name: metrics.replica_looks.labels(name).inc())
 
 
 def build_app(settings: Settings, projector: str = "thread") -> Starlette:
