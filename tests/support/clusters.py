@@ -14,6 +14,11 @@ and is run with `pg_ctl`. As root the binaries run as the `postgres` user (throu
         standby.stop("immediate")                 # or "fast"; .start() again
         standby.promote()                         # now a primary of its own
 
+`primary(settings={...})` and `standby(..., settings={...})` add postgresql.conf lines to
+BASE_SETTINGS (fsync is off there: an immediate stop or a killed server loses nothing, only
+an operating-system crash would). For fault tests: `restart(mode)`, `kill(signal)` (a crash
+that pg_ctl cannot soften), `postmaster_pid()`, `running`, and `log_tail()` for a message.
+
 `url(database)` gives the SQLAlchemy URL (postgresql+asyncpg) and `dsn(database)` the
 libpq/asyncpg one; every cluster has the `postgres` database and trusts every local user.
 `execute` and `fetch` are synchronous (run in a thread with a loop of their own); from
