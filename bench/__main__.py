@@ -15,6 +15,7 @@ from bench import (
     read_latency,
     rebuild,
     relay,
+    replicas,
     scale_out,
     subscriptions,
 )
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "relay": relay.run,
     "freshness": freshness.run,
     "observability": observability.run,
+    "replicas": replicas.run,
 }
 
 

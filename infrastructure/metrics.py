@@ -27,6 +27,22 @@ class Metrics:
         self.events_appended = Counter("orderstream_events_appended", "Events this process appended, by stream "
                                        "type.", ["stream_type"], registry=registry)
         self.head = Gauge("orderstream_log_head_position", "The log's last position.", registry=registry)
+        # Replicas of the read database, labelled by host:port/database as configured.
+        self.replica_serving = Gauge("orderstream_replica_serving", "1 while a read replica serves queries, 0 "
+                                     "while it is left out (unreachable, or too far behind).", ["replica"],
+                                     registry=registry)
+        self.replica_lag_seconds = Gauge("orderstream_replica_lag_seconds", "Seconds a read replica's read models "
+                                         "are behind the primary's; 0 when caught up.", ["replica"],
+                                         registry=registry)
+        self.replica_lag_events = Gauge("orderstream_replica_lag_events", "Log positions the primary's "
+                                        "checkpoints are ahead of a read replica's.", ["replica"], registry=registry)
+        self.replica_fallbacks = Counter("orderstream_replica_fallbacks", "Queries read from the primary in "
+                                         "place of a read replica (left out while waiting, failed, or too slow "
+                                         "with ORDERSTREAM_REPLICA_FALLBACK=primary).", ["replica"],
+                                         registry=registry)
+        self.replica_looks = Counter("orderstream_replica_looks", "Looks at a read replica's replay position "
+                                     "(and checkpoints): quick while a query waits on it, once a second "
+                                     "otherwise.", ["replica"], registry=registry)
         self.projection_lag_events = Gauge("orderstream_projection_lag_events", "Events in the log that a "
                                            "projection has not applied.", ["projection"], registry=registry)
         self.projection_lag_seconds = Gauge("orderstream_projection_lag_seconds", "Seconds since the oldest event "

@@ -52,6 +52,14 @@ class Settings:
       [none: no relay]; ORDERSTREAM_RELAY_STREAM [ORDERSTREAM]: the JetStream stream;
       ORDERSTREAM_RELAY_SUBJECT_PREFIX [orderstream]: the subjects' first token.
 
+    - ORDERSTREAM_READ_REPLICA_URLS: PostgreSQL streaming replicas of the read database,
+      comma-separated, the nearest first [none]: queries read from the first one in
+      service, projections still write to ORDERSTREAM_READ_STORE_URL (their primary);
+      ORDERSTREAM_REPLICA_FALLBACK: `none` [default], a consistentWith wait on a replica
+      that times out answers CONSISTENCY_TIMEOUT, or `primary`, that query reads from the
+      primary; ORDERSTREAM_REPLICA_MAX_LAG_SECONDS [30]: a replica further behind the
+      primary is left out until it catches up.
+
     - ORDERSTREAM_READY_MAX_LAG_SECONDS [10]: /readyz fails while a projection is further
       behind the log than this.
     - ORDERSTREAM_METRICS_TOKEN: in production /metrics answers only a bearer of this token
@@ -72,6 +80,10 @@ class Settings:
     data_dir: Path
     event_store_url: str
     read_store_url: str
+    # Streaming replicas of the read database that queries read from, nearest first.
+    read_replica_urls: tuple[str, ...] = ()
+    replica_fallback: str = "none"
+    replica_max_lag: float = 30.0
     tokens: TokenSettings = TokenSettings()
     # How long a query with consistentWith waits for the projections, in seconds.
     consistency_timeout: float = 5.0
@@ -99,12 +111,18 @@ class Settings:
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
         """Command-line values win over the environment, which wins over defaults."""
         env = Environment.read(environ)
+        if env.read_replica_urls and not (env.read_store_url or "").startswith("postgresql"):
+            raise SettingsError(f"{PREFIX}READ_REPLICA_URLS needs {PREFIX}READ_STORE_URL to name their PostgreSQL "
+                                "primary, where the projections write")
         folder = Path(data_dir or env.data_dir).resolve()
         development = env.env == "development"
         return cls(
             data_dir=folder,
             event_store_url=env.event_store_url or f"sqlite+aiosqlite:///{folder / 'events.db'}",
             read_store_url=env.read_store_url or f"sqlite+aiosqlite:///{folder / 'read.db'}",
+            read_replica_urls=env.read_replica_urls,
+            replica_fallback=env.replica_fallback,
+            replica_max_lag=env.replica_max_lag_seconds,
             tokens=TokenSettings(
                 algorithms=env.jwt_algorithms or (PUBLIC_KEY_ALGORITHMS if env.jwt_public_key_file or env.jwt_jwks_file
                                                    else (SHARED_SECRET_ALGORITHM,)),
@@ -150,7 +168,8 @@ def otlp_protocol(environ: Mapping[str, str]) -> Protocol | None:
 Origins = Annotated[tuple[str, ...], NoDecode]
 
 
-SECRETS = ("jwt_secret", "metrics_token")
+# Not repeated in errors: replica URLs may carry passwords.
+SECRETS = ("jwt_secret", "metrics_token", "read_replica_urls")
 
 
 class Environment(BaseSettings):
@@ -163,6 +182,12 @@ class Environment(BaseSettings):
     data_dir: Path = Field(Path("./var"), description="a folder")
     event_store_url: str | None = Field(None, description="a database URL")
     read_store_url: str | None = Field(None, description="a database URL")
+    read_replica_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="PostgreSQL URLs (postgresql+asyncpg://user@host/db), comma-separated, beside a "
+                        "PostgreSQL ORDERSTREAM_READ_STORE_URL")
+    replica_fallback: Literal["none", "primary"] = Field("none", description="none or primary")
+    replica_max_lag_seconds: float = Field(Settings.replica_max_lag, gt=0, allow_inf_nan=False,
+                                           description="a number of seconds above 0, e.g. 30")
     consistency_timeout: float = Field(5.0, ge=0, allow_inf_nan=False, description="a number of seconds, e.g. 5")
     metrics_token: str | None = Field(None, min_length=16, description="a token of at least 16 characters")
     ready_max_lag_seconds: float = Field(Settings.ready_max_lag, gt=0, allow_inf_nan=False,
@@ -230,6 +255,17 @@ class Environment(BaseSettings):
             return values
         return {name: value for name, value in values.items()
                 if value != "" or name in ("cors_origins", "ws_origins")}
+
+    @field_validator("read_replica_urls", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        urls = tuple(url.strip() for url in value.split(",") if url.strip())
+        for url in urls:
+            if not url.startswith(("postgresql://", "postgresql+asyncpg://")) or not urlsplit(url).hostname:
+                raise ValueError("not a PostgreSQL URL")  # the URL itself may carry a password
+        return tuple(url.replace("postgresql://", "postgresql+asyncpg://", 1) for url in urls)
 
     @field_validator("introspection", "field_suggestions", mode="before")
     @classmethod

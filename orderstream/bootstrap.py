@@ -25,6 +25,7 @@ from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore
 from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.persistence.replicas import Replica, ReplicaReads
 from orderstream.infrastructure.projection.process import ProjectorProcess
 from orderstream.infrastructure.projection.projector import Projection, Projector
 from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Relay
@@ -169,6 +170,17 @@ class Service:
         self.stop_listening()
 
 
+def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> ReplicaReads | None:
+    """Queries from the read database's replicas, if ORDERSTREAM_READ_REPLICA_URLS names any."""
+    if not settings.read_replica_urls:
+        return None
+    return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
+                        fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
+                        waited=metrics.consistency_wait.observe,
+                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc(),
+                        looked=lambda name: metrics.replica_looks.labels(name).inc())
+
+
 PROJECTOR_MODES = ("process", "thread", "off")
 
 
@@ -200,15 +212,17 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
     if child is not None:
         service.store.on_append(child.wake)
     tokens = TokenVerifier.load(settings.tokens, settings.data_dir)
+    # Queries read from the replicas when there are any; projections and documents write to the primary.
+    replicas = replica_reads(service.read, settings, metrics)
     bounds = QueryBounds(settings.query_limits)
     rate_limit = RateLimit(settings.rate_limit, settings.rate_burst, settings.rate_limit_storage,
                            settings.rate_limit_prefix) if settings.rate_limit else None
     pages = Pages(development=settings.environment == "development")
-    freshness = Freshness(service.store, service.read, service.hub)
+    freshness = Freshness(service.store, replicas or service.read, service.hub)
     schema = build_schema(bounds, counted, freshness, service.tracing)
     manifest = Manifest.load(settings.trusted_documents, schema, bounds) if settings.trusted_documents else None
     documents = Documents(schema, bounds, service.read, manifest, enforce=settings.environment == "production")
-    graphql = GraphQLApp(schema, service.dispatcher, service.store, service.read, service.hub,
+    graphql = GraphQLApp(schema, service.dispatcher, service.store, replicas or service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
                          websocket_origins=settings.websocket_origins, documents=documents,
@@ -219,6 +233,10 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
     async def lifespan(app: Starlette):
         await service.open()
         log.info("event log at position %d", await service.store.head())
+        following = None
+        if replicas is not None:
+            await replicas.open()
+            following = asyncio.create_task(replicas.follow())
         projecting = None
         if child is not None:
             projecting = asyncio.create_task(child.run())
@@ -242,6 +260,10 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
                 service.stop_projecting()
             if projecting:
                 await projecting
+            if replicas is not None:
+                replicas.stop()
+                await following
+                await replicas.close()
             await service.close()
 
     def projecting_where() -> str:
@@ -260,7 +282,7 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
             described["relayed"] = service.relay.position
         return described
 
-    health = Health(service.store, service.read, at_work, settings.ready_max_lag)
+    health = Health(service.store, service.read, at_work, settings.ready_max_lag, replicas=replicas)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
                                token=settings.metrics_token)
     app = Starlette(

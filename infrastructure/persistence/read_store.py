@@ -1,5 +1,8 @@
 """The read database: read-model tables, projection checkpoints, read-your-writes.
 
+This is the primary read database, where projections write; queries may read from its
+streaming replicas instead (see `replicas`).
+
 Each projection's checkpoint is the position of the last event applied to its tables,
 moved in the same transaction as its rows. `wait_for` lets a query wait until the
 projections it reads have reached a position.
