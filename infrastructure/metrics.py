@@ -38,3 +38,16 @@ class Metrics:
         self.consistency_wait = Histogram("orderstream_consistency_wait_seconds", "How long queries with "
                                           "consistentWith waited for the read models.", buckets=BUCKETS,
                                           registry=registry)
+        # Replicas of the read database, labelled by host:port/database as configured.
+        self.replica_serving = Gauge("orderstream_replica_serving", "1 while a read replica serves queries, 0 "
+                                     "while it is left out (unreachable, or too far behind).", ["replica"],
+                                     registry=registry)
+        self.replica_lag_seconds = Gauge("orderstream_replica_lag_seconds", "Seconds a read replica's read models "
+                                         "are behind the primary's; 0 when caught up.", ["replica"],
+                                         registry=registry)
+        self.replica_lag_events = Gauge("orderstream_replica_lag_events", "Log positions the primary's "
+                                        "checkpoints are ahead of a read replica's.", ["replica"], registry=registry)
+        self.replica_fallbacks = Counter("orderstream_replica_fallbacks", "Queries read from the primary in "
+                                         "place of a read replica (left out while waiting, failed, or too slow "
+                                         "with ORDERSTREAM_REPLICA_FALLBACK=primary).", ["replica"],
+                                         registry=registry)

@@ -50,6 +50,14 @@ class Settings:
       [none: no relay]; ORDERSTREAM_RELAY_STREAM [ORDERSTREAM]: the JetStream stream;
       ORDERSTREAM_RELAY_SUBJECT_PREFIX [orderstream]: the subjects' first token.
 
+    - ORDERSTREAM_READ_REPLICA_URLS: PostgreSQL streaming replicas of the read database,
+      comma-separated, the nearest first [none]: queries read from the first one in
+      service, projections still write to ORDERSTREAM_READ_STORE_URL (their primary);
+      ORDERSTREAM_REPLICA_FALLBACK: `none` [default], a consistentWith wait on a replica
+      that times out answers CONSISTENCY_TIMEOUT, or `primary`, that query reads from the
+      primary; ORDERSTREAM_REPLICA_MAX_LAG_SECONDS [30]: a replica further behind the
+      primary is left out until it catches up.
+
     - ORDERSTREAM_READY_MAX_LAG_SECONDS [10]: /readyz fails while a projection is further
       behind the log than this.
     - ORDERSTREAM_METRICS_TOKEN: in production /metrics answers only a bearer of this token
@@ -84,11 +92,17 @@ class Settings:
     relay_stream: str = "ORDERSTREAM"
     relay_subject_prefix: str = "orderstream"
     trusted_documents: Path | None = None
+    read_replica_urls: tuple[str, ...] = ()
+    replica_fallback: str = "none"
+    replica_max_lag: float = 30.0
 
     @classmethod
     def load(cls, data_dir: str | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
         """Command-line values win over the environment, which wins over defaults."""
         env = Environment.read(environ)
+        if env.read_replica_urls and not (env.read_store_url or "").startswith("postgresql"):
+            raise SettingsError(f"{PREFIX}READ_REPLICA_URLS needs {PREFIX}READ_STORE_URL to name their PostgreSQL "
+                                "primary, where the projections write")
         folder = Path(data_dir or env.data_dir).resolve()
         development = env.env == "development"
         return cls(
@@ -120,13 +134,17 @@ class Settings:
             relay_stream=env.relay_stream,
             relay_subject_prefix=env.relay_subject_prefix,
             trusted_documents=env.trusted_documents,
+            read_replica_urls=env.read_replica_urls,
+            replica_fallback=env.replica_fallback,
+            replica_max_lag=env.replica_max_lag_seconds,
         )
 
 
 Origins = Annotated[tuple[str, ...], NoDecode]
 
 
-SECRETS = ("jwt_secret", "metrics_token")
+# Not repeated in errors: replica URLs may carry passwords.
+SECRETS = ("jwt_secret", "metrics_token", "read_replica_urls")
 
 
 class Environment(BaseSettings):
@@ -167,6 +185,12 @@ class Environment(BaseSettings):
     relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
                                       description="one subject token: letters, digits, _ and -")
     trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
+    read_replica_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="PostgreSQL URLs (postgresql+asyncpg://user@host/db), comma-separated, beside a "
+                        "PostgreSQL ORDERSTREAM_READ_STORE_URL")
+    replica_fallback: Literal["none", "primary"] = Field("none", description="none or primary")
+    replica_max_lag_seconds: float = Field(Settings.replica_max_lag, gt=0, allow_inf_nan=False,
+                                           description="a number of seconds above 0, e.g. 30")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
     jwt_secret: str | None = Field(None, description="the HS256 secret")
@@ -224,6 +248,17 @@ class Environment(BaseSettings):
                 raise ValueError(origin)
             origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
         return tuple(origins)
+
+    @field_validator("read_replica_urls", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        urls = tuple(url.strip() for url in value.split(",") if url.strip())
+        for url in urls:
+            if not url.startswith(("postgresql://", "postgresql+asyncpg://")) or not urlsplit(url).hostname:
+                raise ValueError("not a PostgreSQL URL")  # the URL itself may carry a password
+        return tuple(url.replace("postgresql://", "postgresql+asyncpg://", 1) for url in urls)
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

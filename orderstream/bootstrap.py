@@ -25,6 +25,7 @@ from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore
 from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.persistence.replicas import Replica, ReplicaReads
 from orderstream.infrastructure.projection.process import ProjectorProcess
 from orderstream.infrastructure.projection.projector import Projection, Projector
 from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Relay
@@ -55,6 +56,16 @@ def relay(store: EventStore, settings: Settings) -> Relay | None:
     personal = {name: cls.PERSONAL for name, cls in EVENT_TYPES.items() if cls.PERSONAL}
     return Relay(store, Destination(settings.relay_url, settings.relay_stream, settings.relay_subject_prefix),
                  personal)
+
+
+def replica_reads(read: ReadStore, settings: Settings, metrics: Metrics) -> ReplicaReads | None:
+    """Queries from the read database's replicas, if ORDERSTREAM_READ_REPLICA_URLS names any."""
+    if not settings.read_replica_urls:
+        return None
+    return ReplicaReads(read, [Replica(url) for url in settings.read_replica_urls],
+                        fallback=settings.replica_fallback, max_lag=settings.replica_max_lag,
+                        waited=metrics.consistency_wait.observe,
+                        fell_back=lambda name: metrics.replica_fallbacks.labels(name).inc())
 
 
 class Service:
@@ -192,7 +203,9 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     schema = build_schema(bounds, metrics)
     manifest = Manifest.load(settings.trusted_documents, schema, bounds) if settings.trusted_documents else None
     documents = Documents(schema, bounds, service.read, manifest, enforce=settings.environment == "production")
-    graphql = GraphQLApp(schema, service.dispatcher, service.store, service.read, service.hub,
+    # Queries read from the replicas when there are any; projections and documents write to the primary.
+    replicas = replica_reads(service.read, settings, metrics)
+    graphql = GraphQLApp(schema, service.dispatcher, service.store, replicas or service.read, service.hub,
                          service.owners, tokens, rate_limit=rate_limit,
                          graphiql=pages.playground if settings.query_limits.introspection else None,
                          websocket_origins=settings.websocket_origins, documents=documents)
@@ -201,6 +214,10 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
     async def lifespan(app: Starlette):
         await service.open()
         log.info("event log at position %d", await service.store.head())
+        following = None
+        if replicas is not None:
+            await replicas.open()
+            following = asyncio.create_task(replicas.follow())
         projecting = None
         if child is not None:
             projecting = asyncio.create_task(child.run())
@@ -224,6 +241,10 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
                 service.stop_projecting()
             if projecting:
                 await projecting
+            if replicas is not None:
+                replicas.stop()
+                await following
+                await replicas.close()
             await service.close()
 
     def projecting_where() -> str:
@@ -242,7 +263,7 @@ def build_app(settings: Settings, projector: str = "thread") -> Starlette:
             described["relayed"] = service.relay.position
         return described
 
-    health = Health(service.store, service.read, at_work, settings.ready_max_lag)
+    health = Health(service.store, service.read, at_work, settings.ready_max_lag, replicas=replicas)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
                                token=settings.metrics_token)
     app = Starlette(

@@ -24,6 +24,7 @@ from orderstream.infrastructure.persistence.postgres import dsn
 from orderstream.infrastructure.relay.relay import connect
 from tests.support.api import Api, asgi_api
 from tests.support.broker import DEFAULT_NATS, BrokerStream
+from tests.support.clusters import PostgresClusters
 from tests.support.databases import BACKENDS, DEFAULT_POSTGRES, Databases, Postgres, run_aside, sqlite_url
 from tests.support.live import LiveServer, live_server
 
@@ -101,6 +102,14 @@ def broker_stream(nats_url: str) -> Iterator[BrokerStream]:
     stream = BrokerStream.fresh(nats_url)
     yield stream
     run_aside(stream.delete())
+
+
+@pytest.fixture
+def clusters() -> Iterator[PostgresClusters]:
+    """PostgreSQL clusters of this test's own (tests/support/clusters.py), torn down at its
+    end, passed or failed; skipped without the server binaries (failed under CI=true)."""
+    with PostgresClusters() as made:
+        yield made
 
 
 @pytest.fixture

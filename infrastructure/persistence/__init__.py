@@ -1,5 +1,5 @@
 """Where data is kept: database engines, the event log (its tables in `log`, its API in
 `event_store`, the group commit of appends in `group_commit` and `log_writes`, the latest
-events in `recent_events`), the read store, documents registered by clients
+events in `recent_events`), the read store and its streaming replicas (`replicas`), documents registered by clients
 (`persisted_documents`), personal-data sealing, PostgreSQL notifications and locks,
 migrations. It imports no other room of infrastructure (only `infrastructure.errors`)."""

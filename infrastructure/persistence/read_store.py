@@ -1,5 +1,8 @@
 """The read database: read-model tables, projection checkpoints, read-your-writes.
 
+This is the primary read database, where projections write; queries may read from its
+streaming replicas instead (see `replicas`).
+
 Each projection's checkpoint is the position of the last event applied to its tables,
 moved in the same transaction as its rows. `wait_for` lets a query wait until the
 projections it reads have reached a position.
@@ -174,6 +177,11 @@ class ReadStore:
 
     async def _positions_in_database(self) -> dict[str, int]:
         return {name: c.position for name, c in (await self.checkpoints()).items()}
+
+    def known_positions(self) -> dict[str, int]:
+        """Each projection's checkpoint as this process last learnt it (its own projector,
+        other processes' notifications, or the last look), without asking the database."""
+        return dict(self._positions)
 
     async def advanced(self, positions: Mapping[str, int]) -> None:
         """Record committed checkpoints and wake the queries waiting for them."""

@@ -6,6 +6,10 @@ head, so that a load balancer keeps queries away from a process whose answers wo
 stale (after a restore, say, while the projector catches up). The lag is measured as the
 read models see it, from their checkpoints in the read database, so on PostgreSQL a
 standby process is as ready as the leader.
+
+With read replicas, /readyz shows each one's state and lag under `replicas` (and as a
+check), but a replica left out never makes the process unready: its queries go to
+another replica or to the primary.
 """
 
 import hmac
@@ -21,18 +25,22 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EventStore
 from orderstream.infrastructure.persistence.read_store import ReadStore
+from orderstream.infrastructure.persistence.replicas import ReplicaReads
 
 log = logging.getLogger("orderstream.health")
 
 
 class Health:
     """The two endpoints over the service's stores. `at_work()` says what the process runs
-    (where it projects, its relay), for /healthz; `clock` is the time lags are measured against."""
+    (where it projects, its relay), for /healthz; `clock` is the time lags are measured against;
+    `replicas`: the read replicas queries read from, if any."""
 
     def __init__(self, store: EventStore, read: ReadStore, at_work: Callable[[], dict[str, Any]], max_lag: float,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 replicas: ReplicaReads | None = None) -> None:
         self.store, self.read, self.at_work = store, read, at_work
         self.max_lag, self.clock = max_lag, clock
+        self.replicas = replicas
 
     async def healthz(self, request: Request) -> JSONResponse:
         try:
@@ -77,7 +85,20 @@ class Health:
                     checks[check] = "ok"
         body = {"status": "unready" if failed else "ready", "checks": checks, "failed": failed,
                 "head": head, "lagSeconds": lags}
+        if self.replicas is not None:
+            body["replicas"] = self.replica_states(checks)
         return JSONResponse(body, status_code=503 if failed else 200)
+
+    def replica_states(self, checks: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Each replica's state and lag, as its follower last saw them; a check each, which
+        says why a replica is left out but fails nothing (the primary answers its queries)."""
+        states = {}
+        for status in self.replicas.statuses():
+            checks[f"replica {status.name}"] = "ok" if status.state == "serving" else \
+                f"left out: {status.reason or status.state}; queries go to another replica or the primary"
+            states[status.name] = {"state": status.state, "lagSeconds": round(status.lag_seconds, 3),
+                                   "lagEvents": status.lag_events}
+        return states
 
     async def lag(self, position: int, head: int) -> float:
         """Seconds since the oldest event a projection has not applied was committed: 0
@@ -119,4 +140,9 @@ class MetricsPage:
         for name, checkpoint in checkpoints.items():
             metrics.projection_lag_events.labels(name).set(max(head - checkpoint.position, 0))
             metrics.projection_lag_seconds.labels(name).set(await self.health.lag(checkpoint.position, head))
+        if self.health.replicas is not None:
+            for status in self.health.replicas.statuses():
+                metrics.replica_serving.labels(status.name).set(1 if status.state == "serving" else 0)
+                metrics.replica_lag_seconds.labels(status.name).set(status.lag_seconds)
+                metrics.replica_lag_events.labels(status.name).set(status.lag_events)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
