@@ -89,6 +89,7 @@ async def wait_for(condition, what: str, timeout: float = 20.0) -> None:
 
 
 async def test_a_full_disk_refuses_commands_answers_queries_and_recovers(small_disk: Path, tmp_path: Path):
+    data = small_disk / "data"
     server = ServeProcess(data, log=tmp_path / "serve.log")
     load = OrderLoad(urls=lambda: [server.url])
     faults: list[httpx.Response] = []
@@ -137,4 +138,5 @@ async def test_a_full_disk_refuses_commands_answers_queries_and_recovers(small_d
         load.stopping.set()
         if driving is not None:
             driving.cancel()
+        server.stop()
     assert load.outcomes["STORAGE_FULL"] > 0, load.outcomes
