@@ -148,7 +148,7 @@ class OrderLoad:
         the first (none, if idempotency holds): a success the same, a refusal refused alike."""
         differing = []
         url = self.urls()[0]
-        semaphore = asyncio.Semaphore(8)
+        semaphore = asyncio.Semaphore(16)
 
         async def again(done: Acknowledged) -> None:
             async with semaphore:
