@@ -90,7 +90,7 @@ class Servers:
 async def test_killed_at_random_loses_nothing_acknowledged(backend: str, databases: Databases, tmp_path: Path):
     rng = random.Random()
     # PostgreSQL: two servers, one killed at a time while the other serves. SQLite: one
-    # server, and its projector process killed alone about a third of the time.
+    # server, and its projector process killed alone at half of the kills among commands.
     servers = Servers(tmp_path / "data", databases.environ, tmp_path, count=2 if backend == "postgresql" else 1)
     servers.start()
     load = OrderLoad(urls=servers.urls)
