@@ -71,14 +71,16 @@ def integrity(path: Path) -> str:
         connection.close()
 
 
-# consistentWith "0": answered at once, whatever the projector is doing.
-QUERY = "query($sku: String!) { product(sku: $sku, consistentWith: \"0\") { sku name stockAvailable stockReserved } }"
+QUERY = """query($sku: String!, $after: Position) {
+  product(sku: $sku, consistentWith: $after) { sku name stockAvailable stockReserved } }"""
 
 
-async def query_answered(http: httpx.AsyncClient, url: str, sku: str) -> None:
-    response = await http.post(f"{url}/graphql", json={"query": QUERY, "variables": {"sku": sku}})
+async def query_answered(http: httpx.AsyncClient, url: str, sku: str, after: str | None = None) -> None:
+    """The product is there; `after`: once the read models have reached that position."""
+    response = await http.post(f"{url}/graphql", json={"query": QUERY, "variables": {"sku": sku, "after": after}})
     body = response.json()
-    assert response.status_code == 200 and "errors" not in body and (body["data"]["product"] or {}).get("sku") == sku, body
+    assert response.status_code == 200 and "errors" not in body, body
+    assert (body["data"]["product"] or {}).get("sku") == sku, body
 
 
 async def wait_for(condition, what: str, timeout: float = 20.0) -> None:
@@ -103,11 +105,11 @@ async def test_a_full_disk_refuses_commands_answers_queries_and_recovers(small_d
             await wait_for(lambda: load.outcomes["OrderSuccess"] >= 20, "orders placed before the fill")
 
             for sku in load.skus:
-                await query_answered(http, server.url, sku)
+                await query_answered(http, server.url, sku, after=load.prepared)
             filler = small_disk / "filler"
             await asyncio.to_thread(fill, filler)
             full_before = load.outcomes["STORAGE_FULL"]
-            await wait_for(lambda: load.outcomes["STORAGE_FULL"] >= full_before + 20, "commands refused as STORAGE_FULL")
+            await wait_for(lambda: load.outcomes["STORAGE_FULL"] >= full_before + 20, "commands refused, STORAGE_FULL")
             # Full, and still answering: queries, and commands with STORAGE_FULL alone.
             for sku in load.skus:
                 await query_answered(http, server.url, sku)

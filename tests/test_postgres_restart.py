@@ -10,8 +10,10 @@ models equal a rebuild; a subscriber that reconnects with `after` has missed not
 """
 
 import asyncio
+import inspect
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -71,12 +73,16 @@ class Subscriber:
 
 
 async def until(condition, what: str, timeout: float) -> float:
-    """Awaits the async `condition` until true; the seconds it took."""
+    """Calls `condition` (awaiting what it returns, if it must) until true; the seconds it took."""
     started = time.monotonic()
-    while not await condition():
+    while not await _value(condition()):
         assert time.monotonic() - started < timeout, f"not within {timeout:g} s: {what}"
         await asyncio.sleep(0.05)
     return time.monotonic() - started
+
+
+async def _value(found):
+    return await found if inspect.isawaitable(found) else found
 
 
 async def test_postgres_stopped_and_started_under_load(clusters: PostgresClusters, tmp_path: Path):
@@ -107,31 +113,30 @@ async def test_postgres_stopped_and_started_under_load(clusters: PostgresCluster
 
             for mode in ("fast", "immediate"):
                 answered = len(load.acknowledged)
-                await until(lambda: asyncio.sleep(0, len(load.acknowledged) >= answered + 20),
+                await until(lambda answered=answered: len(load.acknowledged) >= answered + 20,
                             "orders placed before the stop", 30)
                 await asyncio.to_thread(primary.stop, mode)
                 down = time.monotonic()
                 unavailable = load.outcomes["UNAVAILABLE"]
                 for server in servers:
-                    await until(lambda: not_ready(http, server), f"{server.url}/readyz unready", DOWN_SECONDS)
-                await until(lambda: asyncio.sleep(0, load.outcomes["UNAVAILABLE"] > unavailable),
+                    await until(partial(not_ready, http, server), f"{server.url}/readyz unready", DOWN_SECONDS)
+                await until(lambda unavailable=unavailable: load.outcomes["UNAVAILABLE"] > unavailable,
                             "commands answered UNAVAILABLE", DOWN_SECONDS)
                 await asyncio.sleep(max(0.0, DOWN_SECONDS - (time.monotonic() - down)))
                 await asyncio.to_thread(primary.start)
                 for server in servers:
-                    recoveries.append(await until(lambda: recovered(http, server),
+                    recoveries.append(await until(partial(recovered, http, server),
                                                   f"{server.url} taking commands and ready", RECOVERY_SECONDS))
 
             answered = len(load.acknowledged)
-            await until(lambda: asyncio.sleep(0, len(load.acknowledged) >= answered + 20),
-                        "orders placed after the restarts", 30)
+            await until(lambda: len(load.acknowledged) >= answered + 20, "orders placed after the restarts", 30)
             load.stopping.set()
             await driving
             assert not refusals, refusals[:3]
             await verify_survivors(load, http, environ["ORDERSTREAM_EVENT_STORE_URL"],
                                    environ["ORDERSTREAM_READ_STORE_URL"], tmp_path)
             head = (await http.get(f"{servers[0].url}/healthz")).json()["head"]
-            await until(lambda: asyncio.sleep(0, len(subscriber.positions) >= head and subscriber.positions[-1] >= head),
+            await until(lambda: subscriber.positions and subscriber.positions[-1] >= head,
                         "the subscriber at the head", 20)
             assert subscriber.positions == list(range(1, head + 1)), "the subscriber missed or repeated events"
             # A subscription the outage ended says so with UNAVAILABLE, and nothing else ends one.

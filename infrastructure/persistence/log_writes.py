@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, tuple_
 
-from orderstream.infrastructure.persistence.database import fault_of
 from orderstream.infrastructure.persistence import personal_data
+from orderstream.infrastructure.persistence.database import fault_of
 from orderstream.infrastructure.persistence.log import (
     HEAD,
     IdempotencyKeyTaken,

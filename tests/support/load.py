@@ -58,6 +58,7 @@ class OrderLoad:
     stock: int = 40
     skus: list[str] = field(default_factory=list)
     customers: list[str] = field(default_factory=list)
+    prepared: str = "0"  # the position of the last event `prepare` appended
     acknowledged: list[Acknowledged] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)
     wrong: list[str] = field(default_factory=list)
@@ -76,6 +77,7 @@ class OrderLoad:
         for number in range(4):
             answer = await self._must(http, url, "registerCustomer", customer_input(name=f"Client {number}"))
             self.customers.append(answer["customerId"])
+            self.prepared = answer["position"]
 
     async def _must(self, http: httpx.AsyncClient, url: str, mutation: str, input: dict[str, Any]) -> dict:
         response = await http.post(f"{url}/graphql", json={"query": document(mutation), "variables": {"input": input}},
@@ -192,7 +194,8 @@ def check_log(log: list[RecordedEvent], acknowledged: Sequence[Acknowledged]) ->
             found = sorted(appends.get(key, ()))
             assert found and found == list(range(found[0], found[-1] + 1)) and found[-1] == int(
                 done.result["position"]), f"{done.mutation} {key} answered {done.result}, its events at {found}"
-            streams = {event.stream_id for event in log if event.idempotency_key == key and event.stream_type == "Order"}
+            streams = {event.stream_id for event in log
+                       if event.idempotency_key == key and event.stream_type == "Order"}
             assert streams == {done.result["orderId"]}, f"{key}: order streams {streams}"
         else:
             assert key not in appends, f"{done.mutation} {key} refused ({done.result}) but has events"
