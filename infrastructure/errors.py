@@ -27,9 +27,10 @@ class StorageFull(PublicError):
 
 
 class Unavailable(PublicError):
-    """A database cannot be reached right now (restarting, say): nothing of the request was
-    written, and the same request may be sent again after `retryAfter` seconds. Served over
-    HTTP as 503 with Retry-After."""
+    """A database cannot be reached right now (restarting, say). The request may be sent
+    again after `retryAfter` seconds; a command cut off during its commit may have been
+    written, so it is sent again with the same idempotency key. Served over HTTP as 503
+    with Retry-After."""
 
     code = "UNAVAILABLE"
     retry_after = 1

@@ -68,20 +68,19 @@ def fault_of(error: BaseException) -> PublicError | None:
             return StorageFull("the disk holding the data is full: nothing was written; "
                                "send the request again once space is freed")
         sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith("53"):  # 53100 disk full, 53200 out of memory...
+        if sqlstate == "53100":  # disk_full
             return StorageFull("the database server is out of space: nothing was written; "
                                "send the request again later")
-        if (isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate in _SHUTTING_DOWN)
+        # 08: the connection failed or was lost; 53: out of connections or memory; 57: shut
+        # down, starting up, cancelled.
+        if (isinstance(sqlstate, str) and sqlstate[:2] in ("08", "53", "57")
                 or isinstance(error, (ConnectionError, TimeoutError))
                 or getattr(error, "connection_invalidated", False)):
-            return Unavailable("the database cannot be reached right now: nothing was written; "
-                               f"send the request again in {Unavailable.retry_after} s")
+            # Not "nothing was written": a connection lost during COMMIT leaves that unknown.
+            return Unavailable("the database cannot be reached right now; send the request again, "
+                               f"with the same idempotencyKey, in {Unavailable.retry_after} s")
         error = getattr(error, "orig", None) or error.__cause__
     return None
-
-
-# admin_shutdown, crash_shutdown, cannot_connect_now (starting up or shutting down).
-_SHUTTING_DOWN = frozenset({"57P01", "57P02", "57P03"})
 
 
 @contextmanager
