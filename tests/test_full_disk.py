@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from orderstream.infrastructure.errors import StorageFull
+from orderstream.infrastructure.persistence.database import Database
 from tests.support.databases import sqlite_url
 from tests.support.load import OrderLoad, verify_survivors
 from tests.support.server import ServeProcess
-
-pytestmark = pytest.mark.slow
 
 DISK_SIZE = "8m"
 
@@ -90,6 +90,26 @@ async def wait_for(condition, what: str, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def test_a_database_at_its_size_limit_refuses_a_write_as_storage_full(tmp_path: Path):
+    """SQLite's own limit on a file's pages gives the error a full disk gives (SQLITE_FULL),
+    without a disk to fill: the write raises StorageFull and leaves nothing behind."""
+    db = Database(sqlite_url(tmp_path / "small.db"))
+    try:
+        await db.write(lambda conn: conn.exec_driver_sql("CREATE TABLE blobs (data BLOB)"))
+        pages = await db.write(lambda conn: conn.exec_driver_sql("PRAGMA page_count").scalar())
+        await db.write(lambda conn: conn.exec_driver_sql(f"PRAGMA max_page_count = {pages + 2}"))
+        with pytest.raises(StorageFull) as refused:
+            await db.write(lambda conn: conn.exec_driver_sql("INSERT INTO blobs VALUES (zeroblob(100000))"))
+        assert refused.value.code == "STORAGE_FULL" and "blobs" not in str(refused.value)
+        assert await db.read(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM blobs").scalar()) == 0
+        await db.write(lambda conn: conn.exec_driver_sql("PRAGMA max_page_count = 1000000"))
+        await db.write(lambda conn: conn.exec_driver_sql("INSERT INTO blobs VALUES (zeroblob(100000))"))
+        assert await db.read(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM blobs").scalar()) == 1
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.slow
 async def test_a_full_disk_refuses_commands_answers_queries_and_recovers(small_disk: Path, tmp_path: Path):
     data = small_disk / "data"
     server = ServeProcess(data, log=tmp_path / "serve.log")

@@ -20,13 +20,13 @@ import httpx
 import pytest
 import websockets
 
-from tests.support.clusters import PostgresClusters
+from orderstream.infrastructure.errors import Unavailable
+from orderstream.infrastructure.persistence.event_store import EventStore
+from tests.support.clusters import PostgresClusters, free_port
 from tests.support.load import OrderLoad, verify_survivors
 from tests.support.mutations import customer_input, document
 from tests.support.server import ServeProcess
 from tests.support.tokens import token
-
-pytestmark = pytest.mark.slow
 
 DOWN_SECONDS = 3.0
 RECOVERY_SECONDS = 5.0
@@ -85,6 +85,19 @@ async def _value(found):
     return await found if inspect.isawaitable(found) else found
 
 
+async def test_a_server_nobody_listens_for_is_unavailable():
+    """A refused connection is UNAVAILABLE, retryable, with nothing of the address in it."""
+    store = EventStore(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/events")
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await store.head()
+    finally:
+        await store.close()
+    assert refused.value.code == "UNAVAILABLE" and refused.value.extensions["retryAfter"] >= 1
+    assert "127.0.0.1" not in str(refused.value)
+
+
+@pytest.mark.slow
 async def test_postgres_stopped_and_started_under_load(clusters: PostgresClusters, tmp_path: Path):
     primary = clusters.primary()
     environ = {"ORDERSTREAM_EVENT_STORE_URL": await asyncio.to_thread(primary.create_database, "events"),
