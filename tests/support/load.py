@@ -4,8 +4,9 @@ the checks of what survived it.
 `OrderLoad` runs clients over HTTP, each sending placeOrder then payOrder with an
 idempotency key of its own and, like a careful client, sending a command again with the
 same key until it gets an answer. Every answer is sorted: acknowledged (a result), refused
-for the fault (UNAVAILABLE with 503 and Retry-After, STORAGE_FULL), unanswered (the
-connection failed), or wrong (anything else: a 500, a masked error, a code nobody
+for the fault (UNAVAILABLE with 503 and Retry-After, STORAGE_FULL), asked to slow down
+(RATE_LIMITED: the rate limit is per client address, and every client here is one),
+unanswered (the connection failed), or wrong (anything else: a 500, a masked error, a code nobody
 expects), which a test holds to be none. `verify_survivors` then checks the log and the
 read models against what was acknowledged.
 """
@@ -136,6 +137,12 @@ class OrderLoad:
         if not errors and response.status_code == 200:
             self.outcomes[body["data"]["result"]["__typename"]] += 1
             return body["data"]["result"]
+        if codes == {"RATE_LIMITED"} and response.status_code == 429:
+            # A server just started again meets every client's retries at once: it asks them
+            # to slow down, as a client should.
+            self.outcomes["RATE_LIMITED"] += 1
+            await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+            return None
         if len(codes) == 1 and codes <= FAULT_CODES and response.status_code in (200, 503):
             (code,) = codes
             self.outcomes[code] += 1
@@ -154,7 +161,9 @@ class OrderLoad:
 
         async def again(done: Acknowledged) -> None:
             async with semaphore:
-                answer = await self.send(http, url, done.mutation, done.input)
+                for _ in range(20):  # asked to slow down (send waited), the same command again
+                    if (answer := await self.send(http, url, done.mutation, done.input)) is not None:
+                        break
             # A refusal is not recorded (only what a command appended is), so a retry decides
             # again: the same refusal, its figures as they stand now.
             same = (answer == done.result if done.result["__typename"].endswith("Success")
