@@ -95,10 +95,6 @@ def _faults_named() -> Iterator[None]:
         raise fault from error
 
 
-def _named(error: BaseException) -> BaseException:
-    return fault_of(error) or error
-
-
 class _Threads(NamedTuple):
     """Where SQLite's transactions run: the one writer, and the scans."""
 
@@ -218,7 +214,7 @@ class Database:
                     _in_transaction(self._writer, partial(batches.write, item))
                     error = None
                 except BaseException as failure:
-                    error = _named(failure)
+                    error = fault_of(failure) or failure
                 batches.finish(item, error)
                 loop.call_soon_threadsafe(batches.settle, item, error)
                 if error is not None and not isinstance(error, Exception):
