@@ -1,8 +1,10 @@
 """Engines and column types shared by the event store and the read store."""
 
 import asyncio
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -10,6 +12,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from orderstream.infrastructure.errors import PublicError, StorageFull, Unavailable
 from orderstream.infrastructure.persistence import migrations
 
 T = TypeVar("T")
@@ -48,6 +51,48 @@ def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
     engine = create_async_engine(url, hide_parameters=True, **options)
     _configured(engine.sync_engine, begin)
     return engine
+
+
+def fault_of(error: BaseException) -> PublicError | None:
+    """What a database failure means to a client, when it is the machine's and not the
+    request's: StorageFull for a full disk, Unavailable for a server that cannot be
+    reached (stopped, restarting, the connection lost). None for anything else.
+
+    The driver's error is found along the chain of causes (SQLAlchemy wraps it, asyncpg
+    may be wrapped twice)."""
+    seen = 0
+    while error is not None and seen < 8:
+        seen += 1
+        code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(error, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+            return StorageFull("the disk holding the data is full: nothing was written; "
+                               "send the request again once space is freed")
+        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if sqlstate == "53100":  # disk_full
+            return StorageFull("the database server is out of space: nothing was written; "
+                               "send the request again later")
+        # 08: the connection failed or was lost; 53: out of connections or memory; 57: shut
+        # down, starting up, cancelled.
+        if (isinstance(sqlstate, str) and sqlstate[:2] in ("08", "53", "57")
+                or isinstance(error, (ConnectionError, TimeoutError))
+                or getattr(error, "connection_invalidated", False)):
+            # Not "nothing was written": a connection lost during COMMIT leaves that unknown.
+            return Unavailable("the database cannot be reached right now; send the request again, "
+                               f"with the same idempotencyKey, in {Unavailable.retry_after} s")
+        error = getattr(error, "orig", None) or error.__cause__
+    return None
+
+
+@contextmanager
+def _faults_named() -> Iterator[None]:
+    """A failure of the machine's raised as the PublicError `fault_of` names, its cause kept."""
+    try:
+        yield
+    except Exception as error:
+        fault = fault_of(error)
+        if fault is None:
+            raise
+        raise fault from error
 
 
 class _Threads(NamedTuple):
@@ -124,14 +169,17 @@ class Database:
             await engine.dispose()
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        """`work(conn)` in a write transaction, committed when it returns."""
-        if self._threads is None:
-            async with self._writer.begin() as conn:
-                return await conn.run_sync(work)
-        if self._inline:
-            return _in_transaction(self._writer, work)
-        return await asyncio.get_running_loop().run_in_executor(self._threads.writer, _in_transaction,
-                                                                self._writer, work)
+        """`work(conn)` in a write transaction, committed when it returns. A full disk or
+        an unreachable server is raised as StorageFull or Unavailable (see `fault_of`), as
+        by `write_each`, `read` and `scan`."""
+        with _faults_named():
+            if self._threads is None:
+                async with self._writer.begin() as conn:
+                    return await conn.run_sync(work)
+            if self._inline:
+                return _in_transaction(self._writer, work)
+            return await asyncio.get_running_loop().run_in_executor(self._threads.writer, _in_transaction,
+                                                                    self._writer, work)
 
     async def write_each(self, batches: "Batches[Item]", most: int = 4) -> None:
         """Write each item `batches` hands out, up to `most` of them or until it has none,
@@ -166,7 +214,7 @@ class Database:
                     _in_transaction(self._writer, partial(batches.write, item))
                     error = None
                 except BaseException as failure:
-                    error = failure
+                    error = fault_of(failure) or failure
                 batches.finish(item, error)
                 loop.call_soon_threadsafe(batches.settle, item, error)
                 if error is not None and not isinstance(error, Exception):
@@ -183,18 +231,20 @@ class Database:
         after it cost milliseconds. The price: a read that must go to the disk holds the
         loop meanwhile. Reads of many rows go through `scan`.
         """
-        if self._threads is None:
-            async with self._reader.connect() as conn:
-                return await conn.run_sync(work)
-        return _in_transaction(self._reader, work)
+        with _faults_named():
+            if self._threads is None:
+                async with self._reader.connect() as conn:
+                    return await conn.run_sync(work)
+            return _in_transaction(self._reader, work)
 
     async def scan(self, work: Callable[[Connection], T]) -> T:
         """`read` for reads of many rows: on SQLite in a reader thread (unless `inline`), so
         that the event loop goes on meanwhile."""
         if self._threads is None or self._inline:
             return await self.read(work)
-        return await asyncio.get_running_loop().run_in_executor(self._threads.readers, _in_transaction,
-                                                                self._reader, work)
+        with _faults_named():
+            return await asyncio.get_running_loop().run_in_executor(self._threads.readers, _in_transaction,
+                                                                    self._reader, work)
 
     async def dispose(self) -> None:
         if self._threads is None:

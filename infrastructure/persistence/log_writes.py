@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, bindparam, func, insert, select, tuple_
 
 from orderstream.infrastructure.persistence import personal_data
+from orderstream.infrastructure.persistence.database import fault_of
 from orderstream.infrastructure.persistence.log import (
     HEAD,
     IdempotencyKeyTaken,
@@ -91,7 +92,9 @@ def write_batch(conn: Connection, batch: list["PendingAppend"],
         return _write_each(conn, batch, state)
     try:
         return _in_savepoint(conn, batch, state)
-    except Exception:
+    except Exception as error:
+        if fault_of(error):
+            raise  # the database's (full, out of reach), not a request's: the whole batch fails
         # A statement failed for a reason no check foresees (a value that does not
         # serialize, say): the batch again, request by request, so that only the
         # culprit fails.
@@ -154,6 +157,8 @@ def _write_each(conn: Connection, batch: list["PendingAppend"],
         try:
             [outcome], state = _in_savepoint(conn, [request], state)
         except Exception as error:
+            if fault_of(error):
+                raise
             outcome = error
         outcomes.append(outcome)
     return outcomes, state

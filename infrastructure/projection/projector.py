@@ -19,6 +19,7 @@ from functools import partial
 from sqlalchemy import Connection, MetaData, Table
 from sqlalchemy.exc import StatementError
 
+from orderstream.infrastructure.persistence.database import fault_of
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
 from orderstream.infrastructure.persistence.read_store import Checkpoint, ReadStore, read_model_metadata, shadow_copy
 from orderstream.infrastructure.tracing import Tracing
@@ -163,7 +164,9 @@ class Projector:
                     projection.apply_all(conn, todo, projection.live)
                 moved = {projection.name: todo[-1].position for projection, todo in due.items()}
                 self.read_store.move_all(conn, moved)
-        except Exception:
+        except Exception as error:
+            if fault_of(error):
+                raise  # a full disk or a lost server, not an event: the whole batch waits
             # One of them failed: again one by one and event by event, so that it stops
             # alone, at the event that failed.
             moved = {projection.name: todo[-1].position for projection, todo in due.items()
@@ -182,6 +185,8 @@ class Projector:
                 self.read_store.move(conn, projection.name, todo[-1].position)
             return True
         except Exception as error:
+            if fault_of(error):
+                raise
             log.error("projection %s stopped at event %d (%s of %s): %s", projection.name,
                       current.position, current.type, current.stream_id, error, exc_info=error)
             # A database error's text carries the statement and its parameters, personal

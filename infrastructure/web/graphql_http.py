@@ -8,6 +8,7 @@ wrong type) is a 400 for every client. Beyond that, the Accept header decides:
 - anyone else (application/json, `*/*`, no Accept) gets application/json and, for a GraphQL
   request error, a 200 with `errors`: what the spec keeps for application/json.
 Refusals for the method, size, media type and rate keep their status (405, 413, 415, 429).
+A result with an UNAVAILABLE error (a database out of reach) is a 503 with Retry-After.
 Every refusal carries `errors[0].extensions.code`.
 
 With `require_preflight` (production) a request that any web page could make cross-site
@@ -142,6 +143,11 @@ class GraphQLOverHTTP(GraphQL):
                 response.headers["content-type"] = GRAPHQL_RESPONSE + "; charset=utf-8"
                 if getattr(request.state, "refused", False):
                     response.status_code = 400
+            if retry_after := getattr(request.state, "retry_after", None):
+                # A database out of reach: the status and header every HTTP client and proxy
+                # knows to retry on, whatever the media type.
+                response.status_code = 503
+                response.headers["Retry-After"] = str(retry_after)
         await response(scope, receive, send)
 
     async def stream(self, request: Request, framing: Framing) -> ASGIApp:
@@ -156,6 +162,9 @@ class GraphQLOverHTTP(GraphQL):
 
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         response = await super().process_result(request, result)
+        extensions = [error.extensions or {} for error in result.errors or ()]
+        request.state.retry_after = max((found.get("retryAfter", 1) for found in extensions
+                                         if found.get("code") == "UNAVAILABLE"), default=None)
         if refused_before_execution(result):
             request.state.refused = True
             if request.state.accepted == GRAPHQL_RESPONSE:
