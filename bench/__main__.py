@@ -6,11 +6,12 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench import commands, fx_report, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
+from bench import commands, fx_report, hot_aggregate, http_load, read_latency, rebuild, relay, scale_out, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
     "hot_aggregate": hot_aggregate.run,
+    "http": http_load.run,
     "commands": commands.run,
     "rebuild": rebuild.run,
     "read_latency": read_latency.run,
