@@ -547,7 +547,8 @@ STOCK_CHANGES = {"ProductRestocked": (1, 0), "StockReserved": (-1, 1), "StockRel
 
 
 def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
-    """What the four projections do with one event, as plain SQL."""
+    """What the five projections do with one event, as plain SQL (exchange_rates: the history
+    sets no rate, so a payment is kept and bucketed in its own currency only)."""
     data, at = e.data, e.recorded_at
     match e.type:
         case "CustomerRegistered":
@@ -589,6 +590,11 @@ def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
             db.execute("INSERT INTO sales_paid_orders (order_id, currency, amount_minor) VALUES (?, ?, ?)",
                        (data["order_id"], data["currency"], amount))
             add_sale(db, at, data["currency"], 1, amount)
+            db.execute("INSERT INTO fx_payments (order_id, currency, amount_minor, paid_at) VALUES (?, ?, ?, ?)",
+                       (data["order_id"], data["currency"], amount, at))
+            add_sale(db, at, data["currency"], 1, amount, table="fx_buckets", currency="reporting_currency")
+            if db.execute("SELECT quote FROM fx_pairs WHERE base = ?", (data["currency"],)).fetchall():
+                raise BenchmarkError("the ceiling converts no payment: the history sets no exchange rate")
         case "OrderShipped":
             change_order(db, e, status="SHIPPED", tracking_number=data["tracking_number"])
         case "OrderDelivered":
@@ -600,6 +606,11 @@ def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
             if paid is not None:
                 add_sale(db, at, paid[0], -1, -paid[1])
                 db.execute("DELETE FROM sales_paid_orders WHERE order_id = ?", (data["order_id"],))
+            payment = db.execute("SELECT currency, amount_minor FROM fx_payments"
+                                 " WHERE order_id = ? AND cancelled_at IS NULL", (data["order_id"],)).fetchone()
+            if payment is not None:
+                db.execute("UPDATE fx_payments SET cancelled_at = ? WHERE order_id = ?", (at, data["order_id"]))
+                add_sale(db, at, payment[0], -1, -payment[1], table="fx_buckets", currency="reporting_currency")
         case _:
             raise BenchmarkError(f"the ceiling does not know {e.type}")
 
@@ -610,14 +621,17 @@ def change_order(db: sqlite3.Connection, e: Plain, **changes: str) -> None:
                (*changes.values(), e.recorded_at, e.version, e.stream_id))
 
 
-def add_sale(db: sqlite3.Connection, recorded_at: str, currency: str, orders: int, revenue: int) -> None:
+def add_sale(db: sqlite3.Connection, recorded_at: str, in_currency: str, orders: int, revenue: int,
+             table: str = "sales_buckets", currency: str = "currency") -> None:
+    """Add to a bucket of `sales_buckets`, or of `fx_buckets` (whose currency column is named
+    reporting_currency)."""
     # "2026-11-27 10:57:12.345678" falls into the 15-minute bucket "2026-11-27 10:45:00.000000".
     minute = int(recorded_at[14:16])
     bucket = f"{recorded_at[:14]}{minute - minute % 15:02d}:00.000000"
-    db.execute("INSERT INTO sales_buckets (bucket_start, currency, orders, revenue_minor) VALUES (?, ?, ?, ?)"
-               " ON CONFLICT (bucket_start, currency) DO UPDATE SET orders = orders + excluded.orders,"
+    db.execute(f"INSERT INTO {table} (bucket_start, {currency}, orders, revenue_minor) VALUES (?, ?, ?, ?)"
+               f" ON CONFLICT (bucket_start, {currency}) DO UPDATE SET orders = orders + excluded.orders,"
                " revenue_minor = revenue_minor + excluded.revenue_minor",
-               (bucket, currency, orders, revenue))
+               (bucket, in_currency, orders, revenue))
 
 
 # ---------------------------------------------------------------- checks and report
