@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bench import profile_parts
 from bench.commands import (
     PLACE_ORDER,
     PLACE_ORDER_ID,
@@ -45,7 +46,15 @@ from bench.commands import (
     server_environment,
     staff_token,
 )
-from bench.common import BenchmarkError, Progress, cpu_seconds, format_ms, measured, server_cpu_seconds
+from bench.common import (
+    BenchmarkError,
+    Progress,
+    cpu_seconds,
+    format_ms,
+    measured,
+    process_cpu_seconds,
+    server_cpu_seconds,
+)
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
 
@@ -119,7 +128,16 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
                 progress.update(sum(len(r) for r in rounds.values()))
     median = {name: {figure: statistics.median(r[figure] for r in values) for figure in values[0]
                      if isinstance(values[0][figure], int | float)} for name, values in rounds.items()}
-    return {"points": median, "ratios": ratios(median), "goals": goals(median), "rounds": rounds,
+    profile = None
+    if profile_parts.available():
+        # Once more, sampled: the profiler's own cost stays out of the figures above.
+        note("profiling placeOrder, one customer with py-spy")
+        recording = folder / "profile.txt"
+        profiled = await measure_point(wrk, WORKLOADS[0], folder, secret, tokens, bodies, sizes, recording)
+        profile = {"point": profiled, "parts": profile_parts.parts(recording)}
+    else:
+        note("py-spy is not installed (pip install -e '.[bench]'): no profile of the server")
+    return {"points": median, "ratios": ratios(median), "goals": goals(median), "rounds": rounds, "profile": profile,
             "wrk": subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.split(" [")[0]}
 
 
@@ -146,7 +164,9 @@ def write_bodies(folder: Path, shop: dict[str, Any]) -> dict[str, Path]:
 
 
 async def measure_point(wrk: str, workload: Workload, folder: Path, secret: str, tokens: dict[str, str],
-                        bodies: dict[str, Path], sizes: Sizes) -> dict[str, Any]:
+                        bodies: dict[str, Path], sizes: Sizes, profile: Path | None = None) -> dict[str, Any]:
+    """A fresh server on a fresh copy of the shop, warmed up, then one measured wrk run
+    (sampled by py-spy into `profile`, if given)."""
     data_dir = folder / "run"
     shutil.rmtree(data_dir, ignore_errors=True)
     shutil.copytree(folder / "shop", data_dir)
@@ -161,11 +181,15 @@ async def measure_point(wrk: str, workload: Workload, folder: Path, secret: str,
            "WRK_BODIES": str(bodies[workload.script])}
     async with server(argv, secret, folder / f"{workload.server}.log", environ) as (url, pid):
         run_wrk(wrk, workload, url, lua, sizes.warmup_s)
-        before_machine, before_server = cpu_seconds(), server_cpu_seconds(pid)
+        before_machine, before_server, before_main = cpu_seconds(), server_cpu_seconds(pid), process_cpu_seconds(pid)
+        sampler = profile_parts.record(pid, sizes.window_s, profile) if profile else None
         started = time.perf_counter()
         figures = run_wrk(wrk, workload, url, lua, sizes.window_s)
         seconds = time.perf_counter() - started
+        if sampler is not None:
+            sampler.wait()
         server_cpu = server_cpu_seconds(pid) - before_server
+        main_cpu = process_cpu_seconds(pid) - before_main
         machine_cpu = (cpu_seconds() or (0.0, 0.0))[0] - (before_machine or (0.0, 0.0))[0]
     requests = figures["requests"]
     if figures["bad"] or figures["socket_errors"] or figures["status_errors"] or figures["timeouts"]:
@@ -180,6 +204,8 @@ async def measure_point(wrk: str, workload: Workload, folder: Path, secret: str,
         "max_ms": figures["max_us"] / 1000,
         "requests": requests,
         "server_cpu_ms": server_cpu / requests * 1000,
+        # The projector's child process (orderstream on SQLite), within server_cpu_ms.
+        "projector_cpu_ms": (server_cpu - main_cpu) / requests * 1000,
         "client_cpu_ms": figures["client_cpu_s"] / requests * 1000,
         "server_cores": server_cpu / seconds,
         "client_cores": figures["client_cpu_s"] / seconds,
@@ -250,11 +276,12 @@ def describe(figures: dict[str, Any]) -> str:
 
 def table(report: dict[str, Any]) -> str:
     sizes, host = report["sizes"], report["machine"]
-    rows = [("workload", "per s", "p50", "p99", "server CPU/req", "wrk CPU/req", "server cores", "wrk cores",
-             "others")]
+    rows = [("workload", "per s", "p50", "p99", "server CPU/req", "of which projector", "wrk CPU/req",
+             "server cores", "wrk cores", "others")]
     for name, f in report["points"].items():
         rows.append((name, f"{f['per_s']:,.0f}", format_ms(f["p50_ms"]), format_ms(f["p99_ms"]),
-                     f"{f['server_cpu_ms'] * 1000:,.0f} us", f"{f['client_cpu_ms'] * 1000:,.0f} us",
+                     f"{f['server_cpu_ms'] * 1000:,.0f} us", f"{f['projector_cpu_ms'] * 1000:,.0f} us",
+                     f"{f['client_cpu_ms'] * 1000:,.0f} us",
                      f"{f['server_cores']:.2f}", f"{f['client_cores']:.2f}", f"{f['other_cores']:.2f}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return "\n".join([
@@ -272,10 +299,18 @@ def table(report: dict[str, Any]) -> str:
         "goals:",
         *(f"  {goal['goal']}: {goal['measured']:.2f} -> {'met' if goal['met'] else 'not met'}"
           for goal in report["goals"]),
+        *profile_lines(report["profile"]),
         f"machine: {host['cpu']}, {host['cores']} cores, Python {host['python']}; processes other than this"
         f" one kept {report['other_processes_cpu_cores'] or 0:.2f} cores busy on average;"
         f" run took {report['duration_s']:.0f} s",
     ])
+
+
+def profile_lines(profile: dict[str, Any] | None) -> list[str]:
+    if profile is None:
+        return []
+    return [f"where the server's time went under placeOrder, one customer ({profile['point']['per_s']:,.0f}/s"
+            " while sampled by py-spy), shares of every sample:", *profile_parts.lines(profile["parts"]), ""]
 
 
 if __name__ == "__main__":
