@@ -272,14 +272,24 @@ def _cancelled(conn: Connection, t: Tables, e: events.OrderCancelled, at: dateti
             for row in payments.converted[e.order_id]:
                 buckets.add(at, row["reporting_currency"], -1, -row["amount_minor"])
         return
-    fx_payments, converted = t["fx_payments"], t["fx_converted"]
-    payment = conn.execute(select(fx_payments).where(fx_payments.c.order_id == e.order_id)).first()
+    find, cancel, conversions = _cancellation(t["fx_payments"], t["fx_converted"])
+    payment = conn.execute(find, {"cancelled_order": e.order_id}).first()
     if payment is None or payment.cancelled_at is not None:
         return  # never paid: nothing to take back
-    conn.execute(update(fx_payments).where(fx_payments.c.order_id == e.order_id).values(cancelled_at=at))
+    conn.execute(cancel, {"cancelled_order": e.order_id, "at": at})
     buckets.add(at, payment.currency, -1, -payment.amount_minor)
-    for row in conn.execute(select(converted).where(converted.c.order_id == e.order_id)):
+    for row in conn.execute(conversions, {"cancelled_order": e.order_id}):
         buckets.add(at, row.reporting_currency, -1, -row.amount_minor)
+
+
+@functools.lru_cache(maxsize=4)
+def _cancellation(payments: Table, converted: Table):
+    """A cancellation's statements, built once per pair of tables (live, or a rebuild's
+    shadows while they last): find the payment, mark it cancelled, find its conversions."""
+    order = bindparam("cancelled_order")
+    return (select(payments).where(payments.c.order_id == order),
+            update(payments).where(payments.c.order_id == order).values(cancelled_at=bindparam("at")),
+            select(converted).where(converted.c.order_id == order))
 
 
 def _rate_set(conn: Connection, t: Tables, e: events.ExchangeRateSet, buckets: Buckets) -> None:

@@ -84,6 +84,11 @@ def _bucket_added(table: Table):
              revenue_minor=table.c.revenue_minor + bindparam("add_revenue"))
 
 
+@functools.lru_cache(maxsize=4)
+def _paid_order(table: Table):
+    return select(table).where(table.c.order_id == bindparam("cancelled_order"))
+
+
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     project_many(conn, (recorded,), t)
 
@@ -112,7 +117,7 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
             case events.OrderCancelled() as e:
                 row = new.pop(e.order_id, None)
                 if row is None:
-                    row = conn.execute(select(paid).where(paid.c.order_id == e.order_id)).mappings().first()
+                    row = conn.execute(_paid_order(paid), {"cancelled_order": e.order_id}).mappings().first()
                     if row is not None:
                         taken_back.append({"gone": e.order_id})
                 if row is not None:
