@@ -19,6 +19,8 @@ One run uses one temporary folder:
    with the same tables and indexes, one transaction per batch, with the read database's
    durability (WAL, synchronous=NORMAL: read models are made again from the log). The two
    databases must come out equal, row for row.
+4. start-up: `orderstream serve` on the rebuilt store, timed to its first /readyz 200
+   beside a start on an empty folder (bench/startup.py).
 
 The two take turns: each time the rebuild has passed another tenth of the log, it waits
 while the ceiling applies the same tenth. On a shared machine a slow spell then falls on
@@ -73,8 +75,8 @@ INSERT_KEY = "INSERT INTO personal_keys (subject_id, key, created_at) VALUES (?,
 @dataclass(frozen=True)
 class Sizes:
     events: int
-    # Each contestant rebuilds the log once: at 1,100-1,300 events/s on the machine of
-    # docs/performance.md, one rebuild of a million events takes 13 to 15 minutes, and
+    # Each contestant rebuilds the log once: on a busy spell of the machine of
+    # docs/performance.md, one rebuild of a million events takes over 13 minutes, and
     # `make bench` is to stay within about 20. Medians come from the tenths of the run.
     tenths: int = 10
 
