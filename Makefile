@@ -56,7 +56,12 @@ $(BENCH_STAMP): $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $(BENCH_STAMP)
 
+# The HTTP points are driven by wrk, a load generator in C (Debian's package wrk).
 bench: $(BENCH_STAMP)
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "Installing wrk (apt-get install -y wrk) ..." && \
+	    { apt-get install -y -q wrk || { apt-get update -q && apt-get install -y -q wrk; }; }; \
+	  else echo "make bench needs wrk: run 'sudo apt-get install wrk' (Debian, Ubuntu) and try again" >&2; exit 1; fi; }
 	$(VENV)/bin/python -m bench
 
 lint: $(STAMP)

@@ -11,6 +11,7 @@ from bench import (
     freshness,
     fx_report,
     hot_aggregate,
+    http_load,
     observability,
     read_latency,
     rebuild,
@@ -23,6 +24,7 @@ from bench import (
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
     "hot_aggregate": hot_aggregate.run,
+    "http": http_load.run,
     "commands": commands.run,
     "rebuild": rebuild.run,
     "read_latency": read_latency.run,

@@ -4,7 +4,10 @@ The questions: how many placeOrder commands a second does one uvicorn worker tak
 what latency, with 1, 8 and 32 clients at once, and how far is that from what the same
 server stack does with a mutation that does nothing (the GraphQL ceiling) and from what
 SQLite commits durably (the storage ceiling)? And does the command path meet its goals
-(`goals` below)?
+(`goals` below)? placeOrder at 32 connections as an outside client sees it, against the
+same trivial mutation, is measured under wrk by bench/http_load.py; this benchmark's own
+client is for what wrk cannot do (read-your-writes, a mixed flow, hot against fresh) and
+for the curve over 1, 8 and 32 clients.
 
 Every HTTP point runs a fresh server process on a fresh copy of a prepared data folder
 (uvicorn, one worker, its defaults: uvloop, httptools, access log to a file), and a fresh
@@ -282,18 +285,16 @@ def ratios(points: dict[str, dict[str, Any]], in_process: dict[str, dict[str, fl
 
 def goals(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The command path's goals on a 2-core machine with one uvicorn worker and durable SQLite
-    commits, each with its measured figure."""
-    mine = points[Point("placeOrder", "orderstream", 32).key]
-    trivial = points[Point("placeOrder", "trivial", 32).key]
+    commits, each with its measured figure. placeOrder's throughput and p99 at 32 clients
+    are judged under wrk, by bench/http_load.py: this client's own CPU per request would
+    slow the trivial server more than orderstream."""
     both = points[Point("hotFresh", "orderstream", 32).key]
     alone = points[Point("hotFresh", "orderstream", 1).key]
     ryw = points[Point("readYourWrites", "orderstream", 1).key]
-    share = mine["per_s"] / trivial["per_s"]
+    ryw_trivial = points[Point("readYourWrites", "trivial", 1).key]
     hot_ratio = both["hot per_s"] / both["fresh per_s"]
     hot_latency = alone["hot p50_ms"] / alone["fresh p50_ms"]
     return [
-        {"goal": "placeOrder x32: throughput >= 0.5 x trivial", "measured": share, "met": share >= 0.5},
-        {"goal": "placeOrder x32: p99 < 50 ms", "measured": mine["p99_ms"], "met": mine["p99_ms"] < 50},
         {"goal": "hot product x32: throughput within 20% of fresh", "measured": hot_ratio,
          "met": abs(hot_ratio - 1) <= 0.2},
         # With 32 clients the two products' orders share transactions (group commit), and
@@ -301,6 +302,8 @@ def goals(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         {"goal": "hot product x1: p50 within 20% of fresh", "measured": hot_latency,
          "met": abs(hot_latency - 1) <= 0.2},
         {"goal": "read-your-writes round trip p50 < 5 ms", "measured": ryw["p50_ms"], "met": ryw["p50_ms"] < 5},
+        {"goal": "read-your-writes round trip p50 < 2 x trivial", "measured": ryw["p50_ms"] / ryw_trivial["p50_ms"],
+         "met": ryw["p50_ms"] < 2 * ryw_trivial["p50_ms"]},
     ]
 
 

@@ -19,6 +19,8 @@ A report reads at most 96 buckets per day, like the single-currency report; what
 rate that does not exist is found through two index lookups per currency.
 """
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal
@@ -123,10 +125,13 @@ def _convert_minor(amount_minor: int, currency: str, rate: Decimal, to: str) -> 
 
 
 class Buckets:
-    """Changes to `fx_buckets`, summed in memory and written once per bucket."""
+    """Changes to `fx_buckets`, summed in memory and written once per bucket. A change that
+    nets to nothing is skipped, unless `keep_empty`: a payment and its cancellation in one
+    bucket leave the bucket's row behind, as they would one at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_empty: bool = False) -> None:
         self.changes: dict[tuple[datetime, str], list[int]] = {}
+        self.keep_empty = keep_empty
 
     def add(self, moment: datetime, currency: str, orders: int, revenue: int) -> None:
         change = self.changes.setdefault((bucket_of(moment), currency), [0, 0])
@@ -134,15 +139,26 @@ class Buckets:
         change[1] += revenue
 
     def write(self, conn: Connection, table: Table) -> None:
+        missing = []
         for (start, currency), (orders, revenue) in self.changes.items():
-            if orders == 0 and revenue == 0:
+            if orders == 0 and revenue == 0 and not self.keep_empty:
                 continue
-            key = (table.c.bucket_start == start, table.c.reporting_currency == currency)
-            updated = conn.execute(update(table).where(*key).values(
-                orders=table.c.orders + orders, revenue_minor=table.c.revenue_minor + revenue))
-            if updated.rowcount == 0:
-                conn.execute(insert(table).values(bucket_start=start, reporting_currency=currency,
-                                                  orders=orders, revenue_minor=revenue))
+            change = {"start": start, "bucket_currency": currency, "add_orders": orders, "add_revenue": revenue}
+            if conn.execute(_bucket_added(table), change).rowcount == 0:
+                missing.append({"bucket_start": start, "reporting_currency": currency, "orders": orders,
+                                "revenue_minor": revenue})
+        if missing:
+            conn.execute(insert(table), missing)
+        self.changes = {}
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_added(table: Table):
+    """Built once per table: the live one, and a rebuild's shadow while it lasts."""
+    return update(table).where(
+        table.c.bucket_start == bindparam("start"), table.c.reporting_currency == bindparam("bucket_currency"),
+    ).values(orders=table.c.orders + bindparam("add_orders"),
+             revenue_minor=table.c.revenue_minor + bindparam("add_revenue"))
 
 
 def _rate_at(conn: Connection, rates: Table, base: str, quote: str, moment: datetime) -> Decimal | None:
@@ -208,31 +224,72 @@ def _convert_again(conn: Connection, t: Tables, base: str, quote: str, valid_fro
         ).values(amount_minor=bindparam("amount")), changed)
 
 
-def _paid(conn: Connection, t: Tables, e: events.OrderPaid, at: datetime, buckets: Buckets) -> None:
+class Payments:
+    """The payments of a batch and their conversions, inserted with one statement per table
+    when written; a cancellation of one of them is applied to it here."""
+
+    def __init__(self) -> None:
+        self.paid: dict[str, dict] = {}
+        self.converted: dict[str, list[dict]] = {}
+        self.quotes: dict[str, list[str]] = {}  # the pairs' quotes by base, as this batch found them
+
+    def write(self, conn: Connection, t: Tables) -> None:
+        if self.paid:
+            conn.execute(insert(t["fx_payments"]), list(self.paid.values()))
+        if conversions := [row for rows in self.converted.values() for row in rows]:
+            conn.execute(insert(t["fx_converted"]), conversions)
+        self.paid, self.converted, self.quotes = {}, {}, {}
+
+
+def _paid(conn: Connection, t: Tables, e: events.OrderPaid, at: datetime, buckets: Buckets,
+          payments: Payments) -> None:
     amount = minor_units(e.amount, e.currency)
-    conn.execute(insert(t["fx_payments"]).values(order_id=e.order_id, currency=e.currency, amount_minor=amount,
-                                                 paid_at=at))
+    payments.paid[e.order_id] = {"order_id": e.order_id, "currency": e.currency, "amount_minor": amount,
+                                 "paid_at": at, "cancelled_at": None}
     buckets.add(at, e.currency, 1, amount)
-    pairs, conversions = t["fx_pairs"], []
-    for quote in conn.execute(select(pairs.c.quote).where(pairs.c.base == e.currency)).scalars():
+    quotes = payments.quotes.get(e.currency)
+    if quotes is None:
+        pairs = t["fx_pairs"]
+        quotes = payments.quotes[e.currency] = list(
+            conn.execute(select(pairs.c.quote).where(pairs.c.base == e.currency)).scalars())
+    conversions = []
+    for quote in quotes:
         rate = _rate_at(conn, t["exchange_rates"], e.currency, quote, at)
         if rate is not None:
             converted = _convert_minor(amount, e.currency, rate, quote)
             conversions.append({"order_id": e.order_id, "reporting_currency": quote, "amount_minor": converted})
             buckets.add(at, quote, 1, converted)
-    if conversions:
-        conn.execute(insert(t["fx_converted"]), conversions)
+    payments.converted[e.order_id] = conversions
 
 
-def _cancelled(conn: Connection, t: Tables, e: events.OrderCancelled, at: datetime, buckets: Buckets) -> None:
-    payments, converted = t["fx_payments"], t["fx_converted"]
-    payment = conn.execute(select(payments).where(payments.c.order_id == e.order_id)).first()
+def _cancelled(conn: Connection, t: Tables, e: events.OrderCancelled, at: datetime, buckets: Buckets,
+               payments: Payments) -> None:
+    pending = payments.paid.get(e.order_id)
+    if pending is not None:  # paid in this batch
+        if pending["cancelled_at"] is None:
+            pending["cancelled_at"] = at
+            buckets.add(at, pending["currency"], -1, -pending["amount_minor"])
+            for row in payments.converted[e.order_id]:
+                buckets.add(at, row["reporting_currency"], -1, -row["amount_minor"])
+        return
+    find, cancel, conversions = _cancellation(t["fx_payments"], t["fx_converted"])
+    payment = conn.execute(find, {"cancelled_order": e.order_id}).first()
     if payment is None or payment.cancelled_at is not None:
         return  # never paid: nothing to take back
-    conn.execute(update(payments).where(payments.c.order_id == e.order_id).values(cancelled_at=at))
+    conn.execute(cancel, {"cancelled_order": e.order_id, "at": at})
     buckets.add(at, payment.currency, -1, -payment.amount_minor)
-    for row in conn.execute(select(converted).where(converted.c.order_id == e.order_id)):
+    for row in conn.execute(conversions, {"cancelled_order": e.order_id}):
         buckets.add(at, row.reporting_currency, -1, -row.amount_minor)
+
+
+@functools.lru_cache(maxsize=4)
+def _cancellation(payments: Table, converted: Table):
+    """A cancellation's statements, built once per pair of tables (live, or a rebuild's
+    shadows while they last): find the payment, mark it cancelled, find its conversions."""
+    order = bindparam("cancelled_order")
+    return (select(payments).where(payments.c.order_id == order),
+            update(payments).where(payments.c.order_id == order).values(cancelled_at=bindparam("at")),
+            select(converted).where(converted.c.order_id == order))
 
 
 def _rate_set(conn: Connection, t: Tables, e: events.ExchangeRateSet, buckets: Buckets) -> None:
@@ -244,20 +301,34 @@ def _rate_set(conn: Connection, t: Tables, e: events.ExchangeRateSet, buckets: B
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
-    if recorded.type not in ("OrderPaid", "OrderCancelled", "ExchangeRateSet"):
-        return  # decoding an event costs more than telling it is none of these
-    buckets = Buckets()
-    match events.from_data(recorded.type, recorded.schema_version, recorded.data):
-        case events.OrderPaid() as e:
-            _paid(conn, t, e, recorded.recorded_at, buckets)
-        case events.OrderCancelled() as e:
-            _cancelled(conn, t, e, recorded.recorded_at, buckets)
-        case events.ExchangeRateSet() as e:
-            _rate_set(conn, t, e, buckets)
+    project_many(conn, (recorded,), t)
+
+
+def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
+    """The events of a batch, in order. Payments and cancellations are summed into buckets
+    in memory and their rows inserted together; a rate, which converts again what is
+    stored, first has everything before it written, and its own changes written at once."""
+    buckets, payments = Buckets(keep_empty=True), Payments()
+    for recorded in batch:
+        if recorded.type not in ("OrderPaid", "OrderCancelled", "ExchangeRateSet"):
+            continue  # decoding an event costs more than telling it is none of these
+        match events.from_data(recorded.type, recorded.schema_version, recorded.data):
+            case events.OrderPaid() as e:
+                _paid(conn, t, e, recorded.recorded_at, buckets, payments)
+            case events.OrderCancelled() as e:
+                _cancelled(conn, t, e, recorded.recorded_at, buckets, payments)
+            case events.ExchangeRateSet() as e:
+                payments.write(conn, t)
+                buckets.write(conn, t["fx_buckets"])
+                corrections = Buckets()
+                _rate_set(conn, t, e, corrections)
+                corrections.write(conn, t["fx_buckets"])
+    payments.write(conn, t)
     buckets.write(conn, t["fx_buckets"])
 
 
-PROJECTION = Projection("exchange_rates", (exchange_rates, fx_pairs, fx_payments, fx_converted, fx_buckets), project)
+PROJECTION = Projection("exchange_rates", (exchange_rates, fx_pairs, fx_payments, fx_converted, fx_buckets), project,
+                        project_many)
 
 
 class ExchangeRateMissing(PublicError):

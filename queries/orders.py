@@ -119,35 +119,47 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
 
 
 def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
-    """The events of a batch, in order; the rows of consecutive OrderPlaced (with what this
-    projection ignores in between) go in with one statement per table, not two per order."""
+    """The events of a batch, in order. Each later event of an order sets its row's columns
+    to values of its own, so the changes to one order fold into one (into its new row, if
+    the batch placed it); rows, lines and changes are written with one statement per table
+    and kind of change, before what touches many rows (CustomerForgotten) and at the end."""
     table = t["orders"]
-    rows: list[dict] = []
+    rows: dict[str, dict] = {}
     lines: list[dict] = []
+    changed: dict[str, dict] = {}
     for recorded in batch:
         if recorded.type != "CustomerForgotten" and recorded.stream_type != "Order":
             continue
         event = events.from_data(recorded.type, recorded.schema_version, recorded.data)
         if isinstance(event, events.OrderPlaced):
             row, its_lines = placed(recorded, event)
-            rows.append(row)
+            rows[row["order_id"]] = row
             lines += its_lines
-            continue
-        _insert_placed(conn, t, rows, lines)  # before what may change the same rows
-        rows, lines = [], []
-        if isinstance(event, events.CustomerForgotten):
+        elif isinstance(event, events.CustomerForgotten):
+            _write(conn, t, rows, lines, changed)  # before what may change the same rows
+            rows, lines, changed = {}, [], {}
             conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
                          .values(dict.fromkeys(SHIPPING_ADDRESS)))
         elif (change := changes(recorded, event)) is not None:
-            conn.execute(update(table).where(table.c.order_id == recorded.stream_id).values(**change))
-    _insert_placed(conn, t, rows, lines)
+            if (row := rows.get(recorded.stream_id)) is not None:
+                row.update(change)
+            else:
+                changed.setdefault(recorded.stream_id, {}).update(change)
+    _write(conn, t, rows, lines, changed)
 
 
-def _insert_placed(conn: Connection, t: Tables, rows: list[dict], lines: list[dict]) -> None:
+def _write(conn: Connection, t: Tables, rows: dict[str, dict], lines: list[dict],
+           changed: dict[str, dict]) -> None:
     if rows:
-        conn.execute(_insert(t["orders"]), rows)
+        conn.execute(_insert(t["orders"]), list(rows.values()))
     if lines:
         conn.execute(_insert(t["order_lines"]), lines)
+    by_columns: dict[tuple[str, ...], list[dict]] = {}
+    for order_id, change in changed.items():
+        by_columns.setdefault(tuple(sorted(change)), []).append(
+            {"changed_order": order_id, **{f"new_{column}": value for column, value in change.items()}})
+    for columns, params in by_columns.items():
+        conn.execute(_change(t["orders"], columns), params)
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,6 +168,14 @@ def _insert(table: Table):
     running it. For the live tables, and a rebuild's shadows while they last (bounded, as
     every rebuild makes new shadow tables that must not be kept alive here)."""
     return insert(table)
+
+
+@functools.lru_cache(maxsize=32)
+def _change(table: Table, columns: tuple[str, ...]):
+    """The update of an order's `columns`, built once per table and set of columns (a few
+    kinds of change: see `changes`)."""
+    return update(table).where(table.c.order_id == bindparam("changed_order")).values(
+        {column: bindparam(f"new_{column}") for column in columns})
 
 
 PROJECTION = Projection("orders", (orders, order_lines), project, project_many)

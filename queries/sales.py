@@ -7,14 +7,15 @@ lies within one local day in any zone: a report reads at most 96 buckets per day
 currency, however many orders there were.
 """
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import get_currency_precision, list_currencies
-from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, delete, insert, select, update
+from sqlalchemy import BigInteger, Column, Connection, Integer, String, Table, bindparam, delete, insert, select, update
 
 from orderstream import events
 from orderstream.infrastructure.errors import BadUserInput
@@ -58,34 +59,77 @@ def bucket_of(moment: datetime) -> datetime:
     return moment.replace(minute=moment.minute - moment.minute % 15, second=0, microsecond=0)
 
 
-def _add(conn: Connection, t: Tables, moment: datetime, currency: str, orders: int, revenue: int) -> None:
+def _add_all(conn: Connection, t: Tables, changes: dict[tuple[datetime, str], list[int]]) -> None:
+    """Add each (orders, revenue) to its (bucket, currency): one update per bucket, an insert
+    for each bucket the updates did not find."""
+    if not changes:
+        return
     table = t["sales_buckets"]
-    key = (table.c.bucket_start == bucket_of(moment), table.c.currency == currency)
-    updated = conn.execute(update(table).where(*key).values(
-        orders=table.c.orders + orders, revenue_minor=table.c.revenue_minor + revenue))
-    if updated.rowcount == 0:
-        conn.execute(insert(table).values(bucket_start=bucket_of(moment), currency=currency,
-                                          orders=orders, revenue_minor=revenue))
+    params = [{"start": start, "bucket_currency": currency, "add_orders": orders, "add_revenue": revenue}
+              for (start, currency), (orders, revenue) in changes.items()]
+    # Per bucket: executemany reports only the total of rows updated.
+    missing = [p for p in params if conn.execute(_bucket_added(table), p).rowcount == 0]
+    if missing:
+        conn.execute(insert(table), [{"bucket_start": p["start"], "currency": p["bucket_currency"],
+                                      "orders": p["add_orders"], "revenue_minor": p["add_revenue"]}
+                                     for p in missing])
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_added(table: Table):
+    """Built once per table: the live one, and a rebuild's shadow while it lasts."""
+    return update(table).where(
+        table.c.bucket_start == bindparam("start"), table.c.currency == bindparam("bucket_currency"),
+    ).values(orders=table.c.orders + bindparam("add_orders"),
+             revenue_minor=table.c.revenue_minor + bindparam("add_revenue"))
+
+
+@functools.lru_cache(maxsize=4)
+def _paid_order(table: Table):
+    return select(table).where(table.c.order_id == bindparam("cancelled_order"))
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
-    if recorded.type not in ("OrderPaid", "OrderCancelled"):
-        return  # decoding an event costs more than telling it is neither
+    project_many(conn, (recorded,), t)
+
+
+def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
+    """The payments and cancellations of a batch, summed per bucket in memory and written
+    once per bucket; the paid orders inserted and deleted with one statement each."""
     paid = t["sales_paid_orders"]
-    match events.from_data(recorded.type, recorded.schema_version, recorded.data):
-        case events.OrderPaid() as e:
-            amount = minor_units(e.amount, e.currency)
-            conn.execute(insert(paid).values(order_id=e.order_id, currency=e.currency,
-                                             amount_minor=amount))
-            _add(conn, t, recorded.recorded_at, e.currency, 1, amount)
-        case events.OrderCancelled() as e:
-            row = conn.execute(select(paid).where(paid.c.order_id == e.order_id)).first()
-            if row is not None:
-                _add(conn, t, recorded.recorded_at, row.currency, -1, -row.amount_minor)
-                conn.execute(delete(paid).where(paid.c.order_id == e.order_id))
+    buckets: dict[tuple[datetime, str], list[int]] = {}
+    new: dict[str, dict] = {}  # paid in this batch, by order id
+    taken_back: list[dict] = []
+
+    def add(moment: datetime, currency: str, orders: int, revenue: int) -> None:
+        change = buckets.setdefault((bucket_of(moment), currency), [0, 0])
+        change[0] += orders
+        change[1] += revenue
+
+    for recorded in batch:
+        if recorded.type not in ("OrderPaid", "OrderCancelled"):
+            continue  # decoding an event costs more than telling it is neither
+        match events.from_data(recorded.type, recorded.schema_version, recorded.data):
+            case events.OrderPaid() as e:
+                amount = minor_units(e.amount, e.currency)
+                new[e.order_id] = {"order_id": e.order_id, "currency": e.currency, "amount_minor": amount}
+                add(recorded.recorded_at, e.currency, 1, amount)
+            case events.OrderCancelled() as e:
+                row = new.pop(e.order_id, None)
+                if row is None:
+                    row = conn.execute(_paid_order(paid), {"cancelled_order": e.order_id}).mappings().first()
+                    if row is not None:
+                        taken_back.append({"gone": e.order_id})
+                if row is not None:
+                    add(recorded.recorded_at, row["currency"], -1, -row["amount_minor"])
+    if new:
+        conn.execute(insert(paid), list(new.values()))
+    if taken_back:
+        conn.execute(delete(paid).where(paid.c.order_id == bindparam("gone")), taken_back)
+    _add_all(conn, t, buckets)
 
 
-PROJECTION = Projection("sales", (sales_buckets, sales_paid_orders), project)
+PROJECTION = Projection("sales", (sales_buckets, sales_paid_orders), project, project_many)
 
 
 @dataclass(frozen=True)
