@@ -1,6 +1,8 @@
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -49,6 +51,9 @@ class Settings:
     - ORDERSTREAM_RELAY_URL: a NATS server (`nats://host:4222`) to publish every event to
       [none: no relay]; ORDERSTREAM_RELAY_STREAM [ORDERSTREAM]: the JetStream stream;
       ORDERSTREAM_RELAY_SUBJECT_PREFIX [orderstream]: the subjects' first token.
+    - ORDERSTREAM_PAYMENT_TIMEOUT [PT30M]: an order not paid this long after it is placed
+      is cancelled (cancelReason PAYMENT_TIMEOUT); an ISO-8601 duration (`PT30M`, `P1D`)
+      or a number of seconds; 0 turns payment deadlines off.
 
     - ORDERSTREAM_READY_MAX_LAG_SECONDS [10]: /readyz fails while a projection is further
       behind the log than this.
@@ -83,6 +88,8 @@ class Settings:
     relay_url: str | None = None
     relay_stream: str = "ORDERSTREAM"
     relay_subject_prefix: str = "orderstream"
+    # None: orders wait for their payment for ever.
+    payment_timeout: timedelta | None = timedelta(minutes=30)
     trusted_documents: Path | None = None
 
     @classmethod
@@ -119,6 +126,7 @@ class Settings:
             relay_url=env.relay_url,
             relay_stream=env.relay_stream,
             relay_subject_prefix=env.relay_subject_prefix,
+            payment_timeout=env.payment_timeout or None,
             trusted_documents=env.trusted_documents,
         )
 
@@ -166,6 +174,9 @@ class Environment(BaseSettings):
                               description="a stream name: letters, digits, _ and -")
     relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
                                       description="one subject token: letters, digits, _ and -")
+    payment_timeout: timedelta = Field(Settings.payment_timeout, ge=timedelta(0), le=timedelta(days=366),
+                                       description="an ISO-8601 duration such as PT30M (at most a year), "
+                                                   "a number of seconds, or 0 for no deadline")
     trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
@@ -224,6 +235,14 @@ class Environment(BaseSettings):
                 raise ValueError(origin)
             origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
         return tuple(origins)
+
+    @field_validator("payment_timeout", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        # pydantic reads ISO-8601 durations from text, and numbers only as numbers.
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+            return float(value)
+        return value
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

@@ -52,6 +52,8 @@ orders = Table(
     Column("tracking_number", String(100)),
     Column("cancel_reason", String(500)),
     Column("placed_at", UTCDateTime, nullable=False),
+    # Unpaid by then, the order is cancelled; NULL: no deadline.
+    Column("payment_due_at", UTCDateTime),
     # The OrderPlaced position: a stable, unique sort key for the customer's list.
     Column("placed_position", BigInteger, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -84,6 +86,7 @@ def placed(recorded: RecordedEvent, e: events.OrderPlaced) -> tuple[dict, list[d
         "ship_line2": address.get("line2"), "ship_city": address.get("city"),
         "ship_postal_code": address.get("postal_code"), "ship_country": address.get("country"),
         "tracking_number": None, "cancel_reason": None, "placed_at": recorded.recorded_at,
+        "payment_due_at": datetime.fromisoformat(e.payment_due_at) if e.payment_due_at else None,
         "placed_position": recorded.position, "updated_at": recorded.recorded_at,
         "version": recorded.version,
     }

@@ -93,10 +93,12 @@ class Health:
 class MetricsPage:
     """GET /metrics in Prometheus's text format. In production it answers only a bearer of
     `token`, and is not there at all without one; in development anyone may read it. The
-    log's head and the projections' lags are read now, as the scrape asks."""
+    log's head and the projections' lags are read now, as the scrape asks, and the relay's
+    where `relayed()` gives its position (None: this process does not relay)."""
 
-    def __init__(self, metrics: Metrics, health: Health, production: bool, token: str | None) -> None:
-        self.metrics, self.health = metrics, health
+    def __init__(self, metrics: Metrics, health: Health, production: bool, token: str | None,
+                 relayed: Callable[[], int | None] = lambda: None) -> None:
+        self.metrics, self.health, self.relayed = metrics, health, relayed
         self.open = not production
         self.expected = f"Bearer {token}".encode() if token else None
 
@@ -119,4 +121,8 @@ class MetricsPage:
         for name, checkpoint in checkpoints.items():
             metrics.projection_lag_events.labels(name).set(max(head - checkpoint.position, 0))
             metrics.projection_lag_seconds.labels(name).set(await self.health.lag(checkpoint.position, head))
+        if (relayed := self.relayed()) is not None:
+            metrics.relay_position.set(relayed)
+            metrics.relay_lag_events.set(max(head - relayed, 0))
+            metrics.relay_lag_seconds.set(await self.health.lag(relayed, head))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
