@@ -186,11 +186,12 @@ class Service:
             return "standby"
         return self.relay.state
 
-    def relayed(self) -> int | None:
-        """The last position the broker acknowledged, if this process relays."""
+    def relayed(self) -> tuple[str, int] | None:
+        """The relay's stream and the last position the broker acknowledged, if this process
+        relays."""
         if self.relay is None or (self.relay_leadership is not None and not self.relay_leadership.leading):
             return None
-        return self.relay.position
+        return self.relay.destination.stream, self.relay.position
 
     def deadlines_state(self) -> str:
         """`off`, `standby` (PostgreSQL: another process cancels) or `running`."""
