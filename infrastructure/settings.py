@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -24,6 +24,8 @@ from orderstream.infrastructure.web.limits import QueryLimits
 PREFIX = "ORDERSTREAM_"
 LIMITS = QueryLimits()
 ORIGINS = "origins such as https://shop.example.com, comma-separated"
+MAX_PAYMENT_TIMEOUT = timedelta(days=366)
+DURATION = TypeAdapter(timedelta)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class Environment(BaseSettings):
                               description="a stream name: letters, digits, _ and -")
     relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
                                       description="one subject token: letters, digits, _ and -")
-    payment_timeout: timedelta = Field(Settings.payment_timeout, ge=timedelta(0), le=timedelta(days=366),
+    payment_timeout: timedelta = Field(Settings.payment_timeout,
                                        description="an ISO-8601 duration such as PT30M (at most a year), "
                                                    "a number of seconds, or 0 for no deadline")
     trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
@@ -238,11 +240,19 @@ class Environment(BaseSettings):
 
     @field_validator("payment_timeout", mode="before")
     @classmethod
-    def _seconds(cls, value: Any) -> Any:
-        # pydantic reads ISO-8601 durations from text, and numbers only as numbers.
+    def _duration(cls, value: Any) -> Any:
+        # Checked here rather than by the field's bounds, which would report the parsed
+        # value instead of the text given. pydantic reads ISO-8601 durations from text, and
+        # numbers only as numbers.
         if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
-            return float(value)
-        return value
+            value = float(value)
+        try:
+            duration = DURATION.validate_python(value)
+        except ValidationError:
+            raise ValueError(value) from None
+        if not timedelta(0) <= duration <= MAX_PAYMENT_TIMEOUT:
+            raise ValueError(value)
+        return duration
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

@@ -270,12 +270,12 @@ def test_the_timeout_is_an_iso_8601_duration_or_seconds(tmp_path, given, timeout
     assert Settings.load(str(tmp_path), {"ORDERSTREAM_PAYMENT_TIMEOUT": given}).payment_timeout == timeout
 
 
-@pytest.mark.parametrize("given", ["-5", "soon", "PT", "P2Y", "1e9"])
+@pytest.mark.parametrize("given", ["-5", "soon", "PT", "P2Y", "1e9", "99999999999"])
 def test_a_bad_timeout_is_refused_in_one_line_naming_the_variable(tmp_path, given):
     with pytest.raises(SettingsError) as refused:
         Settings.load(str(tmp_path), {"ORDERSTREAM_PAYMENT_TIMEOUT": given})
-    message = str(refused.value)
-    assert message.startswith("ORDERSTREAM_PAYMENT_TIMEOUT: expected an ISO-8601 duration") and "\n" not in message
+    assert str(refused.value) == ("ORDERSTREAM_PAYMENT_TIMEOUT: expected an ISO-8601 duration such as PT30M (at most "
+                                  f"a year), a number of seconds, or 0 for no deadline, got {given!r}")
 
 
 async def overdue_orders(data_dir: Path, count: int, databases: Databases | None = None,
