@@ -34,7 +34,6 @@ class Order(Aggregate):
         self.customer_id: str | None = None
         self.lines: list[dict] = []
         self.total: Money | None = None
-        self.payment_due_at: datetime | None = None
 
     def place(
         self, customer: Customer, products: dict[str, Product],
@@ -120,7 +119,6 @@ class Order(Aggregate):
                 self.customer_id = event.customer_id
                 self.lines = event.lines
                 self.total = Money(Decimal(event.total), event.currency)
-                self.payment_due_at = datetime.fromisoformat(event.payment_due_at) if event.payment_due_at else None
             case OrderPaid():
                 self.status = PAID
             case OrderShipped():
