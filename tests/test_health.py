@@ -27,8 +27,9 @@ async def test_a_serving_process_is_ready_with_every_check_named(api):
     assert body["status"] == "ready" and body["failed"] == []
     assert body["checks"] == {"eventLog": "ok", "readDatabase": "ok", "projection customers": "ok",
                               "projection orders": "ok", "projection products": "ok", "projection sales": "ok",
-                              "projection exchange_rates": "ok"}
-    assert set(body["lagSeconds"]) == {"customers", "orders", "products", "sales", "exchange_rates"}
+                              "projection exchange_rates": "ok", "projection payment_deadlines": "ok"}
+    assert set(body["lagSeconds"]) == {"customers", "orders", "products", "sales", "exchange_rates",
+                                       "payment_deadlines"}
 
 
 @pytest.fixture
