@@ -237,7 +237,7 @@ def from_data(type_name: str, schema_version: int, data: dict[str, Any],
     `context` its upcasters read."""
     cls = types[type_name]
     if schema_version != cls.SCHEMA_VERSION:
-        if context is None:
+        if context is None and schema_version < cls.SCHEMA_VERSION:
             raise ValueError(f"{type_name} v{schema_version} needs upcasting with the time it occurred and the "
                              "settings in force: read it through an event store that upcasts")
         schema_version, data = upcast(type_name, schema_version, data, context, types, upcasters)

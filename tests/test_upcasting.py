@@ -50,7 +50,7 @@ def test_a_missing_step_or_a_newer_payload_is_refused_with_what_to_do():
     with pytest.raises(ValueError, match="ContactChanged v2 has no upcaster to v3"):
         from_data("ContactChanged", 1, {"name": "Ann Example"}, TYPES, {("ContactChanged", 1): split_name}, CONTEXT)
     with pytest.raises(ValueError, match="newer than this code's v3: deploy the newer code"):
-        from_data("ContactChanged", 4, {}, TYPES, UPCASTERS, CONTEXT)
+        from_data("ContactChanged", 4, {}, TYPES, UPCASTERS)
     with pytest.raises(ValueError, match="ContactChanged v1 needs upcasting with the time it occurred"):
         from_data("ContactChanged", 1, {"name": "Ann Example"}, TYPES, UPCASTERS)
 
