@@ -58,7 +58,7 @@ async def test_a_projection_further_behind_than_the_bound_makes_the_process_unre
     assert body["status"] == "unready"
     # None has applied the registration: each is named, and nothing else.
     assert body["failed"] == ["projection customers", "projection exchange_rates", "projection orders",
-                              "projection products", "projection sales"]
+                              "projection payment_deadlines", "projection products", "projection sales"]
     assert body["checks"]["projection customers"] == "30.0 s behind the log (at most 10 s)"
     assert body["lagSeconds"]["customers"] == pytest.approx(30.0)
 
