@@ -52,12 +52,13 @@ orders = Table(
     Column("tracking_number", String(100)),
     Column("cancel_reason", String(500)),
     Column("placed_at", UTCDateTime, nullable=False),
-    # Unpaid by then, the order is cancelled; NULL: no deadline.
-    Column("payment_due_at", UTCDateTime),
     # The OrderPlaced position: a stable, unique sort key for the customer's list.
     Column("placed_position", BigInteger, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("version", Integer, nullable=False),
+    # Unpaid by then, the order is cancelled; NULL: no deadline. Last, where migration 0004
+    # adds it: a rebuild makes the table in this order.
+    Column("payment_due_at", UTCDateTime),
     Index(None, "customer_id", "placed_position"),
     Index(None, "customer_id", "status", "placed_position"),
 )
