@@ -1,6 +1,10 @@
 """The one map from command to handler."""
 
+from datetime import timedelta
+from functools import partial
+
 from orderstream.commands.customer import ForgetCustomer, RegisterCustomer, forget_customer, register_customer
+from orderstream.commands.dispatcher import Handler
 from orderstream.commands.exchange_rate import SetExchangeRate, set_exchange_rate
 from orderstream.commands.order import (
     CancelOrder,
@@ -22,8 +26,9 @@ from orderstream.commands.product import (
     change_product_price,
     restock_product,
 )
+from orderstream.domain.order import DEFAULT_PAYMENT_TIMEOUT
 
-COMMAND_HANDLERS = {
+COMMAND_HANDLERS: dict[type, Handler] = {
     RegisterCustomer: register_customer,
     ForgetCustomer: forget_customer,
     AddProduct: add_product,
@@ -36,3 +41,9 @@ COMMAND_HANDLERS = {
     CancelOrder: cancel_order,
     SetExchangeRate: set_exchange_rate,
 }
+
+
+def command_handlers(payment_timeout: timedelta | None = DEFAULT_PAYMENT_TIMEOUT) -> dict[type, Handler]:
+    """Every command's handler; `payment_timeout`: how long a new order may stay unpaid
+    (ORDERSTREAM_PAYMENT_TIMEOUT; None: for ever)."""
+    return {**COMMAND_HANDLERS, PlaceOrder: partial(place_order, payment_timeout=payment_timeout)}

@@ -1,9 +1,10 @@
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from orderstream.commands.dispatcher import UnitOfWork
 from orderstream.domain.customer import Customer
-from orderstream.domain.order import Order
+from orderstream.domain.order import DEFAULT_PAYMENT_TIMEOUT, Order
 from orderstream.domain.product import Product, sku_syntax
 from orderstream.domain.values import Address, Money, uuid_syntax
 
@@ -58,7 +59,9 @@ class CancelOrder:
     idempotency_key: str | None = None
 
 
-async def place_order(command: PlaceOrder, uow: UnitOfWork) -> Order:
+async def place_order(command: PlaceOrder, uow: UnitOfWork,
+                      payment_timeout: timedelta | None = DEFAULT_PAYMENT_TIMEOUT) -> Order:
+    """`payment_timeout`: how long the order may stay unpaid (None: for ever)."""
     customer_id = uuid_syntax(command.customer_id, "customerId")
     uow.actor.require_owner_or_staff(customer_id)
     a = command.shipping_address
@@ -68,7 +71,8 @@ async def place_order(command: PlaceOrder, uow: UnitOfWork) -> Order:
     customer = await uow.get(Customer, customer_id)
     products = {sku: await uow.get(Product, sku) for sku, _ in command.items}
     order = uow.create(Order)
-    order.place(customer, products, list(command.items), address)
+    due = uow.store.clock() + payment_timeout if payment_timeout else None
+    order.place(customer, products, list(command.items), address, due)
     return order
 
 

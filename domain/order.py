@@ -1,3 +1,4 @@
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from orderstream.domain.aggregate import Aggregate
@@ -19,6 +20,10 @@ MAX_LINE_QUANTITY = 10_000
 
 PENDING, PAID, SHIPPED, DELIVERED, CANCELLED = "PENDING", "PAID", "SHIPPED", "DELIVERED", "CANCELLED"
 
+# An order not paid this long after it is placed is cancelled, with this reason.
+DEFAULT_PAYMENT_TIMEOUT = timedelta(minutes=30)
+PAYMENT_TIMEOUT = "PAYMENT_TIMEOUT"
+
 
 class Order(Aggregate):
     STREAM_TYPE = "Order"
@@ -32,9 +37,10 @@ class Order(Aggregate):
 
     def place(
         self, customer: Customer, products: dict[str, Product],
-        items: list[tuple[str, int]], address: Address,
+        items: list[tuple[str, int]], address: Address, payment_due_at: datetime | None = None,
     ) -> None:
-        """Place the order at today's prices and reserve its stock on every product."""
+        """Place the order at today's prices and reserve its stock on every product; unpaid
+        at `payment_due_at` (None: never), it is to be cancelled."""
         if self.exists:
             raise BusinessRuleViolation("ORDER_EXISTS", f"order {self.id} exists")
         customer.ensure_can_order()
@@ -67,6 +73,7 @@ class Order(Aggregate):
             OrderPlaced(
                 order_id=self.id, customer_id=customer.id, lines=lines, total=str(total),
                 currency=currencies.pop(), shipping_address=address.to_data(),
+                payment_due_at=payment_due_at.isoformat() if payment_due_at else None,
             )
         )
 

@@ -2,9 +2,9 @@
 one, so that each app (and each test) counts for itself.
 
 Every label takes a bounded set of values (mutation names, error codes, operation types,
-stream types, projection names, subscription transports): no ids, no documents. What is a
-state rather than a count (the log's head, each projection's lag) is read when /metrics is
-scraped.
+stream types, projection names, subscription transports, the relay's stream): no ids, no
+documents. What is a state rather than a count (the log's head, each projection's lag, the
+relay's) is read when /metrics is scraped.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -48,6 +48,14 @@ class Metrics:
         self.projection_lag_seconds = Gauge("orderstream_projection_lag_seconds", "Seconds since the oldest event "
                                             "a projection has not applied was committed; 0 when caught up.",
                                             ["projection"], registry=registry)
+        # Labelled by the JetStream stream, and exported only by the process that relays.
+        self.relay_position = Gauge("orderstream_relay_position", "The last log position the broker "
+                                    "acknowledged.", ["stream"], registry=registry)
+        self.relay_lag_events = Gauge("orderstream_relay_lag_events", "Events in the log that the relay has not "
+                                      "published.", ["stream"], registry=registry)
+        self.relay_lag_seconds = Gauge("orderstream_relay_lag_seconds", "Seconds since the oldest event the relay "
+                                       "has not published was committed; 0 when caught up.", ["stream"],
+                                       registry=registry)
         self.requests = Counter("orderstream_graphql_requests", "GraphQL operations, by type and outcome (success, "
                                 "or error when the response carries errors).", ["operation_type", "outcome"],
                                 registry=registry)

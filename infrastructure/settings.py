@@ -1,11 +1,13 @@
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -23,6 +25,8 @@ from orderstream.infrastructure.web.limits import QueryLimits
 PREFIX = "ORDERSTREAM_"
 LIMITS = QueryLimits()
 ORIGINS = "origins such as https://shop.example.com, comma-separated"
+MAX_PAYMENT_TIMEOUT = timedelta(days=366)
+DURATION = TypeAdapter(timedelta)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class Settings:
     - ORDERSTREAM_RELAY_URL: a NATS server (`nats://host:4222`) to publish every event to
       [none: no relay]; ORDERSTREAM_RELAY_STREAM [ORDERSTREAM]: the JetStream stream;
       ORDERSTREAM_RELAY_SUBJECT_PREFIX [orderstream]: the subjects' first token.
+    - ORDERSTREAM_PAYMENT_TIMEOUT [PT30M]: an order not paid this long after it is placed
+      is cancelled (cancelReason PAYMENT_TIMEOUT); an ISO-8601 duration (`PT30M`, `P1D`)
+      or a number of seconds; 0 turns payment deadlines off.
 
     - ORDERSTREAM_READ_REPLICA_URLS: PostgreSQL streaming replicas of the read database,
       comma-separated, the nearest first [none]: queries read from the first one in
@@ -103,6 +110,8 @@ class Settings:
     relay_url: str | None = None
     relay_stream: str = "ORDERSTREAM"
     relay_subject_prefix: str = "orderstream"
+    # None: orders wait for their payment for ever.
+    payment_timeout: timedelta | None = timedelta(minutes=30)
     trusted_documents: Path | None = None
     # How traces go out over OTLP; None: they are not made at all.
     otlp_protocol: Protocol | None = None
@@ -147,6 +156,7 @@ class Settings:
             relay_url=env.relay_url,
             relay_stream=env.relay_stream,
             relay_subject_prefix=env.relay_subject_prefix,
+            payment_timeout=env.payment_timeout or None,
             trusted_documents=env.trusted_documents,
             otlp_protocol=otlp_protocol(environ),
         )
@@ -216,6 +226,9 @@ class Environment(BaseSettings):
                               description="a stream name: letters, digits, _ and -")
     relay_subject_prefix: str = Field(Settings.relay_subject_prefix, pattern=r"^[A-Za-z0-9_-]+$",
                                       description="one subject token: letters, digits, _ and -")
+    payment_timeout: timedelta = Field(Settings.payment_timeout,
+                                       description="an ISO-8601 duration such as PT30M (at most a year), "
+                                                   "a number of seconds, or 0 for no deadline")
     trusted_documents: Path | None = Field(None, description="a JSON manifest of trusted documents")
     jwt_algorithms: Annotated[tuple[str, ...], NoDecode] | None = Field(
         None, description="HS256, or RS256 and/or ES256, comma-separated")
@@ -285,6 +298,22 @@ class Environment(BaseSettings):
                 raise ValueError(origin)
             origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
         return tuple(origins)
+
+    @field_validator("payment_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        # Checked here rather than by the field's bounds, which would report the parsed
+        # value instead of the text given. pydantic reads ISO-8601 durations from text, and
+        # numbers only as numbers.
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+            value = float(value)
+        try:
+            duration = DURATION.validate_python(value)
+        except ValidationError:
+            raise ValueError(value) from None
+        if not timedelta(0) <= duration <= MAX_PAYMENT_TIMEOUT:
+            raise ValueError(value)
+        return duration
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

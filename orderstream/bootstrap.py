@@ -10,19 +10,21 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
+from orderstream import events
 from orderstream.commands.dispatcher import Dispatcher
-from orderstream.commands.handlers import COMMAND_HANDLERS
+from orderstream.commands.handlers import command_handlers
 from orderstream.events import EVENT_TYPES
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.metrics import Metrics
-from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore
+from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore, RecordedEvent, Upcast
 from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL, Leadership, Listener, is_postgres
 from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.persistence.replicas import Replica, ReplicaReads
@@ -39,6 +41,8 @@ from orderstream.infrastructure.web.http import BodyLimit, RequestId, SecurityHe
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
 from orderstream.pages import Pages
+from orderstream.processes import payment_deadlines
+from orderstream.processes.payment_deadlines import DEADLINES_LOCK, PaymentDeadlines
 from orderstream.queries import customers, exchange_rates, orders, products, sales
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.schema.app import GraphQLApp, build_schema
@@ -47,7 +51,24 @@ log = logging.getLogger("orderstream")
 
 
 def projections() -> list[Projection]:
-    return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION, exchange_rates.PROJECTION]
+    return [customers.PROJECTION, products.PROJECTION, orders.PROJECTION, sales.PROJECTION, exchange_rates.PROJECTION,
+            payment_deadlines.PROJECTION]
+
+
+def upcaster(payment_timeout: timedelta | None) -> Upcast:
+    """The event store's `upcast`: events of an older schema version read in their current
+    shape, with the time each occurred and the payment timeout in force (a version-1
+    OrderPlaced gets its due time from them)."""
+    current = {name: cls.SCHEMA_VERSION for name, cls in EVENT_TYPES.items()}
+
+    def upcast(recorded: RecordedEvent) -> RecordedEvent:
+        if current.get(recorded.type, recorded.schema_version) == recorded.schema_version:
+            return recorded
+        version, data = events.upcast(recorded.type, recorded.schema_version, recorded.data,
+                                      events.UpcastContext(recorded.recorded_at, payment_timeout))
+        return replace(recorded, schema_version=version, data=data)
+
+    return upcast
 
 
 def relay(store: EventStore, settings: Settings) -> Relay | None:
@@ -66,22 +87,30 @@ def tracing_for(settings: Settings) -> Tracing:
 
 
 class Service:
-    """The stores, the dispatcher, the projector and the relay, opened and closed together."""
+    """The stores, the dispatcher, the projector, the relay and the payment deadlines, opened
+    and closed together."""
 
     def __init__(self, settings: Settings, inline: bool = False,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC), metrics: Metrics | None = None,
                  traces: Tracing | None = None) -> None:
         """`inline`: a process that only projects runs its SQLite statements in its event
         loop (see infrastructure.persistence.database). `clock`: the log's time (the demo
-        shop spreads its history over past days). `metrics`: what a server counts.
-        `traces`: where spans go (by default as the settings say); shut down by `close`."""
+        shop spreads its history over past days), and the one payment deadlines are kept
+        by. `metrics`: what a server counts. `traces`: where spans go (by default as the
+        settings say); shut down by `close`."""
         self.settings = settings
         self.tracing = traces if traces is not None else tracing_for(settings)
-        self.store = EventStore(settings.event_store_url, clock=clock, inline=inline)
+        self.store = EventStore(settings.event_store_url, clock=clock, inline=inline,
+                                upcast=upcaster(settings.payment_timeout))
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline,
                               waited=metrics.consistency_wait.observe if metrics else None)
-        self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS, metrics=metrics, tracing=self.tracing)
+        self.dispatcher = Dispatcher(self.store, command_handlers(settings.payment_timeout), metrics=metrics,
+                                     tracing=self.tracing)
         self.projector = Projector(self.store, self.read, projections(), tracing=self.tracing)
+        # Off with the timeout: orders placed while it was on then wait for ever too.
+        self.deadlines = PaymentDeadlines(self.read, self.dispatcher, clock) if settings.payment_timeout else None
+        if self.deadlines is not None:
+            self.projector.on_moved(self.deadlines.wake)
         self.hub = EventHub(self.store, tracing=self.tracing)
         self.owners = OrderOwners(self.store)
         # Project and fan out right after each commit of this process. Commits of other
@@ -94,8 +123,14 @@ class Service:
         self.listeners: list[Listener] = []
         self.leadership: Leadership | None = None
         self.relay_leadership: Leadership | None = None
+        self.deadlines_leadership: Leadership | None = None
         if is_postgres(settings.event_store_url):
             self.listeners.append(Listener(settings.event_store_url, {EVENTS_CHANNEL: self._commit_elsewhere}))
+            if self.deadlines is not None:
+                # One process per deployment sends the cancels (a second would change
+                # nothing, but would double the work): the one holding this lock.
+                self.deadlines_leadership = Leadership(settings.event_store_url, DEADLINES_LOCK,
+                                                       what="payment deadlines")
             if self.relay is not None:
                 # One relay per deployment: the process holding this lock.
                 self.relay_leadership = Leadership(settings.event_store_url, RELAY_LOCK, what="relay")
@@ -164,9 +199,41 @@ class Service:
             return "standby"
         return self.relay.state
 
+    def relayed(self) -> tuple[str, int] | None:
+        """The relay's stream and the last position the broker acknowledged, if this process
+        relays."""
+        if self.relay is None or (self.relay_leadership is not None and not self.relay_leadership.leading):
+            return None
+        return self.relay.destination.stream, self.relay.position
+
+    def deadlines_state(self) -> str:
+        """`off`, `standby` (PostgreSQL: another process cancels) or `running`."""
+        if self.deadlines is None:
+            return "off"
+        if self.deadlines_leadership is not None and not self.deadlines_leadership.leading:
+            return "standby"
+        return "running"
+
+    async def cancel_overdue(self) -> None:
+        """Cancel unpaid orders at their deadline until `stop_cancelling`, unless payment
+        deadlines are off; on PostgreSQL only while this process holds their lock."""
+        if self.deadlines is None:
+            return
+        if self.deadlines_leadership is None:
+            await self.deadlines.run()
+        else:
+            await self.deadlines_leadership.run(self.deadlines.run, self.deadlines.stop)
+
+    def stop_cancelling(self) -> None:
+        if self.deadlines_leadership is not None:
+            self.deadlines_leadership.stop()
+        if self.deadlines is not None:
+            self.deadlines.stop()
+
     def stop_all(self) -> None:
         self.stop_projecting()
         self.stop_publishing()
+        self.stop_cancelling()
         self.stop_listening()
 
 
@@ -197,17 +264,18 @@ def projector_process(service: Service, poll_interval: float = 1.0) -> Projector
 
 
 def build_app(settings: Settings, projector: str = "thread", traces: Tracing | None = None,
-              counting: bool = True) -> Starlette:
+              counting: bool = True, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> Starlette:
     """The service over HTTP. `projector`: where the read models are projected: "thread", in
     this process; "process", in a child process this one starts and watches; "off",
     elsewhere (`orderstream projections run`). `traces`: where spans go (by default as the
     settings say). `counting=False`: operations and commands go uncounted (/metrics shows
-    the log's head and the lags only), which is what their cost is measured against."""
+    the log's head and the lags only), which is what their cost is measured against.
+    `clock`: see `Service`."""
     if projector not in PROJECTOR_MODES:
         raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}; got {projector!r}")
     metrics = Metrics()
     counted = metrics if counting else None
-    service = Service(settings, metrics=counted, traces=traces)
+    service = Service(settings, clock=clock, metrics=counted, traces=traces)
     child = projector_process(service) if projector == "process" else None
     if child is not None:
         service.store.on_append(child.wake)
@@ -245,9 +313,12 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
         fanning_out = asyncio.create_task(service.hub.run())
         listening = asyncio.create_task(service.listen())
         publishing = asyncio.create_task(service.publish())
+        cancelling = asyncio.create_task(service.cancel_overdue())
         try:
             yield
         finally:
+            service.stop_cancelling()
+            await cancelling
             service.stop_publishing()
             await publishing
             service.stop_listening()
@@ -277,14 +348,15 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
 
     def at_work() -> dict[str, object]:
         """What /healthz tells beside the head: where projecting happens, and the relay."""
-        described: dict[str, object] = {"projector": projecting_where(), "relay": service.relay_state()}
+        described: dict[str, object] = {"projector": projecting_where(), "relay": service.relay_state(),
+                                        "paymentDeadlines": service.deadlines_state()}
         if service.relay is not None:
             described["relayed"] = service.relay.position
         return described
 
     health = Health(service.store, service.read, at_work, settings.ready_max_lag, replicas=replicas)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
-                               token=settings.metrics_token)
+                               token=settings.metrics_token, relayed=service.relayed)
     app = Starlette(
         routes=[
             Route("/healthz", health.healthz),

@@ -217,7 +217,7 @@ async def _seed_demo(args: argparse.Namespace) -> None:
                       "and orders"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
             work = bar.add_task("seed", total=shop.products + shop.customers + shop.orders)
             statuses = await demo.seed(service.dispatcher, clock, shop, args.seed,
-                                       lambda done: bar.advance(work, done))
+                                       lambda done: bar.advance(work, done), service.settings.payment_timeout)
         await service.projector.catch_up()
         log.info("seeded %d products, %d customers and %d orders (%s) into %s, up to position %d",
                  shop.products, shop.customers, shop.orders,

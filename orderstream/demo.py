@@ -60,9 +60,11 @@ class Shop:
 
 
 async def seed(dispatcher: Dispatcher, clock: DemoClock, shop: Shop, seed_value: int,
-               progress: Callable[[int], None]) -> dict[str, int]:
+               progress: Callable[[int], None], payment_timeout: timedelta | None = None) -> dict[str, int]:
     """Fill the log with `shop` through `dispatcher`, whose store reads `clock`; `progress(n)`
-    after each of the commands. Returns how many orders ended in each status."""
+    after each of the commands. The pending orders are placed within the last half of
+    `payment_timeout` (the dispatcher's), so that none is cancelled as the server starts.
+    Returns how many orders ended in each status."""
     rng = random.Random(seed_value)
     now = clock.at
     clock.at = now - timedelta(days=shop.days)
@@ -91,10 +93,14 @@ async def seed(dispatcher: Dispatcher, clock: DemoClock, shop: Shop, seed_value:
                    key=lambda fate: fate == "PENDING")
     settled = sum(fate != "PENDING" for fate in fates)
     step = (now - timedelta(hours=1) - clock.at) / max(settled, 1)
+    pending = len(fates) - settled
+    # Two minutes apart, or closer when that would take the oldest past half its deadline.
+    spacing = min(timedelta(minutes=2), payment_timeout / 2 / max(pending, 1)) if payment_timeout \
+        else timedelta(minutes=2)
     outcome = dict.fromkeys(FATES, 0)
     for index, fate in enumerate(fates):
         clock.at = max(clock.at, now - timedelta(days=shop.days) + step * index if fate != "PENDING"
-                       else now - timedelta(minutes=2 * (len(fates) - index)))
+                       else now - spacing * (len(fates) - index))
         currency = rng.choice([c for c in CURRENCIES if skus[c]])
         lines = rng.sample(skus[currency], k=min(len(skus[currency]), rng.choice((1, 1, 2, 3))))
         items = tuple((sku, rng.choice((1, 1, 2, 3))) for sku, _ in lines)

@@ -56,6 +56,9 @@ orders = Table(
     Column("placed_position", BigInteger, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("version", Integer, nullable=False),
+    # Unpaid by then, the order is cancelled; NULL: no deadline. Last, where migration 0004
+    # adds it: a rebuild makes the table in this order.
+    Column("payment_due_at", UTCDateTime),
     Index(None, "customer_id", "placed_position"),
     Index(None, "customer_id", "status", "placed_position"),
 )
@@ -84,6 +87,7 @@ def placed(recorded: RecordedEvent, e: events.OrderPlaced) -> tuple[dict, list[d
         "ship_line2": address.get("line2"), "ship_city": address.get("city"),
         "ship_postal_code": address.get("postal_code"), "ship_country": address.get("country"),
         "tracking_number": None, "cancel_reason": None, "placed_at": recorded.recorded_at,
+        "payment_due_at": datetime.fromisoformat(e.payment_due_at) if e.payment_due_at else None,
         "placed_position": recorded.position, "updated_at": recorded.recorded_at,
         "version": recorded.version,
     }

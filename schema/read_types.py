@@ -91,10 +91,17 @@ class Order:
     shipping_address: Address | None = strawberry.field(
         description="Null once the customer is forgotten.")
     tracking_number: str | None
-    cancel_reason: str | None
+    cancel_reason: str | None = strawberry.field(
+        description="Why the order was cancelled: the reason given with cancelOrder, or PAYMENT_TIMEOUT when it "
+                    "was not paid by paymentDueAt.")
     placed_at: datetime
     updated_at: datetime
     version: int = strawberry.field(description="The order's version: pass it as expectedVersion.")
+    payment_due_at: datetime | None = strawberry.field(
+        description="Not paid by then, a pending order is cancelled with cancelReason PAYMENT_TIMEOUT and its "
+                    "stock released (a payment that lands first wins). Null when payment deadlines were off as "
+                    "the order was placed, or for orders placed before deadlines existed until the orders read "
+                    "model is rebuilt.")
     view: strawberry.Private[OrderView]
 
     @strawberry.field(description="The order's lines, at the prices of the day it was placed.")
@@ -120,7 +127,8 @@ class Order:
             id=strawberry.ID(row.order_id), customer_id=strawberry.ID(row.customer_id),
             status=OrderStatus(row.status), total=Money(amount=Decimal(row.total), currency=row.currency),
             shipping_address=address, tracking_number=row.tracking_number, cancel_reason=row.cancel_reason,
-            placed_at=row.placed_at, updated_at=row.updated_at, version=row.version, view=view,
+            placed_at=row.placed_at, updated_at=row.updated_at, version=row.version,
+            payment_due_at=row.payment_due_at, view=view,
         )
 
 

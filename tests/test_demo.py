@@ -2,7 +2,7 @@
 
 import sqlite3
 from contextlib import closing
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -61,6 +61,12 @@ def test_the_history_spans_the_days_asked_for_in_log_order_and_pending_orders_ar
     placed = rows(tmp_path / "read.db", "SELECT status FROM orders ORDER BY placed_position")
     pending = [index for index, (status,) in enumerate(placed) if status == "PENDING"]
     assert pending and pending == list(range(len(placed) - len(pending), len(placed)))
+    # None of them falls due as a server starts: at least a quarter of an hour is left on each
+    # (half of the default 30 minutes), and each has its open deadline.
+    due = [datetime.fromisoformat(at).replace(tzinfo=UTC) for (at,) in
+           rows(tmp_path / "read.db", "SELECT payment_due_at FROM orders WHERE status = 'PENDING'")]
+    assert len(due) == len(pending) and min(due) >= datetime.now(UTC) + timedelta(minutes=14)
+    assert rows(tmp_path / "read.db", "SELECT count(*) FROM payment_deadlines") == [(len(pending),)]
 
 
 def test_a_folder_that_holds_a_log_is_left_alone(tmp_path, capsys):

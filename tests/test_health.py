@@ -27,8 +27,9 @@ async def test_a_serving_process_is_ready_with_every_check_named(api):
     assert body["status"] == "ready" and body["failed"] == []
     assert body["checks"] == {"eventLog": "ok", "readDatabase": "ok", "projection customers": "ok",
                               "projection orders": "ok", "projection products": "ok", "projection sales": "ok",
-                              "projection exchange_rates": "ok"}
-    assert set(body["lagSeconds"]) == {"customers", "orders", "products", "sales", "exchange_rates"}
+                              "projection exchange_rates": "ok", "projection payment_deadlines": "ok"}
+    assert set(body["lagSeconds"]) == {"customers", "orders", "products", "sales", "exchange_rates",
+                                       "payment_deadlines"}
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ async def test_a_projection_further_behind_than_the_bound_makes_the_process_unre
     assert body["status"] == "unready"
     # None has applied the registration: each is named, and nothing else.
     assert body["failed"] == ["projection customers", "projection exchange_rates", "projection orders",
-                              "projection products", "projection sales"]
+                              "projection payment_deadlines", "projection products", "projection sales"]
     assert body["checks"]["projection customers"] == "30.0 s behind the log (at most 10 s)"
     assert body["lagSeconds"]["customers"] == pytest.approx(30.0)
 

@@ -8,8 +8,8 @@ which. Every import counts, wherever it sits in a module (a function's own impor
 - infrastructure/projection imports persistence only (and those);
 - infrastructure/live imports persistence and security only (and those);
 - infrastructure/relay imports persistence only (and those);
-- nothing in infrastructure imports schema, commands, queries, domain, events, or the
-  composition root (`orderstream.bootstrap`, `orderstream.cli`);
+- nothing in infrastructure imports schema, commands, queries, domain, events, processes,
+  or the composition root (`orderstream.bootstrap`, `orderstream.cli`);
 - domain imports no infrastructure and no library that does I/O.
 
 And no module connects or reads settings while it is imported.
@@ -27,7 +27,7 @@ PACKAGE_DIR = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setu
 INFRASTRUCTURE = "orderstream.infrastructure"
 ROOMS = ("persistence", "projection", "live", "relay", "security", "web")
 APPLICATION = tuple(f"orderstream.{name}" for name in ("schema", "commands", "queries", "domain", "events",
-                                                       "bootstrap", "cli"))
+                                                       "processes", "bootstrap", "cli"))
 IO_LIBRARIES = ("sqlalchemy", "starlette", "strawberry", "graphql", "asyncpg", "aiosqlite", "alembic", "uvicorn",
                 "httpx", "redis", "limits", "cross_web", "socket", "sqlite3", "subprocess")
 

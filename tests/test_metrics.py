@@ -65,7 +65,7 @@ async def test_each_counter_moves_by_exactly_what_was_done(api: Api):
     assert moved("orderstream_graphql_request_duration_seconds_count", operation_type="mutation") == 5
     assert moved("orderstream_consistency_wait_seconds_count") == 1
 
-    projections = {"customers", "orders", "products", "sales", "exchange_rates"}
+    projections = {"customers", "orders", "products", "sales", "exchange_rates", "payment_deadlines"}
     lags = {dict(labels)["projection"]: v for (name, labels), v in after.items()
             if name == "orderstream_projection_lag_events"}
     assert set(lags) == projections and all(0 <= lag <= 4 for lag in lags.values())

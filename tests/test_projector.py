@@ -415,6 +415,7 @@ async def test_a_failing_projection_stops_visibly_and_resumes_from_its_checkpoin
             "products": (str(placed.position), str(placed.position), 0, None),
             "sales": (str(placed.position), str(placed.position), 0, None),
             "exchange_rates": (str(placed.position), str(placed.position), 0, None),
+            "payment_deadlines": (str(placed.position), str(placed.position), 0, None),
             "orders": (str(stopped.position), str(placed.position), placed.position - stopped.position,
                        stopped.error),
         }

@@ -18,6 +18,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js.api import StreamConfig
+from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.bootstrap import Service, relay
 from orderstream.commands.customer import RegisterCustomer
@@ -323,8 +324,51 @@ async def test_serve_relays_its_commits_and_says_so_in_healthz(tmp_path, broker_
         await until_published(broker_stream, position)
         health = (await server.http.get("/healthz")).json()
         assert health["relay"] == PUBLISHING and health["relayed"] == position
+        assert await relay_metrics(server) == {"orderstream_relay_position": position,
+                                               "orderstream_relay_lag_events": 0, "orderstream_relay_lag_seconds": 0}
     [message] = await broker_stream.messages()
     assert message.body["type"] == "CustomerRegistered" and b"Zebulon" not in message.raw
+
+
+async def relay_metrics(server) -> dict[str, float]:
+    """The relay's samples in /metrics, read with prometheus-client's parser."""
+    response = await server.http.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {sample.name: sample.value for family in text_string_to_metric_families(response.text)
+            for sample in family.samples if sample.name.startswith("orderstream_relay_")
+            and sample.labels == {"stream": server.settings.relay_stream}}
+
+
+async def test_metrics_count_what_the_relay_has_not_published_while_the_broker_is_away(tmp_path, broker_stream):
+    proxy = TcpProxy(broker_stream.url)
+    await proxy.up()
+    try:
+        async with real_server(tmp_path, broker_stream.environ(proxy.url)) as server:
+            registered = await server.http.post("/graphql", json={
+                "query": "mutation($input: RegisterCustomerInput!) { registerCustomer(input: $input) "
+                         "{ ... on RegisterCustomerSuccess { position } } }",
+                "variables": {"input": {"name": "Ann", "email": "ann@example.com", "country": "DE"}}},
+                headers=bearer("staff"))
+            first = int(registered.json()["data"]["registerCustomer"]["position"])
+            await until_published(broker_stream, first)
+            await proxy.down()
+            for name in ("Bea", "Cy"):
+                await server.http.post("/graphql", json={
+                    "query": "mutation($input: RegisterCustomerInput!) { registerCustomer(input: $input) "
+                             "{ __typename } }",
+                    "variables": {"input": {"name": name, "email": f"{name}@example.com", "country": "DE"}}},
+                    headers=bearer("staff"))
+            behind = await relay_metrics(server)
+            assert behind["orderstream_relay_position"] == first
+            assert behind["orderstream_relay_lag_events"] == 2
+            assert behind["orderstream_relay_lag_seconds"] > 0
+    finally:
+        await proxy.down()
+
+
+async def test_a_process_that_does_not_relay_reports_no_relay_figures(tmp_path):
+    async with real_server(tmp_path) as server:
+        assert await relay_metrics(server) == {}
 
 
 async def test_without_a_relay_url_there_is_no_relay(tmp_path):

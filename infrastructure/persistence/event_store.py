@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 _NO_METADATA = Metadata()
+Upcast = Callable[[RecordedEvent], RecordedEvent]
 # Events of this process's latest commits kept for `read`: a few batches of the projector
 # and the event hub.
 RECENT_EVENTS = 4096
@@ -60,11 +61,14 @@ class EventStore:
     """Append-only log of events in streams, with a global, gap-free position."""
 
     def __init__(self, url: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 inline: bool = False) -> None:
-        """`inline`: see `Database`."""
+                 inline: bool = False, upcast: Upcast | None = None) -> None:
+        """`inline`: see `Database`. `upcast`: turns an event read from the database into
+        its type's current shape (schema version and data); this process's own appends are
+        current already."""
         self.url = url
         # Where recorded_at comes from; tests that need events on given days pass their own.
         self.clock = clock
+        self._upcast = upcast
         self._db = Database(url, inline=inline)
         # The latest events this process committed, or was given (`remember`): `read`
         # serves the projector and the event hub from here, right after a commit, without
@@ -153,7 +157,7 @@ class EventStore:
         if until is None and limit is not None:
             # The loads of every command: a statement built once, as building one costs
             # more than running it.
-            return await self._db.read(partial(_fetch, _STREAM_PAGE, {**params, "limit": limit}))
+            return await self._db.read(partial(_fetch, _STREAM_PAGE, {**params, "limit": limit}, self._upcast))
         query = (
             select(events)
             .where(events.c.stream_id == stream_id, events.c.version > after_version)
@@ -164,14 +168,14 @@ class EventStore:
             query = query.where(events.c.recorded_at <= until)
         # A whole stream may be long: read where the event loop does not wait for it.
         run = self._db.read if limit is not None else self._db.scan
-        return await run(partial(_fetch, query, {}))
+        return await run(partial(_fetch, query, {}, self._upcast))
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events of the whole log after position `after`."""
         kept = self._recent.after(after, limit)
         if kept is not None:
             return kept
-        return await self._db.scan(partial(_fetch, _LOG_PAGE, {"after": after, "limit": limit}))
+        return await self._db.scan(partial(_fetch, _LOG_PAGE, {"after": after, "limit": limit}, self._upcast))
 
     def recent(self, after: int, limit: int) -> list[RecordedEvent] | None:
         """Up to `limit` events after position `after` from those kept in memory (see
@@ -226,8 +230,9 @@ class EventStore:
         return Snapshot(row.version, row.state) if row else None
 
 
-def _fetch(query, params: dict[str, Any], conn: Connection) -> list[RecordedEvent]:
-    """The events `query` selects, their sealed fields opened where the key still exists."""
+def _fetch(query, params: dict[str, Any], upcast: Upcast | None, conn: Connection) -> list[RecordedEvent]:
+    """The events `query` selects, their sealed fields opened where the key still exists,
+    upcast if `upcast` is given."""
     rows = conn.execute(query, params).mappings().all()
     keys = keys_of(conn, {personal_data.sealed_subject(row["data"]) for row in rows} - {None})
     recorded = []
@@ -236,7 +241,8 @@ def _fetch(query, params: dict[str, Any], conn: Connection) -> list[RecordedEven
         subject = personal_data.sealed_subject(row["data"])
         if subject is not None:
             row["data"] = personal_data.unseal(row["data"], keys.get(subject), row["event_id"])
-        recorded.append(RecordedEvent(**row))
+        event = RecordedEvent(**row)
+        recorded.append(upcast(event) if upcast is not None else event)
     return recorded
 
 

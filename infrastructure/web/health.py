@@ -114,10 +114,12 @@ class Health:
 class MetricsPage:
     """GET /metrics in Prometheus's text format. In production it answers only a bearer of
     `token`, and is not there at all without one; in development anyone may read it. The
-    log's head and the projections' lags are read now, as the scrape asks."""
+    log's head and the projections' lags are read now, as the scrape asks, and the relay's
+    where `relayed()` gives its stream and position (None: this process does not relay)."""
 
-    def __init__(self, metrics: Metrics, health: Health, production: bool, token: str | None) -> None:
-        self.metrics, self.health = metrics, health
+    def __init__(self, metrics: Metrics, health: Health, production: bool, token: str | None,
+                 relayed: Callable[[], tuple[str, int] | None] = lambda: None) -> None:
+        self.metrics, self.health, self.relayed = metrics, health, relayed
         self.open = not production
         self.expected = f"Bearer {token}".encode() if token else None
 
@@ -145,4 +147,9 @@ class MetricsPage:
         for name, checkpoint in checkpoints.items():
             metrics.projection_lag_events.labels(name).set(max(head - checkpoint.position, 0))
             metrics.projection_lag_seconds.labels(name).set(await self.health.lag(checkpoint.position, head))
+        if (relayed := self.relayed()) is not None:
+            stream, position = relayed
+            metrics.relay_position.labels(stream).set(position)
+            metrics.relay_lag_events.labels(stream).set(max(head - position, 0))
+            metrics.relay_lag_seconds.labels(stream).set(await self.health.lag(position, head))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
