@@ -8,6 +8,7 @@ they fail. NATS (the relay's tests): ORDERSTREAM_TEST_NATS_URL, else 127.0.0.1:4
 JetStream; each test gets a stream of its own, deleted at the end; skipped or failed alike.
 """
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,18 @@ from tests.support.broker import DEFAULT_NATS, BrokerStream
 from tests.support.clusters import PostgresClusters
 from tests.support.databases import BACKENDS, DEFAULT_POSTGRES, Databases, Postgres, run_aside, sqlite_url
 from tests.support.live import LiveServer, live_server
+
+
+@pytest.fixture(autouse=True)
+def root_logging_kept() -> Iterator[None]:
+    """The root logger's handlers as they were before the test: `orderstream.cli.main`, run
+    in-process by some tests, replaces them with one that writes to the test's captured
+    stderr, which is closed once the test ends."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
