@@ -4,9 +4,10 @@ tables, save their figures."""
 import argparse
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
-from bench import commands, fx_report, hot_aggregate, read_latency, rebuild, relay, scale_out, subscriptions
+from bench import commands, fx_report, hot_aggregate, idle_clients, read_latency, rebuild, relay, scale_out, soak, subscriptions
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
@@ -18,7 +19,10 @@ BENCHMARKS = {
     "subscriptions": subscriptions.run,
     "scale_out": scale_out.run,
     "relay": relay.run,
+    "idle_clients": idle_clients.run,
 }
+# Run only when named, for as long as --minutes says.
+TIMED = {"soak": soak.run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller data sets, for a check in a minute rather than a measurement")
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+                        help=f"benchmarks to run (default: all but {', '.join(TIMED)}):"
+                             f" {', '.join([*BENCHMARKS, *TIMED])}")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="how long soak runs (default 30, 1 with --quick)")
     args = parser.parse_args(argv)
-    if unknown := set(args.names) - set(BENCHMARKS):
-        parser.error(f"no benchmark {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    if unknown := set(args.names) - set(BENCHMARKS) - set(TIMED):
+        parser.error(f"no benchmark {', '.join(sorted(unknown))}; choose from {', '.join([*BENCHMARKS, *TIMED])}")
     chosen = {name: run for name, run in BENCHMARKS.items() if not args.names or name in args.names}
+    chosen |= {name: partial(run, minutes=args.minutes) for name, run in TIMED.items() if name in args.names}
     results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
 
