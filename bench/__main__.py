@@ -7,7 +7,18 @@ import traceback
 from functools import partial
 from pathlib import Path
 
-from bench import commands, fx_report, hot_aggregate, idle_clients, read_latency, rebuild, relay, scale_out, soak, subscriptions
+from bench import (
+    commands,
+    fx_report,
+    hot_aggregate,
+    idle_clients,
+    read_latency,
+    rebuild,
+    relay,
+    scale_out,
+    soak,
+    subscriptions,
+)
 
 # Add a benchmark module here; each one has `run(quick, results_dir) -> str`.
 BENCHMARKS = {
