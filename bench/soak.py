@@ -11,20 +11,23 @@ API. First its capacity is measured: 32 clients in a closed loop send the soak's
   so that a server falling behind shows in the latency rather than in a lower rate. The mix:
   6 placeOrder, 3 payOrder (of an order placed earlier and not yet paid), 1 registerCustomer
   in every 10;
-- **subscribers**: 20 WebSocket clients (graphql-transport-ws), each with
+- **subscribers**: 20 WebSocket clients (connected before the capacity is measured) (graphql-transport-ws), each with
   `subscription { events { position type } }` as staff, so every event goes to all of them;
   each one reads its socket as it comes (bench.subscriptions.FrameReader) and counts;
-- **queries**: 10 a second, `products(first: 20)` and `order(id)` of a recent order in turn.
+- **queries**: 10 a second, `products(first: 20)` and `order(id)` of one of the last 100
+  orders placed, in turn.
 
 Every 10 s it samples the server (its process and its children): resident memory (VmRSS),
 open file descriptors (/proc/<pid>/fd), the p99 of the commands and of the queries that ended
-in those 10 s, the projection lag (the largest `lag` of `projectionStatus`) and the
-messages the subscribers read. The figure plots them against time.
+in those 10 s, the projection lag (the largest `lag` of `projectionStatus`), the commands
+due and not answered yet (a backlog that grows is a server that does not keep up) and the
+messages the subscribers read. At the end, commands still waiting are cancelled. The figure plots them against time.
 
 Whether a figure grew: the median of the last third of the samples against the median of
 the first third (the first minute left out: the server warms its caches). It grew when the
 last third is above the first by more than a tolerance, given with the verdict: resident
-memory 10% and 10 MB; file descriptors 5; p99 50% and 5 ms; projection lag 100 events. A
+memory 10% and 10 MB; file descriptors 5; p99 50% and 5 ms; projection lag 100 events;
+commands pending 50. A
 line fitted through every sample after the first minute gives its slope per hour beside it.
 """
 
@@ -66,7 +69,8 @@ STATUS = "{ projectionStatus { name lag } }"
 MIX = ("placeOrder",) * 6 + ("payOrder",) * 3 + ("registerCustomer",)
 # (figure, relative tolerance, absolute tolerance): it grew when last > first * (1 + rel) + abs.
 TOLERANCES = (("rss_mb", 0.10, 10.0), ("open_fds", 0.0, 5.0), ("command_p99_ms", 0.5, 5.0),
-              ("query_p99_ms", 0.5, 5.0), ("projection_lag", 0.0, 100.0))
+              ("query_p99_ms", 0.5, 5.0), ("projection_lag", 0.0, 100.0),
+              ("commands_pending", 0.0, 50.0))
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,18 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
     async with server(orderstream_argv(data_dir), secret, folder / "serve.log") as (url, pid):
         load = Load(url, token, shop)
         await load.open(sizes.connections)
+        tally = Tally()
+        readers = [await subscribe(url, token, tally) for _ in range(sizes.subscribers)]
         try:
+            # With the subscribers connected: what they cost the server is part of its capacity.
             capacity = await load.capacity(sizes)
-            note(f"capacity: {capacity:,.0f} commands/s with {sizes.capacity_clients} clients;"
-                 f" soaking at {capacity / 2:,.0f}/s for {sizes.minutes:g} min")
-            samples = await soak(load, url, token, pid, capacity / 2, sizes)
+            note(f"capacity: {capacity:,.0f} commands/s with {sizes.capacity_clients} clients and"
+                 f" {sizes.subscribers} subscribers; soaking at {capacity / 2:,.0f}/s for {sizes.minutes:g} min")
+            samples = await soak(load, pid, capacity / 2, sizes, tally, readers)
         finally:
             load.close()
+            for reader in readers:
+                reader.transport.abort()
     return {"capacity_per_s": capacity, "rate_per_s": capacity / 2, "samples": samples,
             "verdict": verdict(samples, sizes), "first_errors": load.errors[:5]}
 
@@ -136,6 +145,7 @@ class Load:
         self.queries: list[tuple[float, float]] = []
         self.errors: list[str] = []
         self.sent = 0
+        self.pending = 0  # commands due and not answered yet: a backlog that grows is a server behind
 
     async def open(self, count: int) -> None:
         for _ in range(count):
@@ -145,8 +155,9 @@ class Load:
         while not self.idle.empty():
             self.idle.get_nowait().close()
 
-    async def post(self, payload: dict[str, Any], field: str) -> dict[str, Any] | None:
-        """One request on a free connection; the field's result, or None (counted as an error)."""
+    async def post(self, payload: dict[str, Any], field: str, nullable: bool = False) -> dict[str, Any] | None:
+        """One request on a free connection; the field's result, or None (counted as an error
+        unless the field is `nullable` and the answer has no error)."""
         connection = await self.idle.get()
         try:
             status, body = await connection.post(payload)
@@ -157,7 +168,10 @@ class Load:
             return None
         finally:
             self.idle.put_nowait(connection)
-        result = ((json.loads(body).get("data") if status == 200 else None) or {}).get(field)
+        answer = json.loads(body) if status == 200 else {}
+        result = (answer.get("data") or {}).get(field)
+        if result is None and nullable and status == 200 and "errors" not in answer:
+            return None
         # A mutation's result must be its success type; a query's has no __typename.
         if result is None or isinstance(result, dict) and "Success" not in result.get("__typename", "Success"):
             self.errors.append(f"{field}: {status} {body[:300].decode(errors='replace')}")
@@ -166,6 +180,13 @@ class Load:
 
     async def command(self, due: float) -> None:
         """The next command of the mix; its latency counts from `due`."""
+        self.pending += 1
+        try:
+            await self.send_command(due)
+        finally:
+            self.pending -= 1
+
+    async def send_command(self, due: float) -> None:
         kind = MIX[self.sent % len(MIX)]
         self.sent += 1
         if kind == "payOrder" and not self.unpaid:
@@ -191,7 +212,8 @@ class Load:
 
     async def query(self, due: float, number: int) -> None:
         if number % 2 and self.recent:
-            await self.post({"query": ORDER, "variables": {"id": self.recent[-1]}}, "order")
+            # Placed a while ago, most likely projected by now; null if not (yet) is no error.
+            await self.post({"query": ORDER, "variables": {"id": self.recent[0]}}, "order", nullable=True)
         else:
             await self.post({"query": PRODUCTS}, "products")
         now = time.perf_counter()
@@ -218,7 +240,8 @@ class Load:
 
 async def paced(rate: float, until: float, send) -> None:
     """Calls `send(due, number)` as a task every 1/rate seconds until `until`, whether or not
-    the earlier ones came back (an open loop); waits for the last ones."""
+    the earlier ones came back (an open loop); then cancels those still waiting, so that a
+    server that fell behind does not keep the run going."""
     started = time.perf_counter()
     tasks: set[asyncio.Task] = set()
     number = 0
@@ -228,7 +251,9 @@ async def paced(rate: float, until: float, send) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         number += 1
-    await asyncio.gather(*tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Tally:
@@ -257,9 +282,8 @@ async def subscribe(url: str, token: str, tally: Tally) -> FrameReader:
 # ---------------------------------------------------------------- the soak and its samples
 
 
-async def soak(load: Load, url: str, token: str, pid: int, rate: float, sizes: Sizes) -> list[dict[str, Any]]:
-    tally = Tally()
-    readers = [await subscribe(url, token, tally) for _ in range(sizes.subscribers)]
+async def soak(load: Load, pid: int, rate: float, sizes: Sizes, tally: Tally,
+               readers: list[FrameReader]) -> list[dict[str, Any]]:
     started = time.perf_counter()
     until = started + sizes.minutes * 60
     load.errors.clear()
@@ -267,18 +291,14 @@ async def soak(load: Load, url: str, token: str, pid: int, rate: float, sizes: S
                asyncio.create_task(paced(sizes.queries_per_s, until, load.query))]
     samples: list[dict[str, Any]] = []
     count = int(sizes.minutes * 60 / sizes.sample_s)
-    try:
-        with Progress(f"{NAME}: {sizes.minutes:g} min at {rate:,.0f} commands/s", count, unit="samples") as bar:
-            for number in range(1, count + 1):
-                await asyncio.sleep(max(0.0, started + number * sizes.sample_s - time.perf_counter()))
-                samples.append(await sample(load, pid, tally, readers, started))
-                bar.update(number)
-                if any(task.done() and task.exception() for task in traffic):
-                    break
-        await asyncio.gather(*traffic)
-    finally:
-        for reader in readers:
-            reader.transport.abort()
+    with Progress(f"{NAME}: {sizes.minutes:g} min at {rate:,.0f} commands/s", count, unit="samples") as bar:
+        for number in range(1, count + 1):
+            await asyncio.sleep(max(0.0, started + number * sizes.sample_s - time.perf_counter()))
+            samples.append(await sample(load, pid, tally, readers, started))
+            bar.update(number)
+            if any(task.done() and task.exception() for task in traffic):
+                break
+    await asyncio.gather(*traffic)
     return samples
 
 
@@ -300,6 +320,7 @@ async def sample(load: Load, pid: int, tally: Tally, readers: list[FrameReader],
         "query_p99_ms": p99([seconds for _, seconds in queries]),
         "commands_per_s": len(commands) / (commands[-1][0] - commands[0][0]) if len(commands) > 1 else 0.0,
         "projection_lag": max(lags),
+        "commands_pending": load.pending,
         "subscriber_messages": tally.count,
         "subscribers_lost": sum(1 for reader in readers if reader.lost),
         "errors": len(load.errors),
