@@ -68,7 +68,8 @@ class Service:
         self.settings = settings
         self.store = EventStore(settings.event_store_url, clock=clock, inline=inline)
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline,
-                              waited=metrics.consistency_wait.observe if metrics else None)
+                              waited=metrics.consistency_wait.observe if metrics else None,
+                              log_head=self.store.head)
         self.dispatcher = Dispatcher(self.store, COMMAND_HANDLERS, metrics=metrics)
         self.projector = Projector(self.store, self.read, projections())
         self.hub = EventHub(self.store)

@@ -330,3 +330,18 @@ async def test_a_mutation_over_a_limit_appends_nothing(shop: Shop):
     _, body = await shop.send(add_products(LIMITS.max_aliases))
     assert [result["__typename"] for result in body["data"].values()] == ["ProductSuccess"] * LIMITS.max_aliases
     assert [kind for _, kind, _ in shop.events_after(before)] == ["ProductAdded"] * LIMITS.max_aliases
+
+
+async def test_a_position_beyond_the_log_is_refused_rather_than_waited_for(shop: Shop):
+    """Found by schemathesis: such a `consistentWith` held the request for the whole timeout,
+    then answered CONSISTENCY_TIMEOUT; no projection can ever reach it."""
+    head = shop.head()
+    for query in ('product(sku: "MUG", consistentWith: $at) { sku }', "products(consistentWith: $at) { totalCount }",
+                  f'customer(id: "{shop.customers[0]}", consistentWith: $at) {{ id }}',
+                  f'order(id: "{shop.orders[0]}", consistentWith: $at) {{ id }}'):
+        _, body = await shop.send(f"query($at: Position!) {{ {query} }}", variables={"at": str(head + 1)})
+        assert [error["extensions"]["code"] for error in body["errors"]] == ["BAD_USER_INPUT"], body
+        assert body["errors"][0]["message"] == (f"position {head + 1} is not in the log, which ends at {head};"
+                                                " pass the position a mutation returned")
+        _, body = await shop.send(f"query($at: Position!) {{ {query} }}", variables={"at": str(head)})
+        assert "errors" not in body and all(body["data"].values()), body
