@@ -197,7 +197,7 @@ CALLERS = st.sampled_from(["anonymous", "customer", "staff"])
 
 
 @pytest.mark.parametrize("mode", [Mode.POSITIVE, Mode.NEGATIVE], ids=["valid", "one-violation"])
-@settings(max_examples=40, **FUZZ_SETTINGS)
+@settings(max_examples=100, **FUZZ_SETTINGS)
 @given(data=st.data())
 async def test_generated_queries_are_answered_and_write_nothing(shop: Shop, mode: Mode, data: st.DataObject):
     document = data.draw(queries(shop.schema, custom_scalars=CUSTOM_SCALARS, mode=mode), label="query")
@@ -211,7 +211,7 @@ async def test_generated_queries_are_answered_and_write_nothing(shop: Shop, mode
 
 
 @pytest.mark.parametrize("mode", [Mode.POSITIVE, Mode.NEGATIVE], ids=["valid", "one-violation"])
-@settings(max_examples=60, **FUZZ_SETTINGS)
+@settings(max_examples=120, **FUZZ_SETTINGS)
 @given(data=st.data())
 async def test_generated_mutations_append_whole_commands_or_nothing(shop: Shop, mode: Mode, data: st.DataObject):
     name = data.draw(st.sampled_from(sorted(shop.schema.mutation_type.fields)), label="mutation")
