@@ -4,6 +4,7 @@ running server (the command is in docs/guarantees.md):
     SCHEMATHESIS_HOOKS=tests.support.schemathesis_hooks st run http://127.0.0.1:8000/graphql ...
 
 Date and DateTime schemathesis knows already. Values of the right shape and ones that are not.
+schemathesis is no dependency of the project: it runs from a virtual environment of its own.
 """
 
 import schemathesis
