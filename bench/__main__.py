@@ -4,6 +4,7 @@ tables, save their figures."""
 import argparse
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 from bench import (
@@ -12,12 +13,14 @@ from bench import (
     fx_report,
     hot_aggregate,
     http_load,
+    idle_clients,
     observability,
     read_latency,
     rebuild,
     relay,
     replicas,
     scale_out,
+    soak,
     subscriptions,
 )
 
@@ -35,7 +38,10 @@ BENCHMARKS = {
     "freshness": freshness.run,
     "observability": observability.run,
     "replicas": replicas.run,
+    "idle_clients": idle_clients.run,
 }
+# Run only when named, for as long as --minutes says.
+TIMED = {"soak": soak.run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller data sets, for a check in a minute rather than a measurement")
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+                        help=f"benchmarks to run (default: all but {', '.join(TIMED)}):"
+                             f" {', '.join([*BENCHMARKS, *TIMED])}")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="how long soak runs (default 30, 1 with --quick)")
     args = parser.parse_args(argv)
-    if unknown := set(args.names) - set(BENCHMARKS):
-        parser.error(f"no benchmark {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    if unknown := set(args.names) - set(BENCHMARKS) - set(TIMED):
+        parser.error(f"no benchmark {', '.join(sorted(unknown))}; choose from {', '.join([*BENCHMARKS, *TIMED])}")
     chosen = {name: run for name, run in BENCHMARKS.items() if not args.names or name in args.names}
+    chosen |= {name: partial(run, minutes=args.minutes) for name, run in TIMED.items() if name in args.names}
     results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
 

@@ -41,6 +41,9 @@ class Settings:
       ORDERSTREAM_MAX_QUERY_ALIASES [15], ORDERSTREAM_MAX_QUERY_COST [20000]: see QueryLimits.
     - ORDERSTREAM_MAX_QUERY_DIRECTIVES [50]: directives in one document (see QueryLimits).
     - ORDERSTREAM_MAX_BODY_BYTES [1048576]: larger request bodies get 413.
+    - ORDERSTREAM_MAX_CONNECTIONS: open connections per `serve` process (HTTP and WebSocket,
+      idle ones too) [the soft limit on open files less 128]; beyond it a request gets 503
+      and a WebSocket close code 1013 (web.connections).
     - ORDERSTREAM_CORS_ORIGINS: comma-separated origins (`https://shop.example.com`) whose
       pages may call the API [none]; ORDERSTREAM_WS_ORIGINS: those that may open a
       WebSocket [the CORS origins]. Same-origin pages and non-browser clients always may.
@@ -101,6 +104,8 @@ class Settings:
     environment: str = "development"
     query_limits: QueryLimits = QueryLimits()
     max_body_bytes: int = 1024 * 1024
+    # None: web.connections.default_max_connections, from the limit on open files.
+    max_connections: int | None = None
     cors_origins: tuple[str, ...] = ()
     websocket_origins: tuple[str, ...] = ()
     rate_limit: float = 50.0
@@ -147,6 +152,7 @@ class Settings:
                 introspection=development if env.introspection is None else env.introspection,
                 suggestions=development if env.field_suggestions is None else env.field_suggestions),
             max_body_bytes=env.max_body_bytes,
+            max_connections=env.max_connections,
             cors_origins=env.cors_origins,
             websocket_origins=env.cors_origins if env.ws_origins is None else env.ws_origins,
             rate_limit=env.rate_limit,
@@ -211,6 +217,7 @@ class Environment(BaseSettings):
     max_query_cost: int = Field(LIMITS.max_cost, ge=1, description="a whole number, at least 1")
     max_query_directives: int = Field(LIMITS.max_directives, ge=0, description="a whole number, at least 0")
     max_body_bytes: int = Field(Settings.max_body_bytes, ge=1, description="a number of bytes, at least 1")
+    max_connections: int | None = Field(None, ge=1, description="a whole number of connections, at least 1")
     cors_origins: Origins = Field((), description=ORIGINS)
     ws_origins: Origins | None = Field(None, description=ORIGINS)
     rate_limit: float = Field(Settings.rate_limit, ge=0, allow_inf_nan=False,

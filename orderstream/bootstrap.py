@@ -103,7 +103,8 @@ class Service:
         self.store = EventStore(settings.event_store_url, clock=clock, inline=inline,
                                 upcast=upcaster(settings.payment_timeout))
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline,
-                              waited=metrics.consistency_wait.observe if metrics else None)
+                              waited=metrics.consistency_wait.observe if metrics else None,
+                              log_head=self.store.head)
         self.dispatcher = Dispatcher(self.store, command_handlers(settings.payment_timeout), metrics=metrics,
                                      tracing=self.tracing)
         self.projector = Projector(self.store, self.read, projections(), tracing=self.tracing)

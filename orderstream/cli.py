@@ -30,6 +30,7 @@ from orderstream.infrastructure.projection.process import project_as_child
 from orderstream.infrastructure.relay.relay import Destination, stream_status
 from orderstream.infrastructure.security.auth import ROLES, TokenVerifier
 from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.web.connections import default_max_connections, limited
 from orderstream.queries.projection_status import projection_status
 from orderstream.schema.app import build_schema
 
@@ -58,8 +59,11 @@ def _serve(args: argparse.Namespace) -> None:
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.end_streams)
             super().handle_exit(sig, frame)
 
+    max_connections = settings.max_connections or default_max_connections()
+    log.info("accepting up to %d connections", max_connections)
     # log_config=None: uvicorn's access and error logs go through infrastructure.logs, as ours do.
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None)).run()
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None,
+                          http=limited(max_connections))).run()
 
 
 def _settle_heap() -> None:

@@ -174,42 +174,61 @@ async def test_the_query_waits_for_a_projector_in_another_process(tmp_path: Path
 
 @pytest.fixture
 async def impatient_api(tmp_path: Path) -> AsyncIterator[Api]:
+    """The app with a 0.3 s consistency timeout and no projector: nothing is ever projected."""
     settings = Settings.load(str(tmp_path), environ={"ORDERSTREAM_JWT_SECRET": SECRET,
                                                      "ORDERSTREAM_CONSISTENCY_TIMEOUT": "0.3"})
-    app = build_app(settings)
+    app = build_app(settings, "off")
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://orderstream") as http:
             yield Api(http, settings.data_dir)
 
 
-async def test_a_position_beyond_the_head_times_out_with_a_code(impatient_api: Api):
+async def test_a_position_not_projected_in_time_times_out_with_a_code(impatient_api: Api):
     api = impatient_api
     success = await mutate(api, ADD_PRODUCT, "addProduct", {
         "sku": "T-1", "name": "Timer", "price": {"amount": "1.00", "currency": "EUR"}, "initialStock": 1}, STAFF)
-    # The position just written is reached: no timeout.
-    data = await query(api, PRODUCT, {"sku": "T-1", "at": success["position"]})
-    assert data["product"]["sku"] == "T-1"
 
-    beyond = str(int(success["position"]) + 1_000_000)
     started = time.monotonic()
     result = await api.execute("""
         query($at: Position) {
           product(sku: "T-1", consistentWith: $at) { sku }
           now: product(sku: "T-1") { sku }
-        }""", {"at": beyond})
-    elapsed = time.monotonic() - started
-    assert 0.25 <= elapsed < 3  # it waited, and it came back
-    assert result["data"] == {"product": None, "now": {"sku": "T-1"}}
+        }""", {"at": success["position"]})
+    assert time.monotonic() - started >= 0.25  # it waited
+    assert result["data"] == {"product": None, "now": None}
     [error] = result["errors"]
     assert error["path"] == ["product"]
     assert error["extensions"]["code"] == "CONSISTENCY_TIMEOUT"
 
     # A non-null field that times out takes the whole (nullable) data with it.
     result = await api.execute("""query($at: Position) {
-        products(consistentWith: $at) { totalCount } }""", {"at": beyond})
+        products(consistentWith: $at) { totalCount } }""", {"at": success["position"]})
     assert result["data"] is None
     assert [e["extensions"]["code"] for e in result["errors"]] == ["CONSISTENCY_TIMEOUT"]
+
+
+async def test_a_position_beyond_the_log_is_refused_without_waiting(api: Api):
+    success = await mutate(api, ADD_PRODUCT, "addProduct", {
+        "sku": "T-1", "name": "Timer", "price": {"amount": "1.00", "currency": "EUR"}, "initialStock": 1}, STAFF)
+    # The position just written is reached.
+    data = await query(api, PRODUCT, {"sku": "T-1", "at": success["position"]})
+    assert data["product"]["sku"] == "T-1"
+
+    # No projection will ever reach a position the log does not hold: waiting would only
+    # hold the request for the whole timeout.
+    beyond = int(success["position"]) + 1_000_000
+    result = await api.execute("""
+        query($at: Position) {
+          product(sku: "T-1", consistentWith: $at) { sku }
+          now: product(sku: "T-1") { sku }
+        }""", {"at": str(beyond)})
+    assert result["data"] == {"product": None, "now": {"sku": "T-1"}}
+    [error] = result["errors"]
+    assert error["path"] == ["product"]
+    assert error["extensions"]["code"] == "BAD_USER_INPUT"
+    assert error["message"] == (f"position {beyond} is not in the log, which ends at {success['position']};"
+                                " pass the position a mutation returned")
 
 
 @pytest.mark.parametrize("position", [

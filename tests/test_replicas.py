@@ -166,6 +166,16 @@ async def test_replay_paused_past_the_timeout_answers_consistency_timeout(
 
 
 @pytest.mark.slow
+async def test_a_position_beyond_the_log_is_refused_on_a_replica_too(api: Api) -> None:
+    order_id, position = await place_order(api, "SKU-B1")
+
+    body = await read_order(api, order_id, position + 1_000)
+
+    # Not the CONSISTENCY_TIMEOUT of a wait that could never end.
+    assert [error["extensions"]["code"] for error in body["errors"]] == ["BAD_USER_INPUT"], body
+
+
+@pytest.mark.slow
 async def test_with_fallback_to_the_primary_the_paused_replica_is_passed_over(
         tmp_path: Path, pair: Pair, standby: Cluster) -> None:
     async for api in replica_api(tmp_path, pair, ORDERSTREAM_CONSISTENCY_TIMEOUT="1",

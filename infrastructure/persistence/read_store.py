@@ -11,7 +11,7 @@ projections it reads have reached a position.
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import conv
 
-from orderstream.infrastructure.errors import PublicError
+from orderstream.infrastructure.errors import BadUserInput, PublicError
 from orderstream.infrastructure.persistence.database import Database, UTCDateTime
 from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL
 
@@ -89,10 +89,13 @@ class ReadStore:
     Connection, see `Database`), run by `write` and `read`."""
 
     def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1,
-                 inline: bool = False, waited: Callable[[float], None] | None = None) -> None:
+                 inline: bool = False, waited: Callable[[float], None] | None = None,
+                 log_head: Callable[[], Awaitable[int]] | None = None) -> None:
         """`inline`: see `Database`. `waited(seconds)` after each wait for a position, however
-        it ended (the metrics' consistency waits)."""
+        it ended (the metrics' consistency waits). `log_head()`: the log's newest position, to
+        refuse at once a wait for a position the log does not hold (else it times out)."""
         self.url = url
+        self.log_head = log_head
         self.consistency_timeout = consistency_timeout
         self.waited = waited
         # How often a waiting query re-reads the checkpoints, for projectors elsewhere.
@@ -199,6 +202,14 @@ class ReadStore:
         notifications, waits and `refresh`): known in memory, never read for the asking."""
         return MappingProxyType(self._positions)
 
+    async def refuse_beyond_log(self, position: int) -> None:
+        """Raise BadUserInput if `position` is past the log's end: a client's typo or a guess,
+        which no projection will ever reach (waiting for it would hold the request until the
+        timeout for nothing)."""
+        if self.log_head is not None and position > (head := await self.log_head()):
+            raise BadUserInput(f"position {position} is not in the log, which ends at {head};"
+                               " pass the position a mutation returned")
+
     async def wait_for(self, position: int | None, names: Iterable[str],
                        timeout: float | None = None) -> None:
         """Return once every projection in `names` has applied `position`.
@@ -213,6 +224,8 @@ class ReadStore:
             return
         names = tuple(names)
         timeout = self.consistency_timeout if timeout is None else timeout
+        if not all(self._positions.get(name, 0) >= position for name in names):
+            await self.refuse_beyond_log(position)
         started = time.monotonic()
         deadline = started + timeout
         try:

@@ -349,6 +349,8 @@ class ReplicaReads:
             _pinned.set(self.primary)
             await self.primary.wait_for(position, names, timeout)
             return
+        if not all(source.positions.get(name, 0) >= position for name in names):
+            await self.primary.refuse_beyond_log(position)
         started = time.monotonic()
         try:
             reached = await source.wait_for(position, names, started + timeout)
