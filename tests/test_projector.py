@@ -310,8 +310,9 @@ async def test_a_killed_projector_process_resumes_without_loss_or_duplicates(tmp
     assert head > 2000
     rng = random.Random(5)
     # Each kill lands somewhere in the batch after the first one the process committed
-    # (the default batch is 500 events, a few tens of milliseconds of work).
-    stopped = [kill_while_projecting(tmp_path, rng.uniform(0, 0.05)) for _ in range(3)]
+    # (the default batch is 500 events, about 15 milliseconds of work here; a longer wait
+    # let the third process reach the head before it was killed).
+    stopped = [kill_while_projecting(tmp_path, rng.uniform(0, 0.015)) for _ in range(3)]
     assert all(min(left.values()) < head for left in stopped), stopped
 
     service = Service(Settings.load(str(tmp_path), environ={}))
