@@ -21,9 +21,9 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.infrastructure.metrics import TRANSPORTS
-from tests.support.graphql_ws import LEGACY_WS, TRANSPORT_WS, connect, receive, start
+from tests.support.graphql_ws import LEGACY_WS, TRANSPORT_WS, connect, start
 from tests.support.live import STAFF, LiveServer, add_product, place_order, register, stop, wait_until
-from tests.support.streams import SSE, results_of, stream_request
+from tests.support.streams import SSE, results_of, stream_request, ws_results
 from tests.support.tokens import token
 
 # Real servers and clients on every transport: seconds.
@@ -121,7 +121,7 @@ async def subscribed(server: LiveServer, transport: str, bearer: str, query: str
         client.ws = await connect(server, bearer, transport, compression=None)
         try:
             await start(client.ws, "1", query, variables, transport)
-            client.reading = asyncio.create_task(client.read(_ws_results(client.ws)))
+            client.reading = asyncio.create_task(client.read(ws_results(client.ws)))
             yield client
         finally:
             await stop(client.reading)
@@ -136,19 +136,6 @@ async def subscribed(server: LiveServer, transport: str, bearer: str, query: str
         finally:
             await stop(client.reading)
 
-
-async def _ws_results(ws) -> AsyncIterator[dict[str, Any]]:
-    while True:
-        message = await receive(ws)
-        if message["type"] in ("next", "data"):
-            yield message["payload"]
-        elif message["type"] == "error":
-            payload = message["payload"]
-            yield {"errors": payload if isinstance(payload, list) else [payload]}
-            return
-        else:
-            assert message["type"] == "complete", message
-            return
 
 
 async def test_each_transport_counts_its_subscriptions_and_every_message_once_per_subscriber(server):

@@ -98,7 +98,7 @@ async def subscribe(server: LiveServer, transport: str, bearer: str | None, quer
         ws = await connect(server, bearer, transport, compression=None)
         try:
             await start(ws, "1", query, variables or {}, transport)
-            yield _ws_results(ws)
+            yield ws_results(ws)
         finally:
             await ws.close()
         return
@@ -112,7 +112,8 @@ def results_of(transport: str, response: httpx.Response) -> AsyncIterator[dict[s
     return _sse_results(response) if transport == SSE else _multipart_results(response)
 
 
-async def _ws_results(ws) -> AsyncIterator[dict[str, Any]]:
+async def ws_results(ws) -> AsyncIterator[dict[str, Any]]:
+    """The execution results a WebSocket subscription sends, until it completes or fails."""
     while True:
         message = await receive(ws)
         if message["type"] in ("next", "data"):
