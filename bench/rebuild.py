@@ -556,7 +556,7 @@ STOCK_CHANGES = {"ProductRestocked": (1, 0), "StockReserved": (-1, 1), "StockRel
 
 
 def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
-    """What the five projections do with one event, as plain SQL (exchange_rates: the history
+    """What the six projections do with one event, as plain SQL (exchange_rates: the history
     sets no rate, so a payment is kept and bucketed in its own currency only)."""
     data, at = e.data, e.recorded_at
     match e.type:
@@ -582,12 +582,17 @@ def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
                        (available * data["quantity"], reserved * data["quantity"], e.version, at, e.stream_id))
         case "OrderPlaced":
             address = data["shipping_address"] or {}
+            due = stored_time(data["payment_due_at"]) if data.get("payment_due_at") else None
             db.execute("INSERT INTO orders (order_id, customer_id, status, total, currency, ship_name, ship_line1,"
                        " ship_line2, ship_city, ship_postal_code, ship_country, placed_at, placed_position,"
-                       " updated_at, version) VALUES (?, ?, 'PENDING', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       " updated_at, version, payment_due_at)"
+                       " VALUES (?, ?, 'PENDING', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (data["order_id"], data["customer_id"], data["total"], data["currency"],
                         address.get("name"), address.get("line1"), address.get("line2"), address.get("city"),
-                        address.get("postal_code"), address.get("country"), at, e.position, at, e.version))
+                        address.get("postal_code"), address.get("country"), at, e.position, at, e.version, due))
+            if due is not None:
+                db.execute("INSERT INTO payment_deadlines (order_id, due_at, placed_version) VALUES (?, ?, ?)",
+                           (data["order_id"], due, e.version))
             db.executemany("INSERT INTO order_lines (order_id, line_no, sku, name, quantity, unit_price, currency)"
                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(data["order_id"], number, line["sku"], line["name"], line["quantity"],
@@ -595,6 +600,7 @@ def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
                             for number, line in enumerate(data["lines"], start=1)])
         case "OrderPaid":
             change_order(db, e, status="PAID")
+            db.execute("DELETE FROM payment_deadlines WHERE order_id = ?", (data["order_id"],))
             amount = int(Decimal(data["amount"]).scaleb(PRECISION[data["currency"]]))
             db.execute("INSERT INTO sales_paid_orders (order_id, currency, amount_minor) VALUES (?, ?, ?)",
                        (data["order_id"], data["currency"], amount))
@@ -610,6 +616,7 @@ def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
             change_order(db, e, status="DELIVERED")
         case "OrderCancelled":
             change_order(db, e, status="CANCELLED", cancel_reason=data["reason"])
+            db.execute("DELETE FROM payment_deadlines WHERE order_id = ?", (data["order_id"],))
             paid = db.execute("SELECT currency, amount_minor FROM sales_paid_orders WHERE order_id = ?",
                               (data["order_id"],)).fetchone()
             if paid is not None:
@@ -622,6 +629,11 @@ def apply_plainly(db: sqlite3.Connection, e: Plain) -> None:
                 add_sale(db, at, payment[0], -1, -payment[1], table="fx_buckets", currency="reporting_currency")
         case _:
             raise BenchmarkError(f"the ceiling does not know {e.type}")
+
+
+def stored_time(iso: str) -> str:
+    """An ISO-8601 time as the read models store it: naive UTC text with microseconds."""
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def change_order(db: sqlite3.Connection, e: Plain, **changes: str) -> None:
