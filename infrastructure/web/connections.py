@@ -33,6 +33,8 @@ from typing import Any
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
+from orderstream.infrastructure.web.coalescing import CoalescingTransport
+
 # File descriptors kept for what is not a client connection: the databases and their
 # journals, the projector's pipe, log files, PostgreSQL pools and notifications.
 RESERVED_DESCRIPTORS = 128
@@ -53,15 +55,20 @@ def default_max_connections() -> int:
 
 def limited(max_connections: int, http: str = "auto") -> Callable[..., asyncio.Protocol]:
     """uvicorn's HTTP protocol `http` (a name of `uvicorn --http`), refusing connections
-    beyond `max_connections` open ones (see the module's docstring)."""
+    beyond `max_connections` open ones (see the module's docstring), and writing to each
+    connection once per turn of the event loop (web.coalescing)."""
     protocol = import_from_string(HTTP_PROTOCOLS[http])
     lingering: set[Refusal] = set()
     message = f"This server holds its limit of {max_connections} open connections; retry shortly or elsewhere."
 
     def create(**arguments: Any) -> asyncio.Protocol:
-        if len(arguments["server_state"].connections) < max_connections:
-            return protocol(**arguments)
-        return Refusal(message, lingering)
+        if len(arguments["server_state"].connections) >= max_connections:
+            return Refusal(message, lingering)
+        accepted = protocol(**arguments)
+        made = accepted.connection_made
+        accepted.connection_made = lambda transport: made(
+            CoalescingTransport(transport, asyncio.get_running_loop()))
+        return accepted
 
     return create
 

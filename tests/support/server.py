@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 
 from orderstream.bootstrap import build_app
 from orderstream.infrastructure.settings import Settings
+from orderstream.infrastructure.web.connections import default_max_connections, limited
 from orderstream.schema.app import GraphQLApp
 from tests.support.tokens import SECRET
 
@@ -81,8 +82,9 @@ async def real_server(data_dir: Path, environ: Mapping[str, str] | None = None, 
     lifespan has started, stops the server when the block ends."""
     settings = Settings.load(str(data_dir), environ=settings_environ(environ, secret))
     app = build_app(settings)
+    # The protocol `orderstream serve` runs: its connection limit, one write per turn.
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, http=limited(default_max_connections())))
     running = asyncio.create_task(server.serve())
     while not server.started:
         if running.done():
