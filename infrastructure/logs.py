@@ -1,5 +1,5 @@
 """How the process logs: every record of Python's logging (ours, uvicorn's, the libraries')
-rendered by structlog, as one JSON object per line or as lines readable in a terminal.
+rendered as one JSON object per line or as lines readable in a terminal.
 
 Modules log with the standard `logging.getLogger(...)`; nothing here is needed for that.
 Each line carries `timestamp` (UTC, ISO 8601), `level`, `logger` and `event` (the message),
@@ -15,14 +15,15 @@ What is logged is chosen so that nothing personal reaches it: no request bodies,
 strings, no headers (tokens), no addresses; events are logged by position, never by content.
 """
 
+import json
 import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any
-
-import structlog
 
 from orderstream.infrastructure.errors import SettingsError
 
@@ -35,6 +36,8 @@ SETTING = "ORDERSTREAM_LOG_FORMAT"
 FORMATS = ("text", "json")
 # What `extra=` may add to a line: named here, so that no call can log a whole object by accident.
 EXTRA_FIELDS = ("command", "outcome", "position")
+
+_request_id: ContextVar[str | None] = ContextVar("orderstream_request_id", default=None)
 
 
 def log_format(environ: Mapping[str, str] = os.environ) -> str:
@@ -50,28 +53,8 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
     """Send every record of Python's logging to `stream` (stderr by default: a projector
     process's stdout carries its checkpoints), rendered as `format` (see FORMATS). Replaces
     the root logger's handlers; uvicorn, given `log_config=None`, logs through them too."""
-    stream = stream or sys.stderr
-    if format == "json":
-        renderer: Any = structlog.processors.JSONRenderer()
-        tracebacks: list[Any] = [structlog.processors.format_exc_info]
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        tracebacks = []
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            structlog.contextvars.merge_contextvars,
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            structlog.stdlib.ExtraAdder(allow=EXTRA_FIELDS),
-            _access_line,
-            _trace_id,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-        ],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tracebacks, renderer],
-        pass_foreign_args=True,
-    )
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(LineFormatter(json_lines=format == "json"))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -82,28 +65,56 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
 @contextmanager
 def request_scope(request_id: str) -> Iterator[None]:
     """Every line logged in this block (in this task and the tasks it starts) carries `request_id`."""
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
+    token = _request_id.set(request_id)
+    try:
         yield
+    finally:
+        _request_id.reset(token)
 
 
-def _access_line(logger: Any, method_name: str, event: dict[str, Any]) -> dict[str, Any]:
+class LineFormatter(logging.Formatter):
+    """A record as one line: a JSON object, or `timestamp [level] event [logger] key=value ...`
+    for a terminal. A traceback follows a text line as Python prints it; in JSON it is the
+    `exception` field. The fields are built here from the record's own parts, never from
+    its arguments (they may hold anything), except uvicorn's access line (`_access_fields`).
+    Every request logs through here, so it is kept to one pass over a record."""
+
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__()
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {"timestamp": datetime.fromtimestamp(record.created, UTC).isoformat()[:-6] + "Z",
+                                  "level": record.levelname.lower(), "logger": record.name}
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            fields.update(_access_fields(*record.args))
+        else:
+            fields["event"] = record.getMessage()
+        if (request_id := _request_id.get()) is not None:
+            fields["request_id"] = request_id
+        for name in EXTRA_FIELDS:
+            if name in record.__dict__:
+                fields[name] = record.__dict__[name]
+        if trace is not None:
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                fields["trace_id"] = format(context.trace_id, "032x")
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if self.json_lines:
+            return json.dumps(fields, default=str)
+        exception = fields.pop("exception", None)
+        timestamp, level, event, logger = (fields.pop(name) for name in ("timestamp", "level", "event", "logger"))
+        line = f"{timestamp} [{level:<9}] {event:<30} [{logger}]"
+        if fields:
+            line += " " + " ".join(f"{name}={value}" for name, value in sorted(fields.items()))
+        return line if exception is None else f"{line}\n{exception}"
+
+
+def _access_fields(_client: object, method: object, full_path: object, http_version: object,
+                   status: object) -> dict[str, Any]:
     """uvicorn's access line, rebuilt from its parts: the path without its query string, and
     no client address."""
-    # Every line's arguments are here (pass_foreign_args), and are not logged: only these.
-    arguments = event.pop("positional_args", ())
-    record = event.get("_record")
-    if record is None or record.name != "uvicorn.access" or len(arguments) != 5:
-        return event
-    _client, method, full_path, http_version, status = arguments
     path = str(full_path).partition("?")[0]
-    event.update(event=f"{method} {path} {status}", method=method, path=path, status=status,
-                 http_version=http_version)
-    return event
-
-
-def _trace_id(logger: Any, method_name: str, event: dict[str, Any]) -> dict[str, Any]:
-    if trace is not None:
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            event["trace_id"] = format(context.trace_id, "032x")
-    return event
+    return {"event": f"{method} {path} {status}", "method": method, "path": path, "status": status,
+            "http_version": http_version}

@@ -120,6 +120,21 @@ def test_the_default_format_is_readable_text():
     assert EMAIL not in line  # only the fields EXTRA_FIELDS names are taken from `extra`
 
 
+@pytest.mark.parametrize("format", logs.FORMATS)
+def test_a_traceback_shows_no_local_variables(format):
+    def failing(email: str) -> None:
+        raise ValueError("refused")
+
+    with captured(format) as stream:
+        try:
+            failing(EMAIL)
+        except ValueError:
+            logging.getLogger("orderstream.errors").exception("unexpected error")
+    written = stream.getvalue()
+    assert "ValueError: refused" in written and "in failing" in written
+    assert EMAIL not in written
+
+
 def test_a_line_logged_within_a_span_carries_its_trace_id():
     sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="the OpenTelemetry SDK is not installed")
     tracer = sdk.TracerProvider().get_tracer("tests")
