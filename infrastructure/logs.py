@@ -15,6 +15,7 @@ What is logged is chosen so that nothing personal reaches it: no request bodies,
 strings, no headers (tokens), no addresses; events are logged by position, never by content.
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
     """Send every record of Python's logging to `stream` (stderr by default: a projector
     process's stdout carries its checkpoints), rendered as `format` (see FORMATS). Replaces
     the root logger's handlers; uvicorn, given `log_config=None`, logs through them too."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = TurnBuffered(stream or sys.stderr)
     handler.setFormatter(LineFormatter(json_lines=format == "json"))
     root = logging.getLogger()
     for old in root.handlers[:]:
@@ -70,6 +71,48 @@ def request_scope(request_id: str) -> Iterator[None]:
         yield
     finally:
         _request_id.reset(token)
+
+
+class TurnBuffered(logging.StreamHandler):
+    """Writes the lines logged in one turn of the event loop together, at the end of the
+    turn: a request logs two lines, and a write to the log for each was a system call per
+    line on the server's busiest thread. Lines logged where no loop runs (start-up, other
+    threads) are written at once, and `flush` (at exit too) writes what is held."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.held: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # as logging does: a record that cannot be formatted is reported, not raised
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write([*self.held, line])
+            self.held.clear()
+            return
+        if not self.held:
+            loop.call_soon(self.flush)
+        self.held.append(line)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.held:
+                lines, self.held = self.held, []
+                self._write(lines)
+            else:
+                super().flush()
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except Exception:  # a closed or full stream: logging reports it and goes on
+            self.handleError(logging.makeLogRecord({"msg": "".join(lines)}))
 
 
 class LineFormatter(logging.Formatter):

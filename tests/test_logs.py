@@ -4,6 +4,7 @@ The main test runs `orderstream serve` with ORDERSTREAM_LOG_FORMAT=json as an op
 would, sends it real requests carrying personal data, and reads what it wrote.
 """
 
+import asyncio
 import io
 import json
 import logging
@@ -133,6 +134,24 @@ def test_a_traceback_shows_no_local_variables(format):
     written = stream.getvalue()
     assert "ValueError: refused" in written and "in failing" in written
     assert EMAIL not in written
+
+
+async def test_the_lines_of_a_turn_are_written_together_at_its_end():
+    with captured("json") as stream:
+        for number in range(3):
+            logging.getLogger("orderstream").info("line %d", number)
+        assert stream.getvalue() == ""  # held for the turn
+        await asyncio.sleep(0)
+        assert [line["event"] for line in lines_of(stream.getvalue())] == ["line 0", "line 1", "line 2"]
+        logging.getLogger("orderstream").info("held at exit")
+        logging.getLogger().handlers[0].flush()  # what logging does at exit
+        assert lines_of(stream.getvalue())[-1]["event"] == "held at exit"
+
+
+def test_outside_an_event_loop_a_line_is_written_at_once():
+    with captured("json") as stream:
+        logging.getLogger("orderstream").info("at once")
+        assert lines_of(stream.getvalue())[0]["event"] == "at once"
 
 
 def test_a_line_logged_within_a_span_carries_its_trace_id():
