@@ -1,7 +1,7 @@
 """How strawberry executes our schema: memory per subscription event, time per input."""
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -19,15 +19,37 @@ from orderstream.infrastructure.internals import (
 
 
 class PerEventMemo(StrawberryGraphQLCoreExecutionContext):
-    """graphql-core 3.3 runs each subscription event on a shallow copy of the subscription's
-    executor, so every copy shares one subfield memo. The memo is keyed by the identity of
-    lists built afresh for each event and keeps them alive: it grows with every delivered
-    event for as long as the subscription lives. Each event gets its own memo."""
+    """graphql-core 3.3's executor, with what it keeps alive after an operation let go.
+
+    It runs each subscription event on a shallow copy of the subscription's executor, so
+    every copy shares one subfield memo. The memo is keyed by the identity of lists built
+    afresh for each event and keeps them alive: it grows with every delivered event for as
+    long as the subscription lives. Each event gets its own memo.
+
+    And the executor holds its own bound methods (`async_helpers`): a reference cycle,
+    through which everything an operation touched (its context, the HTTP request, every
+    intermediate value) outlives it until the garbage collector comes by. Under load the
+    collector then walks and frees a hundred objects per request in pauses that hold up
+    every request in flight. Dropped once the operation has its result, they are freed at
+    once."""
 
     def build_per_event_executor(self, payload: Any):
         executor = super().build_per_event_executor(payload)
         executor._relevant_sub_fields = {}
         return executor
+
+    def execute_operation(self, serially: bool | None = None) -> Any:
+        result = super().execute_operation(serially)
+        if self.is_awaitable(result):
+            return self._let_go_after(result)
+        self.async_helpers = None
+        return result
+
+    async def _let_go_after(self, result: Awaitable[Any]) -> Any:
+        try:
+            return await result
+        finally:
+            self.async_helpers = None
 
 
 def prepare_inputs(schema: strawberry.Schema) -> None:
