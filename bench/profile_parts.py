@@ -17,6 +17,7 @@ from pathlib import Path
 # frame that names one wins; within a frame, the first in this list.
 COMPONENTS = (
     ("uvicorn and HTTP parsing", "uvicorn/"),
+    ("socket writes (web/coalescing.py)", "infrastructure/web/coalescing.py"),
     ("ASGI middleware (starlette, web/http.py)", "starlette/"),
     ("ASGI middleware (starlette, web/http.py)", "infrastructure/web/http.py"),
     ("GraphQL over HTTP (web/graphql_http.py, documents)", "infrastructure/web/graphql_http.py"),
@@ -40,6 +41,7 @@ COMPONENTS = (
     ("SQLAlchemy", "sqlalchemy/"),
     ("JSON", "json/"),
     ("access log and logging", "logging/"),
+    ("access log and logging", "infrastructure/logs.py"),
     ("projector link (projection/process.py)", "projection/process.py"),
     ("live subscriptions hub", "infrastructure/live/"),
     ("asyncio", "asyncio/"),
