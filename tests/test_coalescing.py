@@ -9,7 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from orderstream.infrastructure.web.coalescing import CoalescingTransport
+from orderstream.infrastructure.web.coalescing import FLUSH_AT, CoalescingTransport
 from tests.support.server import real_server
 
 
@@ -59,6 +59,18 @@ async def test_what_a_turn_writes_leaves_at_its_end_in_order():
         transport.writelines([b" one", b" two"])
         assert await reader.readexactly(12) == b"next one two"
         assert await nothing_arrives(reader)
+
+
+async def test_a_turn_that_writes_much_writes_as_it_goes():
+    """Past FLUSH_AT bytes the transport gets what is held, so that its flow control sees it."""
+    async with pair() as (transport, reader, _):
+        chunk = b"x" * (FLUSH_AT // 4)
+        for _ in range(4):
+            transport.write(chunk)
+        assert not transport.held  # handed to the transport within the turn
+        transport.write(b"tail")
+        assert transport.held == [b"tail"]
+        assert await reader.readexactly(FLUSH_AT + 4) == chunk * 4 + b"tail"
 
 
 async def test_close_writes_what_is_held_then_ends_the_stream():
