@@ -11,6 +11,7 @@ from bench import (
     commands,
     freshness,
     fx_report,
+    goals,
     hot_aggregate,
     http_load,
     idle_clients,
@@ -53,15 +54,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="smaller data sets, for a check in a minute rather than a measurement")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all but {', '.join(TIMED)}):"
-                             f" {', '.join([*BENCHMARKS, *TIMED])}")
+                             f" {', '.join([*BENCHMARKS, *TIMED])}; `goals` alone prints the goals of"
+                             " the latest results without running anything")
     parser.add_argument("--minutes", type=float, default=None,
                         help="how long soak runs (default 30, 1 with --quick)")
     args = parser.parse_args(argv)
+    results_dir = Path(__file__).resolve().parent / "results"
+    if args.names == ["goals"]:
+        print(goals.table(goals.collect(results_dir)))
+        return 0
     if unknown := set(args.names) - set(BENCHMARKS) - set(TIMED):
         parser.error(f"no benchmark {', '.join(sorted(unknown))}; choose from {', '.join([*BENCHMARKS, *TIMED])}")
     chosen = {name: run for name, run in BENCHMARKS.items() if not args.names or name in args.names}
     chosen |= {name: partial(run, minutes=args.minutes) for name, run in TIMED.items() if name in args.names}
-    results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
 
     failed = []
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             sys.stderr.write(f"bench: {name} failed: {type(error).__name__}: {error}\n")
             failed.append(name)
+    # Every goal the benchmarks just run judged, in one table at the end.
+    print(goals.table(goals.collect(results_dir, [name for name in chosen if name not in failed])), flush=True)
     if failed:
         sys.stderr.write(f"bench: {len(failed)} of {len(chosen)} benchmarks failed: "
                          f"{', '.join(failed)}\n")

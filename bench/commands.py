@@ -294,16 +294,20 @@ def goals(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ryw_trivial = points[Point("readYourWrites", "trivial", 1).key]
     hot_ratio = both["hot per_s"] / both["fresh per_s"]
     hot_latency = alone["hot p50_ms"] / alone["fresh p50_ms"]
+    ryw_ratio = ryw["p50_ms"] / ryw_trivial["p50_ms"]
     return [
-        {"goal": "hot product x32: throughput within 20% of fresh", "measured": hot_ratio,
-         "met": abs(hot_ratio - 1) <= 0.2},
+        {"goal": "hot product x32: throughput within 20% of fresh", "figure": f"hot {both['hot per_s']:,.0f}/s",
+         "baseline": f"fresh {both['fresh per_s']:,.0f}/s", "measured": hot_ratio, "met": abs(hot_ratio - 1) <= 0.2},
         # With 32 clients the two products' orders share transactions (group commit), and
         # what one costs the other pays too: one client at a time tells them apart.
-        {"goal": "hot product x1: p50 within 20% of fresh", "measured": hot_latency,
+        {"goal": "hot product x1: p50 within 20% of fresh", "figure": f"hot p50 {alone['hot p50_ms']:.2f} ms",
+         "baseline": f"fresh p50 {alone['fresh p50_ms']:.2f} ms", "measured": hot_latency,
          "met": abs(hot_latency - 1) <= 0.2},
-        {"goal": "read-your-writes round trip p50 < 5 ms", "measured": ryw["p50_ms"], "met": ryw["p50_ms"] < 5},
-        {"goal": "read-your-writes round trip p50 < 2 x trivial", "measured": ryw["p50_ms"] / ryw_trivial["p50_ms"],
-         "met": ryw["p50_ms"] < 2 * ryw_trivial["p50_ms"]},
+        {"number": 4, "goal": "read-your-writes round trip p50 < 5 ms and < 2 x the trivial server's",
+         "figure": f"p50 {ryw['p50_ms']:.2f} ms (placeOrder {ryw['placeOrder p50_ms']:.2f} + query"
+                   f" {ryw['query p50_ms']:.2f})",
+         "baseline": f"trivial round trip p50 {ryw_trivial['p50_ms']:.2f} ms", "measured": ryw_ratio,
+         "met": ryw["p50_ms"] < 5 and ryw_ratio < 2},
     ]
 
 
@@ -891,8 +895,8 @@ def table(report: dict[str, Any]) -> str:
         *(f"  {name}: {value:.2f}" for name, value in report["ratios"].items()),
         "",
         "goals:",
-        *(f"  {goal['goal']}: {goal['measured']:.2f} -> {'met' if goal['met'] else 'not met'}"
-          for goal in report["goals"]),
+        *(f"  {goal['goal']}: {goal['figure']} against {goal['baseline']}: {goal['measured']:.2f}"
+          f" -> {'met' if goal['met'] else 'not met'}" for goal in report["goals"]),
     ]
     mixed = points_[Point("mixed", "orderstream", 32).key]
     lines.append("mixed x32 orderstream, p50 per mutation: " + ", ".join(
