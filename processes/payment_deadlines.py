@@ -28,8 +28,8 @@ from orderstream.domain.order import PAYMENT_TIMEOUT
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
-from orderstream.infrastructure.projection.statements import Statement
 from orderstream.infrastructure.security.auth import Actor
 
 log = logging.getLogger("orderstream.payment_deadlines")

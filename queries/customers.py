@@ -9,8 +9,8 @@ from orderstream import events
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
-from orderstream.infrastructure.projection.statements import Statement
 from orderstream.infrastructure.security.auth import Actor
 
 metadata = read_model_metadata()

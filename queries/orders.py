@@ -31,8 +31,8 @@ from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
-from orderstream.infrastructure.projection.statements import Statement
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
 

@@ -21,8 +21,8 @@ from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
-from orderstream.infrastructure.projection.statements import Statement
 from orderstream.infrastructure.security.auth import Actor
 
 BUCKET = timedelta(minutes=15)

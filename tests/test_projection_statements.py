@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.read_store import ReadStore
-from orderstream.infrastructure.projection.statements import Statement
+from orderstream.infrastructure.persistence.statements import Statement
 from tests.support.databases import BACKENDS, Databases
 
 metadata = MetaData()

@@ -1,5 +1,6 @@
-"""Statements that projections run again and again: built from their table once, compiled
-once per database, and run on the driver with rows as plain tuples.
+"""Statements run again and again (a projection's writes, the checkpoints of every batch):
+built from their table once, compiled once per database, and run on the driver with rows
+as plain tuples.
 
 Run through `Connection.execute`, a Core statement is looked up in the compiled cache by a
 key made from the whole statement, and each row is a dict that the compiled form turns
