@@ -63,20 +63,22 @@ def stored(conn: Connection, table: Table) -> list[tuple]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_rows_written_by_a_statement_are_stored_as_execute_stores_them(read: ReadStore):
+async def test_rows_written_by_a_statement_are_stored_as_execute_stores_them(read: ReadStore, backend: str):
     later = datetime(2026, 3, 8, 12, tzinfo=UTC)
 
     def write(conn: Connection) -> None:
         conn.execute(insert(by_execute), [dict(zip(COLUMNS, row, strict=True)) for row in ROWS])
-        conn.execute(update(by_execute).where(by_execute.c.key.in_(["a", "b"])).values(
+        conn.execute(update(by_execute).where(by_execute.c.key == "a").values(
             amount=by_execute.c.amount + 5, at=later))
         INSERT.run_many(conn, by_statement, ROWS)
-        CHANGE.run_many(conn, by_statement, [("a", later, 5), ("b", later, 5)])
+        CHANGE.run_many(conn, by_statement, [("a", later, 5), ("no such key", later, 5)])
 
     await read.write(write)
     executed, run = await read.read(lambda conn: (stored(conn, by_execute), stored(conn, by_statement)))
     assert run == executed
     assert len(run) == 3 and run[0][3] == 2**40 + 5
+    if backend == "sqlite":  # the text the dialect has always written: old rows compare with new
+        assert [row[1] for row in run] == ["2026-03-08 12:00:00.000000", "2026-03-06 19:17:03.000456", None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -36,6 +36,18 @@ class UTCDateTime(TypeDecorator):
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
+    def bind_processor(self, dialect):
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        # The text the SQLite dialect would write ("2026-03-07 09:30:00.000000"), made in
+        # one call rather than through a mapping of its parts: a projector writes one or
+        # two per event.
+        def process(value: datetime | None) -> str | None:
+            return None if value is None else value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+        return process
+
     def result_processor(self, dialect, coltype):
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
