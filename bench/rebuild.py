@@ -2,8 +2,8 @@
 
 The questions: how long does `orderstream projections rebuild` take for a million events,
 and how much of that is the work itself (reading, decoding, opening sealed fields, writing
-the rows durably) rather than the projector's machinery (SQLAlchemy Core statements per
-event over aiosqlite, shadow tables)?
+the rows durably) rather than the projector's machinery (SQLAlchemy, the projections'
+statements, shadow tables)?
 
 One run uses one temporary folder:
 
@@ -25,8 +25,10 @@ One run uses one temporary folder:
 The two take turns: each time the rebuild has passed another tenth of the log, it waits
 while the ceiling applies the same tenth. On a shared machine a slow spell then falls on
 both alike, and each tenth gives a paired ratio; the median of the ten is the figure to
-quote. Each contestant goes through the log once: the projector takes many minutes for
-a million events, more runs would not fit the time `make bench` is to take.
+quote. Beside the rates, each contestant's CPU per event over its turns (the process's,
+threads included): what the others' load sways least. Each contestant goes through the
+log once: the projector takes many minutes for a million events, more runs would not fit
+the time `make bench` is to take.
 """
 
 import heapq
@@ -126,6 +128,7 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         "orderstream_events_per_s": sizes.events / orderstream_s,
         "ceiling_events_per_s": sizes.events / ceiling_s,
         "orderstream_over_ceiling": ceiling_s / orderstream_s,
+        **cpu_per_event(tenths),
     }
     median_tenth = {figure: statistics.median(tenth[figure] for tenth in tenths)
                     for figure in ("orderstream_events_per_s", "ceiling_events_per_s", "orderstream_over_ceiling")}
@@ -473,16 +476,21 @@ class Turns:
         self.progress = Progress(f"{NAME}: Projector.rebuild, with the ceiling's turns", head)
         self.marks = [head * n // tenths for n in range(1, tenths + 1)]
         self.tenths: list[dict[str, float]] = []
-        self.position, self.turn_started = 0, time.perf_counter()
+        self.position, self.turn_started, self.turn_cpu = 0, time.perf_counter(), time.process_time()
 
     def passed(self, position: int, _head: int) -> None:
         self.progress.update(position)
         if len(self.tenths) < len(self.marks) and position >= self.marks[len(self.tenths)]:
             orderstream_s = time.perf_counter() - self.turn_started
+            orderstream_cpu_s = time.process_time() - self.turn_cpu
+            # The process's CPU, its threads included: each contestant's own while it has
+            # its turn, whatever the rest of the machine does meanwhile.
+            ceiling_cpu = time.process_time()
             ceiling_s = self.ceiling.catch_up(position)
             self.tenths.append({"events": position - self.position, "orderstream_s": orderstream_s,
-                                "ceiling_s": ceiling_s})
-            self.position, self.turn_started = position, time.perf_counter()
+                                "ceiling_s": ceiling_s, "orderstream_cpu_s": orderstream_cpu_s,
+                                "ceiling_cpu_s": time.process_time() - ceiling_cpu})
+            self.position, self.turn_started, self.turn_cpu = position, time.perf_counter(), time.process_time()
 
 
 class Ceiling:
@@ -695,6 +703,15 @@ def indexed_columns(db: sqlite3.Connection, table: str) -> set[tuple[str, ...]]:
             for _, index, *_ in db.execute(f'PRAGMA index_list("{table}")').fetchall()}
 
 
+def cpu_per_event(tenths: list[dict[str, float]]) -> dict[str, float]:
+    """Each contestant's CPU per event over its turns, and the ceiling's over orderstream's:
+    on a busy machine a steadier figure than the rates, which the others' load sways."""
+    events = sum(tenth["events"] for tenth in tenths)
+    mine, theirs = (sum(tenth[f"{who}_cpu_s"] for tenth in tenths) / events for who in ("orderstream", "ceiling"))
+    return {"orderstream_cpu_us_per_event": mine * 1e6, "ceiling_cpu_us_per_event": theirs * 1e6,
+            "orderstream_over_ceiling_by_cpu": theirs / mine}
+
+
 def note(message: str) -> None:
     sys.stderr.write(f"{NAME}: {message}\n")
     sys.stderr.flush()
@@ -703,15 +720,17 @@ def note(message: str) -> None:
 def table(report: dict[str, Any]) -> str:
     host, log, whole, tenths = report["machine"], report["log"], report["whole"], report["tenths"]
     kinds = log["by_type"]
-    rows = [("", "events/s", "time", "tenths: median", "lowest", "highest")]
+    rows = [("", "events/s", "time", "tenths: median", "lowest", "highest", "CPU/event")]
     for label, contestant in (("orderstream: Projector.rebuild", "orderstream"),
                               ("ceiling: plain sqlite3 loop", "ceiling")):
         rates = [tenth[f"{contestant}_events_per_s"] for tenth in tenths]
         rows.append((label, f"{whole[f'{contestant}_events_per_s']:,.0f}", f"{whole[f'{contestant}_s']:,.1f} s",
-                     f"{statistics.median(rates):,.0f}", f"{min(rates):,.0f}", f"{max(rates):,.0f}"))
+                     f"{statistics.median(rates):,.0f}", f"{min(rates):,.0f}", f"{max(rates):,.0f}",
+                     f"{whole[f'{contestant}_cpu_us_per_event']:,.1f} us"))
     ratios = [tenth["orderstream_over_ceiling"] for tenth in tenths]
     rows.append(("orderstream / ceiling", f"{whole['orderstream_over_ceiling']:.3f}", "",
-                 f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f}", f"{max(ratios):.3f}"))
+                 f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f}", f"{max(ratios):.3f}",
+                 f"{whole['orderstream_over_ceiling_by_cpu']:.3f}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = [
         f"{NAME}: every read model rebuilt from a log of {log['events']:,} events"

@@ -15,7 +15,7 @@ cancel take effect once however many processes, or restarts, send it.
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from datetime import datetime
 
@@ -28,6 +28,7 @@ from orderstream.domain.order import PAYMENT_TIMEOUT
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
 
@@ -51,19 +52,34 @@ payment_deadlines = Table(
 )
 
 
+_OPEN = Statement(insert, [column.name for column in payment_deadlines.columns])
+_CLOSE = Statement(lambda table: delete(table).where(table.c.order_id == bindparam("closed_order")),
+                   ["closed_order"])
+
+
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
-    if recorded.stream_type != "Order":
-        return
-    table = t["payment_deadlines"]
-    match events.from_data(recorded.type, recorded.schema_version, recorded.data):
-        case events.OrderPlaced(payment_due_at=str(due)):
-            conn.execute(insert(table).values(order_id=recorded.stream_id, due_at=datetime.fromisoformat(due),
-                                              placed_version=recorded.version))
-        case events.OrderPaid() | events.OrderCancelled():
-            conn.execute(delete(table).where(table.c.order_id == recorded.stream_id))
+    project_many(conn, (recorded,), t)
 
 
-PROJECTION = Projection("payment_deadlines", (payment_deadlines,), project)
+def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
+    """The deadlines a batch opens and closes, each kind with one statement. A deadline
+    opened and closed within the batch is never written."""
+    opened: dict[str, tuple[str, datetime, int]] = {}
+    closed: list[tuple[str]] = []
+    for recorded in batch:
+        if recorded.stream_type != "Order" or recorded.type not in ("OrderPlaced", "OrderPaid", "OrderCancelled"):
+            continue  # decoding an event costs more than telling it is none of these
+        match events.from_data(recorded.type, recorded.schema_version, recorded.data):
+            case events.OrderPlaced(payment_due_at=str(due)):
+                opened[recorded.stream_id] = (recorded.stream_id, datetime.fromisoformat(due), recorded.version)
+            case events.OrderPaid() | events.OrderCancelled():
+                if opened.pop(recorded.stream_id, None) is None:
+                    closed.append((recorded.stream_id,))
+    _CLOSE.run_many(conn, t["payment_deadlines"], closed)
+    _OPEN.run_many(conn, t["payment_deadlines"], list(opened.values()))
+
+
+PROJECTION = Projection("payment_deadlines", (payment_deadlines,), project, project_many)
 
 _DUE = (select(payment_deadlines).where(payment_deadlines.c.due_at <= bindparam("now"))
         .order_by(payment_deadlines.c.due_at).limit(bindparam("limit")))

@@ -2,13 +2,14 @@
 
 from collections.abc import Sequence
 
-from sqlalchemy import Boolean, Column, Connection, String, Table, insert, select, update
+from sqlalchemy import Boolean, Column, Connection, String, Table, bindparam, insert, null, select, true, update
 from sqlalchemy.engine import Row
 
 from orderstream import events
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
 
@@ -27,6 +28,11 @@ customers = Table(
 )
 
 
+_REGISTER = Statement(insert, [column.name for column in customers.columns])
+_FORGET = Statement(lambda table: update(table).where(table.c.customer_id == bindparam("forgotten_customer"))
+                    .values(name=null(), email=null(), forgotten=true()), ["forgotten_customer"])
+
+
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     project_many(conn, (recorded,), t)
 
@@ -34,23 +40,18 @@ def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
 def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) -> None:
     """The events of a batch, in order; consecutive registrations go in with one statement."""
     table = t["customers"]
-    registered: list[dict] = []
+    registered: list[tuple] = []
     for recorded in batch:
         if recorded.type not in ("CustomerRegistered", "CustomerForgotten"):
             continue  # decoding an event costs more than telling it is none of these
         match events.from_data(recorded.type, recorded.schema_version, recorded.data):
             case events.CustomerRegistered() as e:
-                registered.append({"customer_id": e.customer_id, "name": e.name, "email": e.email,
-                                   "country": e.country, "locale": e.locale,
-                                   "registered_at": recorded.recorded_at, "forgotten": False})
+                registered.append((e.customer_id, e.name, e.email, e.country, e.locale, recorded.recorded_at, False))
             case events.CustomerForgotten() as e:
-                if registered:  # before what may change the same rows
-                    conn.execute(insert(table), registered)
-                    registered = []
-                conn.execute(update(table).where(table.c.customer_id == e.customer_id)
-                             .values(name=None, email=None, forgotten=True))
-    if registered:
-        conn.execute(insert(table), registered)
+                _REGISTER.run_many(conn, table, registered)  # before what may change the same rows
+                registered = []
+                _FORGET.run(conn, table, (e.customer_id,))
+    _REGISTER.run_many(conn, table, registered)
 
 
 PROJECTION = Projection("customers", (customers,), project, project_many)

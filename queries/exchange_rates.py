@@ -19,7 +19,6 @@ A report reads at most 96 buckets per day, like the single-currency report; what
 rate that does not exist is found through two index lookups per currency.
 """
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -48,6 +47,7 @@ from orderstream.infrastructure.errors import PublicError
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.queries.sales import (
@@ -143,22 +143,20 @@ class Buckets:
         for (start, currency), (orders, revenue) in self.changes.items():
             if orders == 0 and revenue == 0 and not self.keep_empty:
                 continue
-            change = {"start": start, "bucket_currency": currency, "add_orders": orders, "add_revenue": revenue}
-            if conn.execute(_bucket_added(table), change).rowcount == 0:
-                missing.append({"bucket_start": start, "reporting_currency": currency, "orders": orders,
-                                "revenue_minor": revenue})
-        if missing:
-            conn.execute(insert(table), missing)
+            change = (start, currency, orders, revenue)
+            if _ADD_TO_BUCKET.run(conn, table, change).rowcount == 0:
+                missing.append(change)
+        _NEW_BUCKET.run_many(conn, table, missing)
         self.changes = {}
 
 
-@functools.lru_cache(maxsize=4)
-def _bucket_added(table: Table):
-    """Built once per table: the live one, and a rebuild's shadow while it lasts."""
-    return update(table).where(
+_ADD_TO_BUCKET = Statement(
+    lambda table: update(table).where(
         table.c.bucket_start == bindparam("start"), table.c.reporting_currency == bindparam("bucket_currency"),
     ).values(orders=table.c.orders + bindparam("add_orders"),
-             revenue_minor=table.c.revenue_minor + bindparam("add_revenue"))
+             revenue_minor=table.c.revenue_minor + bindparam("add_revenue")),
+    ["start", "bucket_currency", "add_orders", "add_revenue"])
+_NEW_BUCKET = Statement(insert, [column.name for column in fx_buckets.columns])
 
 
 def _rate_at(conn: Connection, rates: Table, base: str, quote: str, moment: datetime) -> Decimal | None:
@@ -229,35 +227,37 @@ class Payments:
     when written; a cancellation of one of them is applied to it here."""
 
     def __init__(self) -> None:
-        self.paid: dict[str, dict] = {}
-        self.converted: dict[str, list[dict]] = {}
+        self.paid: dict[str, list] = {}  # fx_payments rows, by order id
+        self.converted: dict[str, list[tuple]] = {}  # fx_converted rows, by order id
         self.quotes: dict[str, list[str]] = {}  # the pairs' quotes by base, as this batch found them
 
     def write(self, conn: Connection, t: Tables) -> None:
-        if self.paid:
-            conn.execute(insert(t["fx_payments"]), list(self.paid.values()))
-        if conversions := [row for rows in self.converted.values() for row in rows]:
-            conn.execute(insert(t["fx_converted"]), conversions)
+        _PAY.run_many(conn, t["fx_payments"], list(self.paid.values()))
+        _CONVERT.run_many(conn, t["fx_converted"], [row for rows in self.converted.values() for row in rows])
         self.paid, self.converted, self.quotes = {}, {}, {}
+
+
+PAYMENT_COLUMNS = tuple(column.name for column in fx_payments.columns)
+_PAY = Statement(insert, PAYMENT_COLUMNS)
+_CONVERT = Statement(insert, [column.name for column in fx_converted.columns])
+_QUOTES = Statement(lambda pairs: select(pairs.c.quote).where(pairs.c.base == bindparam("paid_in")), ["paid_in"])
 
 
 def _paid(conn: Connection, t: Tables, e: events.OrderPaid, at: datetime, buckets: Buckets,
           payments: Payments) -> None:
     amount = minor_units(e.amount, e.currency)
-    payments.paid[e.order_id] = {"order_id": e.order_id, "currency": e.currency, "amount_minor": amount,
-                                 "paid_at": at, "cancelled_at": None}
+    # In PAYMENT_COLUMNS order; cancelled_at, last, is set by a cancellation in the batch.
+    payments.paid[e.order_id] = [e.order_id, e.currency, amount, at, None]
     buckets.add(at, e.currency, 1, amount)
     quotes = payments.quotes.get(e.currency)
     if quotes is None:
-        pairs = t["fx_pairs"]
-        quotes = payments.quotes[e.currency] = list(
-            conn.execute(select(pairs.c.quote).where(pairs.c.base == e.currency)).scalars())
+        quotes = payments.quotes[e.currency] = list(_QUOTES.run(conn, t["fx_pairs"], (e.currency,)).scalars())
     conversions = []
     for quote in quotes:
         rate = _rate_at(conn, t["exchange_rates"], e.currency, quote, at)
         if rate is not None:
             converted = _convert_minor(amount, e.currency, rate, quote)
-            conversions.append({"order_id": e.order_id, "reporting_currency": quote, "amount_minor": converted})
+            conversions.append((e.order_id, quote, converted))
             buckets.add(at, quote, 1, converted)
     payments.converted[e.order_id] = conversions
 
@@ -266,30 +266,31 @@ def _cancelled(conn: Connection, t: Tables, e: events.OrderCancelled, at: dateti
                payments: Payments) -> None:
     pending = payments.paid.get(e.order_id)
     if pending is not None:  # paid in this batch
-        if pending["cancelled_at"] is None:
-            pending["cancelled_at"] = at
-            buckets.add(at, pending["currency"], -1, -pending["amount_minor"])
-            for row in payments.converted[e.order_id]:
-                buckets.add(at, row["reporting_currency"], -1, -row["amount_minor"])
+        _, currency, amount, _, cancelled_at = pending
+        if cancelled_at is None:
+            pending[-1] = at
+            buckets.add(at, currency, -1, -amount)
+            for _, reporting_currency, converted in payments.converted[e.order_id]:
+                buckets.add(at, reporting_currency, -1, -converted)
         return
-    find, cancel, conversions = _cancellation(t["fx_payments"], t["fx_converted"])
-    payment = conn.execute(find, {"cancelled_order": e.order_id}).first()
+    payment = _FIND_PAYMENT.run(conn, t["fx_payments"], (e.order_id,)).first()
     if payment is None or payment.cancelled_at is not None:
         return  # never paid: nothing to take back
-    conn.execute(cancel, {"cancelled_order": e.order_id, "at": at})
+    _CANCEL_PAYMENT.run(conn, t["fx_payments"], (at, e.order_id))
     buckets.add(at, payment.currency, -1, -payment.amount_minor)
-    for row in conn.execute(conversions, {"cancelled_order": e.order_id}):
+    for row in _FIND_CONVERSIONS.run(conn, t["fx_converted"], (e.order_id,)):
         buckets.add(at, row.reporting_currency, -1, -row.amount_minor)
 
 
-@functools.lru_cache(maxsize=4)
-def _cancellation(payments: Table, converted: Table):
-    """A cancellation's statements, built once per pair of tables (live, or a rebuild's
-    shadows while they last): find the payment, mark it cancelled, find its conversions."""
-    order = bindparam("cancelled_order")
-    return (select(payments).where(payments.c.order_id == order),
-            update(payments).where(payments.c.order_id == order).values(cancelled_at=bindparam("at")),
-            select(converted).where(converted.c.order_id == order))
+# A cancellation's statements: find the payment, mark it cancelled, find its conversions.
+_FIND_PAYMENT = Statement(lambda payments: select(
+    payments.c.currency, payments.c.amount_minor, payments.c.cancelled_at,
+).where(payments.c.order_id == bindparam("cancelled_order")), ["cancelled_order"])
+_CANCEL_PAYMENT = Statement(lambda payments: update(payments).where(
+    payments.c.order_id == bindparam("cancelled_order")).values(cancelled_at=bindparam("at")),
+    ["at", "cancelled_order"])
+_FIND_CONVERSIONS = Statement(lambda converted: select(converted.c.reporting_currency, converted.c.amount_minor).where(
+    converted.c.order_id == bindparam("cancelled_order")), ["cancelled_order"])
 
 
 def _rate_set(conn: Connection, t: Tables, e: events.ExchangeRateSet, buckets: Buckets) -> None:

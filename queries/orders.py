@@ -5,6 +5,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    null,
     select,
     update,
 )
@@ -29,6 +31,7 @@ from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import EventStore, RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
 from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
@@ -116,6 +119,14 @@ def changes(recorded: RecordedEvent, event: events.Event) -> dict[str, Any] | No
 
 
 SHIPPING_ADDRESS = ("ship_name", "ship_line1", "ship_line2", "ship_city", "ship_postal_code", "ship_country")
+ORDER_COLUMNS = tuple(column.name for column in orders.columns)
+LINE_COLUMNS = tuple(column.name for column in order_lines.columns)
+
+_PLACE = Statement(insert, ORDER_COLUMNS)
+_ADD_LINES = Statement(insert, LINE_COLUMNS)
+_FORGET_ADDRESSES = Statement(
+    lambda table: update(table).where(table.c.customer_id == bindparam("forgotten_customer"))
+    .values(dict.fromkeys(SHIPPING_ADDRESS, null())), ["forgotten_customer"])
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
@@ -127,7 +138,6 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
     to values of its own, so the changes to one order fold into one (into its new row, if
     the batch placed it); rows, lines and changes are written with one statement per table
     and kind of change, before what touches many rows (CustomerForgotten) and at the end."""
-    table = t["orders"]
     rows: dict[str, dict] = {}
     lines: list[dict] = []
     changed: dict[str, dict] = {}
@@ -142,8 +152,7 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
         elif isinstance(event, events.CustomerForgotten):
             _write(conn, t, rows, lines, changed)  # before what may change the same rows
             rows, lines, changed = {}, [], {}
-            conn.execute(update(table).where(table.c.customer_id == recorded.stream_id)
-                         .values(dict.fromkeys(SHIPPING_ADDRESS)))
+            _FORGET_ADDRESSES.run(conn, t["orders"], (recorded.stream_id,))
         elif (change := changes(recorded, event)) is not None:
             if (row := rows.get(recorded.stream_id)) is not None:
                 row.update(change)
@@ -152,34 +161,29 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
     _write(conn, t, rows, lines, changed)
 
 
+_order_row = itemgetter(*ORDER_COLUMNS)
+_line_row = itemgetter(*LINE_COLUMNS)
+
+
 def _write(conn: Connection, t: Tables, rows: dict[str, dict], lines: list[dict],
            changed: dict[str, dict]) -> None:
-    if rows:
-        conn.execute(_insert(t["orders"]), list(rows.values()))
-    if lines:
-        conn.execute(_insert(t["order_lines"]), lines)
-    by_columns: dict[tuple[str, ...], list[dict]] = {}
+    _PLACE.run_many(conn, t["orders"], [_order_row(row) for row in rows.values()])
+    _ADD_LINES.run_many(conn, t["order_lines"], [_line_row(line) for line in lines])
+    by_columns: dict[tuple[str, ...], list[tuple]] = {}
     for order_id, change in changed.items():
-        by_columns.setdefault(tuple(sorted(change)), []).append(
-            {"changed_order": order_id, **{f"new_{column}": value for column, value in change.items()}})
+        columns = tuple(sorted(change))
+        by_columns.setdefault(columns, []).append((order_id, *(change[column] for column in columns)))
     for columns, params in by_columns.items():
-        conn.execute(_change(t["orders"], columns), params)
+        _change(columns).run_many(conn, t["orders"], params)
 
 
-@functools.lru_cache(maxsize=8)
-def _insert(table: Table):
-    """The insert of every order, built once per table: building one costs more than
-    running it. For the live tables, and a rebuild's shadows while they last (bounded, as
-    every rebuild makes new shadow tables that must not be kept alive here)."""
-    return insert(table)
-
-
-@functools.lru_cache(maxsize=32)
-def _change(table: Table, columns: tuple[str, ...]):
-    """The update of an order's `columns`, built once per table and set of columns (a few
-    kinds of change: see `changes`)."""
-    return update(table).where(table.c.order_id == bindparam("changed_order")).values(
-        {column: bindparam(f"new_{column}") for column in columns})
+@functools.cache
+def _change(columns: tuple[str, ...]) -> Statement:
+    """The update of an order's `columns`, made once per set of columns (a few kinds of
+    change: see `changes`); its parameters are the order's id, then the columns' values."""
+    return Statement(lambda table: update(table).where(table.c.order_id == bindparam("changed_order")).values(
+        {column: bindparam(f"new_{column}") for column in columns}),
+        ["changed_order", *(f"new_{column}" for column in columns)])
 
 
 PROJECTION = Projection("orders", (orders, order_lines), project, project_many)

@@ -1,9 +1,7 @@
 """The product catalogue: price, stock available and reserved, searchable by name."""
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Column, Connection, Integer, String, Table, bindparam, func, insert, select, update
 from sqlalchemy.engine import Row
@@ -13,6 +11,7 @@ from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.queries.pagination import decode_cursor, encode_cursor, page_size
 
@@ -36,6 +35,21 @@ products = Table(
 MAX_SEARCH_WORDS = 10
 
 
+_ADD = Statement(insert, [column.name for column in products.columns])
+_CHANGE_PRICE = Statement(
+    lambda table: update(table).where(table.c.sku == bindparam("changed_sku")).values(
+        price=bindparam("new_price"), currency=bindparam("new_currency"), version=bindparam("new_version"),
+        updated_at=bindparam("changed_at")),
+    ["changed_sku", "new_price", "new_currency", "new_version", "changed_at"])
+# Every stock movement (one per order line).
+_MOVE_STOCK = Statement(
+    lambda table: update(table).where(table.c.sku == bindparam("moved_sku")).values(
+        stock_available=table.c.stock_available + bindparam("available"),
+        stock_reserved=table.c.stock_reserved + bindparam("reserved"),
+        version=bindparam("moved_version"), updated_at=bindparam("moved_at")),
+    ["moved_sku", "available", "reserved", "moved_version", "moved_at"])
+
+
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
     project_many(conn, (recorded,), t)
 
@@ -44,7 +58,7 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
     """The events of a batch, in order; consecutive stock movements (with what this
     projection ignores in between) in one statement, not one per order line."""
     table = t["products"]
-    moves: list[dict] = []
+    moves: list[tuple] = []
     for recorded in batch:
         if recorded.stream_type != "Product":
             continue  # decoding an event costs more than telling it is not a product's
@@ -52,24 +66,19 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
         if (moved := _stock_movement(recorded, event)) is not None:
             moves.append(moved)
             continue
-        if moves:  # before what may change the same rows
-            conn.execute(_stock_moved(table), moves)
-            moves = []
+        _MOVE_STOCK.run_many(conn, table, moves)  # before what may change the same rows
+        moves = []
         if isinstance(event, events.ProductAdded):
-            conn.execute(insert(table).values(
-                sku=event.sku, name=event.name, name_folded=event.name.casefold(), price=event.price,
-                currency=event.currency, stock_available=event.initial_stock, stock_reserved=0,
-                version=recorded.version, updated_at=recorded.recorded_at))
+            _ADD.run(conn, table, (event.sku, event.name, event.name.casefold(), event.price, event.currency,
+                                   event.initial_stock, 0, recorded.version, recorded.recorded_at))
         elif isinstance(event, events.ProductPriceChanged):
-            conn.execute(update(table).where(table.c.sku == recorded.stream_id).values(
-                price=event.price, currency=event.currency, version=recorded.version,
-                updated_at=recorded.recorded_at))
-    if moves:
-        conn.execute(_stock_moved(table), moves)
+            _CHANGE_PRICE.run(conn, table, (recorded.stream_id, event.price, event.currency, recorded.version,
+                                            recorded.recorded_at))
+    _MOVE_STOCK.run_many(conn, table, moves)
 
 
-def _stock_movement(recorded: RecordedEvent, event: events.Event) -> dict[str, Any] | None:
-    """The parameters of `_stock_moved` for a stock movement; None for other events."""
+def _stock_movement(recorded: RecordedEvent, event: events.Event) -> tuple | None:
+    """The parameters of `_MOVE_STOCK` for a stock movement; None for other events."""
     match event:
         case events.ProductRestocked():
             available, reserved = event.quantity, 0
@@ -79,19 +88,7 @@ def _stock_movement(recorded: RecordedEvent, event: events.Event) -> dict[str, A
             available, reserved = event.quantity, -event.quantity
         case _:
             return None
-    return {"moved_sku": recorded.stream_id, "available": available, "reserved": reserved,
-            "moved_version": recorded.version, "moved_at": recorded.recorded_at}
-
-
-@functools.lru_cache(maxsize=4)
-def _stock_moved(table: Table):
-    """The update of every stock movement (one per order line), built once per table: the
-    live one, and a rebuild's shadow while it lasts (bounded, as every rebuild makes a new
-    shadow table that must not be kept alive here)."""
-    return update(table).where(table.c.sku == bindparam("moved_sku")).values(
-        stock_available=table.c.stock_available + bindparam("available"),
-        stock_reserved=table.c.stock_reserved + bindparam("reserved"),
-        version=bindparam("moved_version"), updated_at=bindparam("moved_at"))
+    return recorded.stream_id, available, reserved, recorded.version, recorded.recorded_at
 
 
 PROJECTION = Projection("products", (products,), project, project_many)

@@ -7,7 +7,6 @@ lies within one local day in any zone: a report reads at most 96 buckets per day
 currency, however many orders there were.
 """
 
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -22,6 +21,7 @@ from orderstream.infrastructure.errors import BadUserInput
 from orderstream.infrastructure.persistence.database import UTCDateTime
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
 from orderstream.infrastructure.persistence.read_store import ReadStore, read_model_metadata
+from orderstream.infrastructure.persistence.statements import Statement
 from orderstream.infrastructure.projection.projector import Projection, Tables
 from orderstream.infrastructure.security.auth import Actor
 
@@ -62,31 +62,24 @@ def bucket_of(moment: datetime) -> datetime:
 def _add_all(conn: Connection, t: Tables, changes: dict[tuple[datetime, str], list[int]]) -> None:
     """Add each (orders, revenue) to its (bucket, currency): one update per bucket, an insert
     for each bucket the updates did not find."""
-    if not changes:
-        return
     table = t["sales_buckets"]
-    params = [{"start": start, "bucket_currency": currency, "add_orders": orders, "add_revenue": revenue}
-              for (start, currency), (orders, revenue) in changes.items()]
     # Per bucket: executemany reports only the total of rows updated.
-    missing = [p for p in params if conn.execute(_bucket_added(table), p).rowcount == 0]
-    if missing:
-        conn.execute(insert(table), [{"bucket_start": p["start"], "currency": p["bucket_currency"],
-                                      "orders": p["add_orders"], "revenue_minor": p["add_revenue"]}
-                                     for p in missing])
+    missing = [(start, currency, orders, revenue) for (start, currency), (orders, revenue) in changes.items()
+               if _ADD_TO_BUCKET.run(conn, table, (start, currency, orders, revenue)).rowcount == 0]
+    _NEW_BUCKET.run_many(conn, table, missing)
 
 
-@functools.lru_cache(maxsize=4)
-def _bucket_added(table: Table):
-    """Built once per table: the live one, and a rebuild's shadow while it lasts."""
-    return update(table).where(
+_ADD_TO_BUCKET = Statement(
+    lambda table: update(table).where(
         table.c.bucket_start == bindparam("start"), table.c.currency == bindparam("bucket_currency"),
     ).values(orders=table.c.orders + bindparam("add_orders"),
-             revenue_minor=table.c.revenue_minor + bindparam("add_revenue"))
-
-
-@functools.lru_cache(maxsize=4)
-def _paid_order(table: Table):
-    return select(table).where(table.c.order_id == bindparam("cancelled_order"))
+             revenue_minor=table.c.revenue_minor + bindparam("add_revenue")),
+    ["start", "bucket_currency", "add_orders", "add_revenue"])
+_NEW_BUCKET = Statement(insert, [column.name for column in sales_buckets.columns])
+_PAID = Statement(insert, [column.name for column in sales_paid_orders.columns])
+_FIND_PAID = Statement(lambda table: select(table.c.currency, table.c.amount_minor).where(
+    table.c.order_id == bindparam("cancelled_order")), ["cancelled_order"])
+_TAKE_BACK = Statement(lambda table: delete(table).where(table.c.order_id == bindparam("gone")), ["gone"])
 
 
 def project(conn: Connection, recorded: RecordedEvent, t: Tables) -> None:
@@ -98,8 +91,8 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
     once per bucket; the paid orders inserted and deleted with one statement each."""
     paid = t["sales_paid_orders"]
     buckets: dict[tuple[datetime, str], list[int]] = {}
-    new: dict[str, dict] = {}  # paid in this batch, by order id
-    taken_back: list[dict] = []
+    new: dict[str, tuple[str, str, int]] = {}  # paid in this batch, by order id: (order id, currency, amount)
+    taken_back: list[tuple[str]] = []
 
     def add(moment: datetime, currency: str, orders: int, revenue: int) -> None:
         change = buckets.setdefault((bucket_of(moment), currency), [0, 0])
@@ -112,20 +105,16 @@ def project_many(conn: Connection, batch: Sequence[RecordedEvent], t: Tables) ->
         match events.from_data(recorded.type, recorded.schema_version, recorded.data):
             case events.OrderPaid() as e:
                 amount = minor_units(e.amount, e.currency)
-                new[e.order_id] = {"order_id": e.order_id, "currency": e.currency, "amount_minor": amount}
+                new[e.order_id] = (e.order_id, e.currency, amount)
                 add(recorded.recorded_at, e.currency, 1, amount)
             case events.OrderCancelled() as e:
-                row = new.pop(e.order_id, None)
-                if row is None:
-                    row = conn.execute(_paid_order(paid), {"cancelled_order": e.order_id}).mappings().first()
-                    if row is not None:
-                        taken_back.append({"gone": e.order_id})
-                if row is not None:
-                    add(recorded.recorded_at, row["currency"], -1, -row["amount_minor"])
-    if new:
-        conn.execute(insert(paid), list(new.values()))
-    if taken_back:
-        conn.execute(delete(paid).where(paid.c.order_id == bindparam("gone")), taken_back)
+                if (row := new.pop(e.order_id, None)) is not None:
+                    add(recorded.recorded_at, row[1], -1, -row[2])
+                elif (row := _FIND_PAID.run(conn, paid, (e.order_id,)).first()) is not None:
+                    taken_back.append((e.order_id,))
+                    add(recorded.recorded_at, row.currency, -1, -row.amount_minor)
+    _PAID.run_many(conn, paid, list(new.values()))
+    _TAKE_BACK.run_many(conn, paid, taken_back)
     _add_all(conn, t, buckets)
 
 

@@ -1,4 +1,5 @@
-"""Where data is kept: database engines, the event log (its tables in `log`, its API in
+"""Where data is kept: database engines and the statements run on their drivers
+(`statements`), the event log (its tables in `log`, its API in
 `event_store`, the group commit of appends in `group_commit` and `log_writes`, the latest
 events in `recent_events`), the read store and the queries from its streaming replicas
 (`replicas`), documents registered by clients (`persisted_documents`), personal-data

@@ -36,6 +36,30 @@ class UTCDateTime(TypeDecorator):
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
+    def bind_processor(self, dialect):
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        # The text the SQLite dialect would write ("2026-03-07 09:30:00.000000"), made in
+        # one call rather than through a mapping of its parts: a projector writes one or
+        # two per event.
+        def process(value: datetime | None) -> str | None:
+            return None if value is None else value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+        return process
+
+    def result_processor(self, dialect, coltype):
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        # SQLite keeps the naive UTC text written above: fromisoformat reads it several
+        # times faster than the dialect's regular expression, once per event read from
+        # the log.
+        def process(value: str | None) -> datetime | None:
+            return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+        return process
+
 
 def _postgres_engines(url: str) -> tuple[AsyncEngine, AsyncEngine]:
     """(writer, reader) for PostgreSQL: one pool. Readers see one snapshot per transaction,

@@ -34,11 +34,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import conv
 
 from orderstream.infrastructure.errors import BadUserInput, PublicError
 from orderstream.infrastructure.persistence.database import Database, UTCDateTime
 from orderstream.infrastructure.persistence.postgres import CHECKPOINTS_CHANNEL
+from orderstream.infrastructure.persistence.statements import Statement
 
 T = TypeVar("T")
 
@@ -150,7 +152,9 @@ class ReadStore:
         not noticed it lost the lead, or a rebuild) may write at once: the second waits,
         then sees where the first left the checkpoints. SQLite has one writer anyway.
         """
-        return {row.name: Checkpoint(*row) for row in conn.execute(_LOCKED if lock else _CHECKPOINTS)}
+        return {name: Checkpoint(name, position, bool(rebuilding), failed_position, error)
+                for name, position, rebuilding, failed_position, error
+                in (_LOCKED if lock else _CHECKPOINTS).run(conn, checkpoints, ())}
 
     @staticmethod
     def move(conn: Connection, name: str, position: int, **fields) -> None:
@@ -162,7 +166,7 @@ class ReadStore:
         """`move` for several checkpoints, in one statement."""
         if positions:
             now = datetime.now(UTC)
-            conn.execute(_MOVE, [{"moved": name, "to": position, "at": now} for name, position in positions.items()])
+            _MOVE.run_many(conn, checkpoints, [(name, position, now) for name, position in positions.items()])
 
     @staticmethod
     def mark(conn: Connection, name: str, **fields) -> None:
@@ -264,11 +268,14 @@ class ReadStore:
 
 
 # The statements of every projector batch, built once.
-_CHECKPOINTS = select(checkpoints.c.name, checkpoints.c.position, checkpoints.c.rebuilding,
-                      checkpoints.c.failed_position, checkpoints.c.error)
-_LOCKED = _CHECKPOINTS.with_for_update()
-_MOVE = update(checkpoints).where(checkpoints.c.name == bindparam("moved")).values(
-    position=bindparam("to"), updated_at=bindparam("at"))
+def _every_checkpoint(table: Table) -> Select:
+    return select(table.c.name, table.c.position, table.c.rebuilding, table.c.failed_position, table.c.error)
+
+
+_CHECKPOINTS = Statement(_every_checkpoint, ())
+_LOCKED = Statement(lambda table: _every_checkpoint(table).with_for_update(), ())
+_MOVE = Statement(lambda table: update(table).where(table.c.name == bindparam("moved")).values(
+    position=bindparam("to"), updated_at=bindparam("at")), ("moved", "to", "at"))
 
 
 def shadow_copy(table: Table, suffix: str, metadata: MetaData) -> Table:

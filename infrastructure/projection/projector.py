@@ -4,8 +4,9 @@ Each batch runs in one read-database transaction, a unit of work of `ReadStore.w
 SQLite one thread hop for the whole batch); the projections apply their shares and move
 their checkpoints inside it, so a crash at any point resumes with nothing lost and
 nothing applied twice. An event a projection cannot apply stops that projection (logged,
-and visible in its checkpoint row): the batch is applied again projection by projection,
-each in a savepoint of its own, and the others go on.
+and visible in its checkpoint row): the batch's transaction is rolled back and the batch
+applied again in another, projection by projection, each in a savepoint of its own, and
+the others go on.
 """
 
 import asyncio
@@ -57,6 +58,10 @@ class Projection:
 
 
 Progress = Callable[[int, int], None]
+
+
+class _ProjectionFailed(Exception):
+    """A projection could not apply its share of a batch: the batch's transaction is rolled back."""
 
 
 class Projector:
@@ -136,7 +141,10 @@ class Projector:
         # In the trace of the command whose events come first, linked to the others'.
         with self.tracing.on_behalf("project", (event.traceparent for event in batch), {
                 "orderstream.events": len(batch), "orderstream.position": batch[-1].position}):
-            moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
+            try:
+                moved, self._states = await self.read_store.write(partial(self._apply_batch, active, start, batch))
+            except _ProjectionFailed:
+                moved, self._states = await self.read_store.write(partial(self._apply_apart, active, start, batch))
             await self.read_store.advanced(moved)
         if moved:
             for listener in self._listeners:
@@ -146,6 +154,39 @@ class Projector:
     def _apply_batch(self, active: list[Projection], start: int, batch: list[RecordedEvent],
                      conn: Connection) -> tuple[dict[str, int], dict[str, Checkpoint]]:
         """(where the checkpoints moved, every checkpoint as this transaction leaves it)"""
+        states, due = self._due(active, start, batch, conn)
+        try:
+            # No savepoint around them: one that fails rolls the whole transaction back,
+            # and `_apply_apart` does the batch again. Most batches do not fail, and a
+            # savepoint is two statements more for every one of them.
+            for projection, todo in due.items():
+                projection.apply_all(conn, todo, projection.live)
+            # Their checkpoints in one statement: the fixed cost of a batch, which small
+            # batches pay again and again.
+            moved = {projection.name: todo[-1].position for projection, todo in due.items()}
+            self.read_store.move_all(conn, moved)
+        except Exception as error:
+            if fault_of(error):
+                raise  # a full disk or a lost server, not an event: the whole batch waits
+            raise _ProjectionFailed from error
+        self.read_store.announce(conn, moved)
+        return moved, {name: replace(state, position=moved.get(name, state.position))
+                       for name, state in states.items()}
+
+    def _apply_apart(self, active: list[Projection], start: int, batch: list[RecordedEvent],
+                     conn: Connection) -> tuple[dict[str, int], dict[str, Checkpoint]]:
+        """`_apply_batch` after one of the projections failed it: one by one and event by
+        event, each projection in a savepoint of its own, so that it stops alone, at the
+        event that failed."""
+        _, due = self._due(active, start, batch, conn)
+        moved = {projection.name: todo[-1].position for projection, todo in due.items()
+                 if self._apply(conn, projection, todo)}
+        self.read_store.announce(conn, moved)
+        return moved, self.read_store.checkpoints_in(conn)  # the one that stopped is marked so
+
+    def _due(self, active: list[Projection], start: int, batch: list[RecordedEvent],
+             conn: Connection) -> tuple[dict[str, Checkpoint], dict[Projection, list[RecordedEvent]]]:
+        """Every checkpoint, and the events of `batch` each projection has yet to apply."""
         # Re-read under the write lock: a rebuild may have swapped tables meanwhile,
         # or (PostgreSQL) another projector applied this batch already.
         states = self.read_store.checkpoints_in(conn, lock=True)
@@ -156,25 +197,7 @@ class Projector:
                 continue  # the batch does not start where this projection stands
             if todo := [e for e in batch if e.position > state.position]:
                 due[projection] = todo
-        try:
-            # All projections in one savepoint and their checkpoints in one statement:
-            # the fixed cost of a batch, which small batches pay again and again.
-            with conn.begin_nested():
-                for projection, todo in due.items():
-                    projection.apply_all(conn, todo, projection.live)
-                moved = {projection.name: todo[-1].position for projection, todo in due.items()}
-                self.read_store.move_all(conn, moved)
-        except Exception as error:
-            if fault_of(error):
-                raise  # a full disk or a lost server, not an event: the whole batch waits
-            # One of them failed: again one by one and event by event, so that it stops
-            # alone, at the event that failed.
-            moved = {projection.name: todo[-1].position for projection, todo in due.items()
-                     if self._apply(conn, projection, todo)}
-            states = self.read_store.checkpoints_in(conn)  # the one that stopped is marked so
-        self.read_store.announce(conn, moved)
-        return moved, {name: replace(state, position=moved.get(name, state.position))
-                       for name, state in states.items()}
+        return states, due
 
     def _apply(self, conn: Connection, projection: Projection, todo: list[RecordedEvent]) -> bool:
         current = todo[0]
