@@ -25,6 +25,7 @@ from orderstream.infrastructure.persistence.log import (
     keys_of,
     personal_keys,
 )
+from orderstream.infrastructure.persistence.statements import Statement
 
 if TYPE_CHECKING:
     from orderstream.infrastructure.persistence.group_commit import PendingAppend
@@ -140,9 +141,9 @@ def _write_together(conn: Connection, batch: list["PendingAppend"], state: Batch
         conn.execute(insert(personal_keys), [{"subject_id": s, "key": k, "created_at": now}
                                              for s, k in fresh.items()])
     if rows:
-        conn.execute(_INSERT_EVENT, rows)
+        _INSERT_EVENT.run_many(conn, events, [tuple(row.values()) for row in rows])
     if records:
-        conn.execute(_INSERT_IDEMPOTENCY, records)
+        _INSERT_IDEMPOTENCY.run_many(conn, idempotency, [tuple(record.values()) for record in records])
     if shredded:
         conn.execute(personal_keys.delete().where(personal_keys.c.subject_id.in_(shredded)))
     return outcomes
@@ -239,6 +240,10 @@ def _versions(streams: int):
                     .scalar_subquery() for n in range(streams)), HEAD.scalar_subquery())
 
 
-# Built once: building a statement costs more than running it.
-_INSERT_EVENT = insert(events)
-_INSERT_IDEMPOTENCY = insert(idempotency)
+# The columns in the order `_rows` and `_record` name them. Compiled once and run on the
+# driver (persistence.statements): in the writer thread SQLAlchemy's handling of each row
+# held Python's lock longer than the database held the rows.
+_INSERT_EVENT = Statement(insert, ("position", "event_id", "stream_id", "stream_type", "version", "type",
+                                   "schema_version", "data", "correlation_id", "causation_id", "actor",
+                                   "idempotency_key", "recorded_at", "traceparent"))
+_INSERT_IDEMPOTENCY = Statement(insert, ("scope", "key", "request_hash", "result", "position", "recorded_at"))

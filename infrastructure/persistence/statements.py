@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Table
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import StatementError
 from sqlalchemy.sql import Executable
 
 Convert = Callable[[Sequence[Any]], tuple]
@@ -37,14 +38,14 @@ class Statement:
     def run(self, conn: Connection, table: Table, row: Sequence[Any]) -> CursorResult:
         """Run it once, with one row of parameters."""
         sql, convert = self._compiled(table, conn.dialect)
-        return conn.exec_driver_sql(sql, convert(row))
+        return conn.exec_driver_sql(sql, _converted(sql, convert, [row])[0])
 
     def run_many(self, conn: Connection, table: Table, rows: Sequence[Sequence[Any]]) -> None:
         """Run it for each row, in one call to the driver (executemany); nothing for no rows."""
         if not rows:
             return
         sql, convert = self._compiled(table, conn.dialect)
-        conn.exec_driver_sql(sql, [convert(row) for row in rows])
+        conn.exec_driver_sql(sql, _converted(sql, convert, rows))
 
     def _compile(self, table: Table, dialect: Dialect) -> tuple[str, Convert]:
         compiled = self.build(table).compile(dialect=dialect)
@@ -59,6 +60,16 @@ class Statement:
                       if (processor := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                       is not None]
         return compiled.string, _converter(tuple(self.parameters.index(name) for name in taken), processors)
+
+
+def _converted(sql: str, convert: Convert, rows: Sequence[Sequence[Any]]) -> list[tuple]:
+    """The rows as the driver takes them; a value a column's type cannot convert raises
+    StatementError, as from `execute`, without the parameters."""
+    try:
+        return [convert(row) for row in rows]
+    except Exception as error:
+        raise StatementError(f"a value cannot be stored: {type(error).__name__}", sql, None, error,
+                             hide_parameters=True) from error
 
 
 def _converter(order: tuple[int, ...], processors: list[tuple[int, Callable[[Any], Any]]]) -> Convert:
