@@ -140,9 +140,11 @@ class Service:
             # Several processes on one PostgreSQL read database: one of them projects at a time.
             self.leadership = Leadership(settings.read_store_url)
 
-    def _commit_elsewhere(self, _payload: str | None) -> None:
+    def _commit_elsewhere(self, payload: str | None) -> None:
         self.projector.wake()
-        self.hub.wake()
+        # The payload is the commit's last position (None: notifications were lost): with
+        # it the hub need not ask the log for its head after every other process's commit.
+        self.hub.wake(int(payload) if payload else 0)
         if self.relay is not None:
             self.relay.wake()
 

@@ -169,7 +169,11 @@ class GroupCommit:
     def take(self) -> Batch | None:
         """The next batch, taken by the writer: up to MAX_BATCH queued appends whose callers
         still wait for them; None when nothing is queued."""
-        requests = []
+        requests: list[PendingAppend] = []
+        self._take_into(requests)
+        return Batch(requests) if requests else None
+
+    def _take_into(self, requests: list[PendingAppend]) -> None:
         while len(requests) < MAX_BATCH:
             try:
                 request = self._queue.popleft()
@@ -179,7 +183,6 @@ class GroupCommit:
                 requests.append(request)
             else:
                 _doom(request)
-        return Batch(requests) if requests else None
 
     def write(self, batch: Batch, conn: Connection) -> None:
         """The batch's statements, in its transaction: each request's events or error, the
@@ -191,6 +194,10 @@ class GroupCommit:
             # failed append leaves no hole. Taken before the checks, so that they see every
             # committed append.
             conn.execute(_APPEND_LOCK)
+            # What was queued while the lock was held elsewhere joins now: the busier the
+            # other processes, the more each turn at the lock writes, instead of each
+            # process's batches queueing for it one after another.
+            self._take_into(batch.requests)
         state = BatchState.read(conn, batch.requests)
         if state.head != self._written:
             if 0 <= self._written < state.head <= self._written + MAX_NAMED_FOREIGN:
