@@ -141,10 +141,12 @@ class Service:
             self.leadership = Leadership(settings.read_store_url)
 
     def _commit_elsewhere(self, payload: str | None) -> None:
+        position = self.store.heard(payload)
+        if position is None:
+            return  # this process's own commit: its on_append listeners have been told
         self.projector.wake()
-        # The payload is the commit's last position (None: notifications were lost): with
-        # it the hub need not ask the log for its head after every other process's commit.
-        self.hub.wake(int(payload) if payload else 0)
+        # With the commit's position the hub need not ask the log for its head.
+        self.hub.wake(position)
         if self.relay is not None:
             self.relay.wake()
 

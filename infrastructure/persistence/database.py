@@ -38,7 +38,7 @@ class UTCDateTime(TypeDecorator):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _postgres_engines(url: str) -> tuple[AsyncEngine, AsyncEngine]:
+def _postgres_engines(url: str, snapshot_reads: bool) -> tuple[AsyncEngine, AsyncEngine]:
     """(writer, reader) for PostgreSQL: one pool. Readers see one snapshot per transaction,
     as on SQLite, so that a page and its total count agree (READ COMMITTED would re-read per
     statement). Ten connections kept open: with the default five, concurrent requests kept
@@ -49,7 +49,7 @@ def _postgres_engines(url: str) -> tuple[AsyncEngine, AsyncEngine]:
     transaction as Unavailable, which SQLAlchemy takes as the sign to replace every
     connection of the pool opened before it."""
     engine = create_async_engine(url, hide_parameters=True, pool_size=10, max_overflow=10)
-    return engine, engine.execution_options(isolation_level="REPEATABLE READ")
+    return engine, engine.execution_options(isolation_level="REPEATABLE READ" if snapshot_reads else "AUTOCOMMIT")
 
 
 class _PostgresWriter:
@@ -168,9 +168,13 @@ class Database:
     the writer. On PostgreSQL async engines run the same function through `run_sync`.
     """
 
-    def __init__(self, url: str, readers: int = 2, durable: bool = True, inline: bool = False) -> None:
+    def __init__(self, url: str, readers: int = 2, durable: bool = True, inline: bool = False,
+                 snapshot_reads: bool = True) -> None:
         """`durable=False` (SQLite): a commit may be lost with the machine's power, never
         half-applied; for data that can be made again, such as read models.
+        `snapshot_reads=False` (PostgreSQL): each statement of a read sees the database as
+        of its own start, with no transaction around them; for reads whose statements need
+        not agree. BEGIN and ROLLBACK are two of a one-statement read's three round trips.
         `inline` (SQLite): writes and scans run in the event loop too, for a process that
         has nothing else to do meanwhile (the projector's): there the hops to the worker
         threads and back only add to each batch's time."""
@@ -191,7 +195,7 @@ class Database:
             self._threads = _Threads(ThreadPoolExecutor(1, "sqlite-writer"),
                                      ThreadPoolExecutor(readers, "sqlite-reader"))
         else:
-            self._writer, self._reader = _postgres_engines(url)
+            self._writer, self._reader = _postgres_engines(url, snapshot_reads)
 
     async def migrate(self, tree: str) -> str:
         """Bring this database to the newest revision of `tree` (infrastructure.persistence.migrations);
