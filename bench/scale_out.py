@@ -17,8 +17,15 @@ reports "process", projecting in a child process whose CPU counts as the server'
 round-robin over the processes, as a load balancer would) sends placeOrder, each
 connection its next request when its last one came back: a warm-up, then a measured
 window. The client's CPU is measured and shown: near a whole core, it would be the
-bottleneck. So are the servers' CPU, PostgreSQL's (every postgres process on the machine,
-other users' included) and everybody else's.
+bottleneck. So are the servers' CPU (each `serve` process and its children), PostgreSQL's
+and everybody else's. PostgreSQL's is that of the backends serving the point's two databases
+(found by their process titles) and of the server's shared processes (WAL writer,
+checkpointer, background writer, ...), which mostly write the point's commits; backends of
+other databases on the same server, such as other users' tests, count as everybody else's.
+CPU per order is the servers' and PostgreSQL's CPU over the window divided by the orders
+placed in it: the figure to compare between 1, 2 and 4 processes, as it moves less than the
+rate with what else runs on the machine. Backends that ended within the window are missed
+(new conn/order says how many there were).
 
 The tailer: 8 writer processes (the writer of tests/test_postgres.py: 1 to 12 events per
 transaction, on a stream each) append to a fresh event database, released together once
@@ -205,10 +212,15 @@ def ratios(points: dict[str, dict[str, Any]]) -> dict[str, float]:
         found[f"{point.key}: throughput / sqlite x1"] = figures["per_s"] / baseline["per_s"]
         found[f"{point.key}: p50 / sqlite x1"] = figures["p50_ms"] / baseline["p50_ms"]
         found[f"{point.key}: p99 / sqlite x1"] = figures["p99_ms"] / baseline["p99_ms"]
-    single = points[Point("postgresql", 1).key]["per_s"]
+    single = points[Point("postgresql", 1).key]
     for processes in (2, 4):
-        found[f"postgresql x{processes}: throughput / postgresql x1"] = points[
-            Point("postgresql", processes).key]["per_s"] / single
+        figures = points[Point("postgresql", processes).key]
+        found[f"postgresql x{processes}: throughput / postgresql x1"] = figures["per_s"] / single["per_s"]
+        # The scale-out goal: what an order costs should not grow with the processes.
+        found[f"postgresql x{processes}: CPU/order / postgresql x1"] = (
+            figures["cpu_ms_per_order"] / single["cpu_ms_per_order"])
+        found[f"postgresql x{processes}: servers' CPU/order / postgresql x1"] = (
+            figures["server_ms_per_order"] / single["server_ms_per_order"])
     return found
 
 
@@ -344,6 +356,7 @@ async def measure_point(point: Point, folder: Path, server: str, secret: str, to
                 shop = await prepare_shop(servers.urls[0], token)
                 sessions_before = await sessions(server, urls)
                 spec = {"urls": servers.urls, "token": token, "server_pids": servers.pids,
+                        "databases": [make_url(url).database for url in urls],
                         "clients": sizes.clients, "warmup_s": sizes.warmup_s, "window_s": sizes.window_s, **shop}
                 client = await asyncio.create_subprocess_exec(
                     sys.executable, "-c", CLIENT, cwd=ROOT,
@@ -365,6 +378,8 @@ async def measure_point(point: Point, folder: Path, server: str, secret: str, to
     figures.update({
         # Server and PostgreSQL CPU per placeOrder: less bent than the rate by what others run.
         "cpu_ms_per_order": (figures["server_cores"] + figures["postgres_cores"]) / figures["per_s"] * 1000,
+        "server_ms_per_order": figures["server_cores"] / figures["per_s"] * 1000,
+        "postgres_ms_per_order": figures["postgres_cores"] / figures["per_s"] * 1000,
         # PostgreSQL connections opened during the warm-up and the window, per order.
         "new_connections_per_order": (sessions_after - sessions_before) / orders,
         "projection_lag_events": projection_lag,
@@ -438,7 +453,7 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
     errors: list[str] = []
     window_start, window_end, before, after = await closed_loop(
         connections, partial(worker, spec=spec, samples=samples, errors=errors), spec["warmup_s"], window,
-        partial(readings, spec["server_pids"]))
+        partial(readings, spec["server_pids"], spec["databases"]))
     seconds = after["at"] - before["at"]
     used = {part: (after[part] - before[part]) / seconds for part in ("machine", "client", "servers")}
     postgres = sum(cpu - before["postgres"].get(pid, 0.0) for pid, cpu in after["postgres"].items()) / seconds
@@ -463,21 +478,37 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def readings(server_pids: list[int]) -> dict[str, Any]:
+def readings(server_pids: list[int], databases: list[str]) -> dict[str, Any]:
     machine_busy, client = cpu_seconds()
     return {"at": time.perf_counter(), "machine": machine_busy, "client": client,
             "servers": sum(server_cpu_seconds(pid) for pid in server_pids),
-            "postgres": postgres_cpu_seconds(), "load": (load_average() or [0.0])[0]}
+            "postgres": postgres_cpu_seconds(databases), "load": (load_average() or [0.0])[0]}
 
 
-def postgres_cpu_seconds() -> dict[int, float]:
-    """CPU seconds of every postgres process on the machine, by process id."""
+# PostgreSQL's processes that serve no one database: their work (the WAL writer's flushes,
+# checkpoints) is counted with the point's, as it is mostly the point's own writes.
+SHARED_POSTGRES = ("checkpointer", "background writer", "walwriter", "autovacuum launcher",
+                   "logical replication launcher", "archiver", "stats collector")
+
+
+def postgres_cpu_seconds(databases: list[str]) -> dict[int, float]:
+    """CPU seconds, by process id, of the PostgreSQL processes that work for `databases`
+    (their backends, named in each one's process title) and of the shared ones above; none
+    for no databases (SQLite). Backends of other databases on the same server (other users'
+    tests, say) are left to "others"."""
+    if not databases:
+        return {}
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with suppress(OSError):
-            if (entry / "comm").read_text().strip() == "postgres":
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            words = set(title.split())
+            if (words & set(databases) or not title.startswith("postgres:")  # the postmaster
+                    or any(title.rstrip().endswith(name) for name in SHARED_POSTGRES)):
                 found[int(entry.name)] = process_cpu_seconds(int(entry.name))
     return found
 
@@ -644,13 +675,14 @@ def describe_tailer(figures: dict[str, Any]) -> str:
 def table(report: dict[str, Any]) -> str:
     sizes, host, points = report["sizes"], report["machine"], report["points"]
     baseline = points[BASELINE.key]
-    rows = [("back end", "processes", "per s", "x sqlite", "p50", "p99", "CPU/order", "new conn/order",
+    rows = [("back end", "processes", "per s", "x sqlite", "p50", "p99", "CPU/order", "servers' part", "new conn/order",
              "leader share", "projection lag", "servers", "postgres", "client", "others", "load")]
     for point in POINTS:
         figures = points[point.key]
         rows.append((point.backend, str(point.processes), f"{figures['per_s']:,.0f}",
                      f"{figures['per_s'] / baseline['per_s']:.2f}", format_ms(figures["p50_ms"]),
                      format_ms(figures["p99_ms"]), format_ms(figures["cpu_ms_per_order"]),
+                     format_ms(figures["server_ms_per_order"]),
                      f"{figures['new_connections_per_order']:.2f}", f"{figures['leader_share_vs_even']:.2f}",
                      f"{figures['projection_lag_events']:,.0f}", f"{figures['server_cores']:.2f}",
                      f"{figures['postgres_cores']:.2f}", f"{figures['client_cores']:.2f}",
@@ -664,9 +696,11 @@ def table(report: dict[str, Any]) -> str:
         f" synchronous_commit={postgres['synchronous_commit']}) for the log and the read models",
         f"medians of {sizes['rounds']} rounds, each point fresh databases and processes, a {sizes['window_s']:g} s"
         f" window after {sizes['warmup_s']:g} s of warm-up; CPU/order: servers' and PostgreSQL's CPU time per"
-        f" placeOrder; new conn/order: PostgreSQL connections opened per order; leader share: the projecting"
-        f" process's share of the requests against an even share; projection lag: events not yet projected"
-        f" after the window; CPU in cores (postgres: every postgres process)",
+        f" placeOrder (servers' part: the API processes' alone); new conn/order: PostgreSQL connections"
+        f" opened per order; leader share: the projecting process's share of the requests against an even"
+        f" share; projection lag: events not yet projected after the window; CPU in cores (postgres: the"
+        f" backends of the point's databases and the server's shared processes; others: everything else on"
+        f" the machine, other users' included)",
         "",
         *("  ".join([row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width
                                                  in zip(row[1:], widths[1:], strict=True))]) for row in rows),

@@ -140,9 +140,13 @@ class Service:
             # Several processes on one PostgreSQL read database: one of them projects at a time.
             self.leadership = Leadership(settings.read_store_url)
 
-    def _commit_elsewhere(self, _payload: str | None) -> None:
+    def _commit_elsewhere(self, payload: str | None) -> None:
+        position = self.store.heard(payload)
+        if position is None:
+            return  # this process's own commit: its on_append listeners have been told
         self.projector.wake()
-        self.hub.wake()
+        # With the commit's position the hub need not ask the log for its head.
+        self.hub.wake(position)
         if self.relay is not None:
             self.relay.wake()
 

@@ -2,7 +2,8 @@
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -61,13 +62,47 @@ class UTCDateTime(TypeDecorator):
         return process
 
 
-def _postgres_engines(url: str) -> tuple[AsyncEngine, AsyncEngine]:
+def _postgres_engines(url: str, snapshot_reads: bool) -> tuple[AsyncEngine, AsyncEngine]:
     """(writer, reader) for PostgreSQL: one pool. Readers see one snapshot per transaction,
     as on SQLite, so that a page and its total count agree (READ COMMITTED would re-read per
     statement). Ten connections kept open: with the default five, concurrent requests kept
-    opening and closing overflow connections, about one per command under load."""
-    engine = create_async_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    return engine, engine.execution_options(isolation_level="REPEATABLE READ")
+    opening and closing overflow connections, about one per command under load.
+
+    No ping before each use: SQLAlchemy's costs three round trips (BEGIN, ";", ROLLBACK),
+    as many as a whole read. A connection found dead (a restarted server) fails its
+    transaction as Unavailable, which SQLAlchemy takes as the sign to replace every
+    connection of the pool opened before it."""
+    engine = create_async_engine(url, hide_parameters=True, pool_size=10, max_overflow=10)
+    return engine, engine.execution_options(isolation_level="REPEATABLE READ" if snapshot_reads else "AUTOCOMMIT")
+
+
+class _PostgresWriter:
+    """PostgreSQL: a thread running an event loop and an engine of its own, where
+    `Database.write_each` runs its transactions.
+
+    Between the append lock and the commit each statement waits for its answer. In the
+    server's event loop the transaction would then resume only after every request ready
+    to run had run, with the lock held meanwhile and every other process's batch waiting
+    for it; here it resumes as soon as the answer comes, once it has Python's lock back."""
+
+    def __init__(self, url: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        # One batch at a time: one connection.
+        self._engine = create_async_engine(url, hide_parameters=True, pool_size=1, max_overflow=0)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="postgres-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+        """`work(engine)` in the writer's loop. A caller cancelled meanwhile leaves it running
+        to its end, as a thread's work would."""
+        done = asyncio.run_coroutine_threadsafe(work(self._engine), self._loop)
+        return await asyncio.shield(asyncio.wrap_future(done))
+
+    async def close(self) -> None:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._engine.dispose(), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join)
+        self._loop.close()
 
 
 def _sqlite_engine(url: str, begin: str, **options: Any) -> AsyncEngine:
@@ -157,9 +192,13 @@ class Database:
     the writer. On PostgreSQL async engines run the same function through `run_sync`.
     """
 
-    def __init__(self, url: str, readers: int = 2, durable: bool = True, inline: bool = False) -> None:
+    def __init__(self, url: str, readers: int = 2, durable: bool = True, inline: bool = False,
+                 snapshot_reads: bool = True) -> None:
         """`durable=False` (SQLite): a commit may be lost with the machine's power, never
         half-applied; for data that can be made again, such as read models.
+        `snapshot_reads=False` (PostgreSQL): each statement of a read sees the database as
+        of its own start, with no transaction around them; for reads whose statements need
+        not agree. BEGIN and ROLLBACK are two of a one-statement read's three round trips.
         `inline` (SQLite): writes and scans run in the event loop too, for a process that
         has nothing else to do meanwhile (the projector's): there the hops to the worker
         threads and back only add to each batch's time."""
@@ -167,6 +206,7 @@ class Database:
         self.dialect = make_url(url).get_dialect().name
         self._inline = inline
         self._threads = None
+        self._postgres_writer: _PostgresWriter | None = None  # started by the first `write_each`
         if self.dialect == "sqlite":
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
             self._writer = _configured(create_engine(
@@ -179,7 +219,7 @@ class Database:
             self._threads = _Threads(ThreadPoolExecutor(1, "sqlite-writer"),
                                      ThreadPoolExecutor(readers, "sqlite-reader"))
         else:
-            self._writer, self._reader = _postgres_engines(url)
+            self._writer, self._reader = _postgres_engines(url, snapshot_reads)
 
     async def migrate(self, tree: str) -> str:
         """Bring this database to the newest revision of `tree` (infrastructure.persistence.migrations);
@@ -213,8 +253,12 @@ class Database:
         under load the event loop can be busy for many milliseconds before it would take up
         a commit and hand over the next item, and the writer would wait all that time.
         After `most` items it hands back, so that the other writes queued for it meanwhile
-        (snapshots, say) take their turn."""
-        if self._threads is None or self._inline:
+        (snapshots, say) take their turn. On PostgreSQL the items are written in an event
+        loop of their own (see `_PostgresWriter`), taken as on SQLite."""
+        if self._threads is None:
+            await self._write_each_postgres(batches, most)
+            return
+        if self._inline:
             for _ in range(most):
                 if (item := batches.take()) is None:
                     return
@@ -246,6 +290,28 @@ class Database:
 
         await loop.run_in_executor(self._threads.writer, run)
 
+    async def _write_each_postgres(self, batches: "Batches[Item]", most: int) -> None:
+        if self._postgres_writer is None:
+            self._postgres_writer = _PostgresWriter(self.url)
+        loop = asyncio.get_running_loop()
+
+        async def run(engine: AsyncEngine) -> None:
+            for _ in range(most):
+                if (item := batches.take()) is None:
+                    return
+                try:
+                    async with engine.begin() as conn:
+                        await conn.run_sync(partial(batches.write, item))
+                    error = None
+                except BaseException as failure:
+                    error = fault_of(failure) or failure
+                batches.finish(item, error)
+                loop.call_soon_threadsafe(batches.settle, item, error)
+                if error is not None and not isinstance(error, Exception):
+                    raise error
+
+        await self._postgres_writer.run(run)
+
     async def read(self, work: Callable[[Connection], T]) -> T:
         """`work(conn)` on a reader: on SQLite a snapshot of the last commit, never waiting
         for the writer, run right here in the event loop.
@@ -272,6 +338,8 @@ class Database:
 
     async def dispose(self) -> None:
         if self._threads is None:
+            if self._postgres_writer is not None:
+                await self._postgres_writer.close()
             await self._writer.dispose()
             return
         for threads in self._threads:

@@ -70,7 +70,10 @@ class EventStore:
         # Where recorded_at comes from; tests that need events on given days pass their own.
         self.clock = clock
         self._upcast = upcast
-        self._db = Database(url, inline=inline)
+        # A read of the log is one statement, or two whose second (the keys of the events'
+        # sealed fields) may see a key destroyed since the first: what a reader then gets
+        # stays sealed, as it would be an instant later. No snapshot is kept around them.
+        self._db = Database(url, inline=inline, snapshot_reads=False)
         # The latest events this process committed, or was given (`remember`): `read`
         # serves the projector and the event hub from here, right after a commit, without
         # a trip to the database.
@@ -106,11 +109,19 @@ class EventStore:
         self._appends.on_append(listener)
 
     def on_foreign_streams(self, listener: Callable[[set[str]], None]) -> None:
-        """Call `listener(stream_ids)` when a batch finds that other processes appended to
-        these streams since this process's previous batch (what they hold may be out of
-        date), before the batch's appends are settled. When there were too many such
-        events to name their streams, `foreign_appends` moves instead."""
+        """Call `listener(stream_ids)` when other processes appended to these streams (what
+        they hold may be out of date): on PostgreSQL when their commit is `heard`, and in
+        any case when this process's next batch finds them, before its appends are
+        settled. When there were too many such events to name their streams,
+        `foreign_appends` moves instead."""
         self._appends.on_foreign_streams(listener)
+
+    def heard(self, payload: str | None) -> int | None:
+        """A notification on EVENTS_CHANNEL (PostgreSQL; None: notifications were lost).
+        Another process's commit: its streams go to the `on_foreign_streams` listeners,
+        and its last position is returned. None for this process's own commits, which
+        `on_append` listeners have been told of; 0 when notifications were lost."""
+        return self._appends.heard(payload)
 
     async def append(
         self,

@@ -7,6 +7,7 @@ batch writes is `infrastructure.persistence.log_writes`. Callers hold a `Pending
 
 import asyncio
 import logging
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.log import (
     APPEND_LOCK,
     EVENTS_CHANNEL,
+    CommitNotice,
     IdempotencyRecord,
     Metadata,
     StreamWrite,
@@ -117,6 +119,11 @@ class GroupCommit:
         # `_written` is the head this process's latest committed batch left (-1: none yet).
         self.foreign_appends = 0
         self._written = -1
+        # PostgreSQL: tells this process's commit notices from other processes' (see `heard`).
+        self.origin = uuid.uuid4().hex
+        # (start, end]: positions whose commits this process has heard of, one after
+        # another, every other process's with its streams named to the listeners already.
+        self._heard = (0, 0)
         self._listeners: list[Callable[[int], None]] = []
         self._foreign_listeners: list[Callable[[set[str]], None]] = []
 
@@ -169,7 +176,11 @@ class GroupCommit:
     def take(self) -> Batch | None:
         """The next batch, taken by the writer: up to MAX_BATCH queued appends whose callers
         still wait for them; None when nothing is queued."""
-        requests = []
+        requests: list[PendingAppend] = []
+        self._take_into(requests)
+        return Batch(requests) if requests else None
+
+    def _take_into(self, requests: list[PendingAppend]) -> None:
         while len(requests) < MAX_BATCH:
             try:
                 request = self._queue.popleft()
@@ -179,7 +190,6 @@ class GroupCommit:
                 requests.append(request)
             else:
                 _doom(request)
-        return Batch(requests) if requests else None
 
     def write(self, batch: Batch, conn: Connection) -> None:
         """The batch's statements, in its transaction: each request's events or error, the
@@ -191,9 +201,16 @@ class GroupCommit:
             # failed append leaves no hole. Taken before the checks, so that they see every
             # committed append.
             conn.execute(_APPEND_LOCK)
+            # What was queued while the lock was held elsewhere joins now: the busier the
+            # other processes, the more each turn at the lock writes, instead of each
+            # process's batches queueing for it one after another.
+            self._take_into(batch.requests)
         state = BatchState.read(conn, batch.requests)
         if state.head != self._written:
-            if 0 <= self._written < state.head <= self._written + MAX_NAMED_FOREIGN:
+            start, end = self._heard
+            if 0 <= self._written and start <= self._written and state.head <= end:
+                pass  # their notices named the streams already (`heard`)
+            elif 0 <= self._written < state.head <= self._written + MAX_NAMED_FOREIGN:
                 batch.foreign = set(conn.execute(_STREAMS_BETWEEN, {"after": self._written,
                                                                     "until": state.head}).scalars())
             else:
@@ -201,7 +218,35 @@ class GroupCommit:
         batch.outcomes, batch.state = write_batch(conn, batch.requests, state)
         if self._postgres and batch.state.position != batch.state.head:
             # Delivered at commit, to every process listening (infrastructure.persistence.postgres).
-            conn.execute(select(func.pg_notify(EVENTS_CHANNEL, str(batch.state.position))))
+            streams = {write.stream_id for request in batch.requests if request.written
+                       for write in request.writes if write.events}
+            notice = CommitNotice(self.origin, batch.state.head, batch.state.position, tuple(sorted(streams)))
+            conn.execute(_NOTIFY, {"payload": notice.payload()})
+
+    def heard(self, payload: str | None) -> int | None:
+        """A commit notice (PostgreSQL, see `CommitNotice`), in the event loop. Names the
+        streams another process appended to to the `on_foreign_streams` listeners as soon
+        as it committed, rather than at this process's next batch, so that fewer commands
+        decide on state it has changed; that batch then need not look them up.
+
+        Returns the position the commit left the log at; None for this process's own
+        commits, which its `on_append` listeners have heard of; 0 for None (notifications
+        were lost: whoever listens should look for themselves)."""
+        if payload is None:
+            self._heard = (0, 0)
+            return 0
+        notice = CommitNotice.parse(payload)
+        mine = notice.origin == self.origin
+        if not mine and notice.streams:
+            streams = set(notice.streams)
+            for listener in self._foreign_listeners:
+                listener(streams)
+        start, end = self._heard
+        if not mine and notice.streams is None:
+            self._heard = (notice.position, notice.position)
+        else:
+            self._heard = (start if notice.after == end else notice.after, notice.position)
+        return None if mine else notice.position
 
     def finish(self, batch: Batch, error: BaseException | None) -> None:
         """Where the writer runs, before its next batch: what that batch's checks must see."""
@@ -276,5 +321,6 @@ def _settle(future: asyncio.Future, outcome: Any) -> None:
 
 # Built once: building a statement costs more than running it.
 _APPEND_LOCK = select(func.pg_advisory_xact_lock(APPEND_LOCK))
+_NOTIFY = select(func.pg_notify(EVENTS_CHANNEL, bindparam("payload")))
 _STREAMS_BETWEEN = select(events.c.stream_id).where(
     events.c.position > bindparam("after"), events.c.position <= bindparam("until")).distinct()

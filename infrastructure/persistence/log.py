@@ -4,6 +4,7 @@ The API over them is `infrastructure.persistence.event_store.EventStore`; the ta
 are what the migrations of the `events` tree create.
 """
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -151,6 +152,39 @@ class RecordedEvent:
     idempotency_key: str | None
     recorded_at: datetime
     traceparent: str | None = None
+
+
+@dataclass(frozen=True)
+class CommitNotice:
+    """What a commit to the log tells every process on EVENTS_CHANNEL (PostgreSQL): who
+    committed (`origin`, one per event store), where the log stood before it (`after`) and
+    where it left it (`position`), and the streams it appended to (None when they do not
+    fit in a notification)."""
+
+    origin: str
+    after: int
+    position: int
+    streams: tuple[str, ...] | None
+
+    def payload(self) -> str:
+        text = json.dumps({"origin": self.origin, "after": self.after, "position": self.position,
+                           "streams": self.streams})
+        if len(text.encode()) < NOTIFICATION_BYTES:
+            return text
+        return json.dumps({"origin": self.origin, "after": self.after, "position": self.position, "streams": None})
+
+    @classmethod
+    def parse(cls, payload: str) -> "CommitNotice":
+        if payload.isdigit():  # a bare position, from a process of an earlier version
+            return cls("", -1, int(payload), None)
+        notice = json.loads(payload)
+        streams = notice["streams"]
+        return cls(notice["origin"], notice["after"], notice["position"],
+                   tuple(streams) if streams is not None else None)
+
+
+# PostgreSQL refuses a notification's payload of 8000 bytes or more.
+NOTIFICATION_BYTES = 7900
 
 
 class WrongExpectedVersion(Exception):
