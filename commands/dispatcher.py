@@ -70,6 +70,9 @@ class Cached(NamedTuple):
     epoch: int
     # The append it is ahead of the log by, until that is decided.
     landing: PendingAppend | None
+    # While `landing` is in flight, the state it is ahead of (its last committed state, if
+    # it was cached): what the entry falls back to if the append fails.
+    base: Aggregate | None = None
 
 
 class AggregateCache:
@@ -84,9 +87,10 @@ class AggregateCache:
     process changed meanwhile costs a retry on fresh state, never a wrong decision.
     An aggregate whose append is still in flight is here too: a command on the same
     stream decides on it and joins the next batch, rather than wait for the commit; if
-    that append fails, so does the one built on it, and the entry is dropped. Otherwise a
-    load reads only the events after the cached version, so its cost does not grow with a
-    stream's history.
+    that append fails, so does the one built on it, and the entry falls back to the state
+    it was ahead of, distrusted (an append fails mostly because another process wrote the
+    stream). Either way a load reads only the events after the cached version, so its cost
+    does not grow with a stream's history, not even for the retry of a lost race.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
@@ -101,10 +105,13 @@ class AggregateCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        aggregate, epoch, landing = entry
-        if _failed(landing):
-            del self._entries[key]  # the state it is ahead by will never reach the log
-            return None
+        aggregate, epoch, landing, base = entry
+        if _failed(landing):  # the state it is ahead by will never reach the log
+            if base is None:
+                del self._entries[key]
+                return None
+            aggregate, epoch, landing = base, -1, None
+            self._entries[key] = Cached(base, epoch, None)
         if landing is not None and landing.decided:
             landing = None
         self._entries.move_to_end(key)
@@ -128,7 +135,14 @@ class AggregateCache:
         entry = self._entries.get(key)
         if entry is not None and entry.aggregate.version > aggregate.version and not _failed(entry.landing):
             return  # a later command's append already built on this one
-        self._entries[key] = Cached(aggregate, epoch, landing)
+        base = None
+        if landing is not None and entry is not None:
+            # The entry's own state if its append landed (or it had none), else what it was ahead of.
+            settled = entry.landing is None or entry.landing.decided and not entry.landing.failed
+            base = entry.aggregate if settled else entry.base
+            if base is not None and base.version >= aggregate.version:
+                base = None  # not behind this state: nothing this append is ahead of
+        self._entries[key] = Cached(aggregate, epoch, landing, base)
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

@@ -162,3 +162,21 @@ async def test_orders_on_one_product_join_one_commit_and_all_count(store, dispat
     product = await store.load("SKU-1")
     assert [e.version for e in product] == list(range(1, 13))  # added, then 11 reservations
     assert sum(e.data["quantity"] for e in product if e.type == "StockReserved") == 11
+
+
+async def test_a_race_lost_to_another_process_rereads_only_what_it_missed(store, dispatcher, other, monkeypatch):
+    customer = await shop(dispatcher, stock=100)
+    for _ in range(30):  # a history this process has cached and need not read again
+        await accepted(dispatcher, place(customer))
+    await accepted(other, place(customer))  # unknown here until an append finds it
+    reads: list[tuple[str, int]] = []
+    load = store.load
+    monkeypatch.setattr(store, "load", lambda stream_id, *args, **kwargs: reads.append(
+        (stream_id, kwargs.get("after_version", args[0] if args else 0))) or load(stream_id, *args, **kwargs))
+
+    placed = await accepted(dispatcher, place(customer))  # decides on stale state, loses, retries
+
+    product_reads = [after for stream_id, after in reads if stream_id == "SKU-1"]
+    assert product_reads and min(product_reads) == 32, "the retry replayed the stream from its start"
+    reserved = [e for e in await store.load("SKU-1") if e.type == "StockReserved"]
+    assert len(reserved) == 33 and placed.version == 1
