@@ -145,6 +145,13 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         "median_tenth": median_tenth,
         "tenths": tenths,
         "startup": startup,
+        "goals": [{
+            "number": 5, "goal": f"rebuild of {sizes.events:,} events: >= 0.5 x the plain sqlite3 loop",
+            "figure": f"{whole['orderstream_events_per_s']:,.0f} events/s"
+                      f" ({whole['orderstream_cpu_us_per_event']:,.1f} us CPU/event)",
+            "baseline": f"plain loop {whole['ceiling_events_per_s']:,.0f} events/s"
+                        f" ({whole['ceiling_cpu_us_per_event']:,.1f} us)",
+            "measured": whole["orderstream_over_ceiling"], "met": whole["orderstream_over_ceiling"] >= 0.5}],
     }
 
 

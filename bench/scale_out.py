@@ -191,6 +191,7 @@ async def measure(folder: Path, sizes: Sizes) -> dict[str, Any]:
         "postgres": await postgres_settings(server),
         "points": median,
         "ratios": ratios(median),
+        "goals": goals(median),
         "tailer": summary(tailer_rounds),
         "rounds": rounds,
         "tailer_rounds": tailer_rounds,
@@ -221,6 +222,22 @@ def ratios(points: dict[str, dict[str, Any]]) -> dict[str, float]:
             figures["cpu_ms_per_order"] / single["cpu_ms_per_order"])
         found[f"postgresql x{processes}: servers' CPU/order / postgresql x1"] = (
             figures["server_ms_per_order"] / single["server_ms_per_order"])
+    return found
+
+
+def goals(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Goal 6: PostgreSQL in one process at 0.8 of SQLite's throughput or more, and what an
+    order costs at 2 and 4 processes no more than 1.25 times what it costs at one."""
+    sqlite, single = points[BASELINE.key], points[Point("postgresql", 1).key]
+    found = [{"number": 6, "goal": "PostgreSQL x1: >= 0.8 x SQLite's placeOrder throughput",
+              "figure": f"{single['per_s']:,.0f} orders/s", "baseline": f"SQLite {sqlite['per_s']:,.0f}/s",
+              "measured": single["per_s"] / sqlite["per_s"], "met": single["per_s"] >= 0.8 * sqlite["per_s"]}]
+    for processes in (2, 4):
+        figures = points[Point("postgresql", processes).key]
+        ratio = figures["cpu_ms_per_order"] / single["cpu_ms_per_order"]
+        found.append({"number": 6, "goal": f"PostgreSQL x{processes}: CPU per order <= 1.25 x one process's",
+                      "figure": f"{figures['cpu_ms_per_order']:.2f} ms ({figures['per_s']:,.0f} orders/s)",
+                      "baseline": f"x1 {single['cpu_ms_per_order']:.2f} ms", "measured": ratio, "met": ratio <= 1.25})
     return found
 
 
