@@ -23,6 +23,7 @@ from orderstream import events
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import command_handlers
 from orderstream.events import EVENT_TYPES
+from orderstream.infrastructure.live.direct import StarletteNotingSend
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore, RecordedEvent, Upcast
@@ -366,7 +367,8 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
     health = Health(service.store, service.read, at_work, settings.ready_max_lag, replicas=replicas)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
                                token=settings.metrics_token, relayed=service.relayed)
-    app = Starlette(
+    # Notes the server's send, which shared subscriptions write their frames past (live.direct).
+    app = StarletteNotingSend(
         routes=[
             Route("/healthz", health.healthz),
             Route("/readyz", health.readyz),

@@ -42,6 +42,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 
 from orderstream.infrastructure.internals import BaseGraphQLTransportWSHandler, BaseGraphQLWSHandler
+from orderstream.infrastructure.live.direct import DirectWriter, direct_writer
 from orderstream.infrastructure.live.event_hub import EventHub, Filter, Subscriber
 from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import RecordedEvent
@@ -91,6 +92,8 @@ class Member:
     subscriber: Subscriber | None = None
     # Set when its group failed: it goes on alone rather than start another one.
     alone: bool = False
+    # Writes its group's frames to the connection itself, where the server allows (live.direct).
+    writer: DirectWriter | None = None
 
     def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
         """As EventHub.subscribe, parked with this subscription's group while caught up."""
@@ -181,7 +184,10 @@ class Group:
 
     def deliver(self, position: int, payload: str) -> None:
         now = time.time()
-        messages: dict[Hashable, Message] = {}  # by frame key: most members of a group share one
+        # By frame key: most members of a group share one message, and its bytes on the wire
+        # (a frame key is of one transport, which encodes its frames alike for every connection).
+        messages: dict[Hashable, Message] = {}
+        wires: dict[Hashable, bytes] = {}
         sent: dict[str, int] = {}  # by transport
         for member in tuple(self.members):
             if position <= member.position:
@@ -192,7 +198,15 @@ class Group:
             message = messages.get(member.frame_key)
             if message is None:
                 message = messages[member.frame_key] = member.frame(position, payload)
-            if not member.send_now(message):
+            writer = member.writer
+            if writer is None:
+                written = member.send_now(message)
+            else:
+                wire = wires.get(member.frame_key)
+                if wire is None:
+                    wire = wires[member.frame_key] = writer.encode(message)
+                written = writer.write(wire)
+            if not written:
                 self.drop(member)
                 continue
             member.position = position
@@ -357,11 +371,15 @@ class _SharingSchema:
         if id is None or not isinstance(query, str):
             return None
         prefix = self.handler.frame_prefix(id)
+        websocket = self.handler.websocket.ws
         # The ASGI send beneath starlette's WebSocket.send, whose checks of the socket's state
         # cost a measurable share of each frame a group writes; a frame the socket no longer
         # takes fails all the same, and drops the member.
-        return self.multiplexer.member(self.handler.websocket.ws._send, prefix, websocket_frame(prefix),
-                                       self.handler.transport, query, variables, operation_name, context)
+        member = self.multiplexer.member(websocket._send, prefix, websocket_frame(prefix), self.handler.transport,
+                                         query, variables, operation_name, context)
+        if member is not None:
+            member.writer = direct_writer(websocket.scope)
+        return member
 
 
 async def _refused(error: GraphQLError) -> AsyncIterator[PreExecutionError]:
