@@ -145,6 +145,8 @@ class Group:
     position: int = 0  # the position of the event behind the result being delivered
     executions: int = 0
     task: asyncio.Task | None = None
+    # Results rendered and not yet written: (position, payload), in order.
+    pending: list[tuple[int, str]] = field(default_factory=list)
 
     def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
         """The group's events: from where the hub stood when it formed, whatever `after` says,
@@ -178,40 +180,70 @@ class Group:
         except Exception:
             log.exception("a shared subscription failed; its members go on alone")
         finally:
+            self.flush()  # what was rendered goes out before the members are handed back
             if results is not None:
                 await results.aclose()
             self.multiplexer.disband(self, alone=failed)
 
     def deliver(self, position: int, payload: str) -> None:
+        """Queues the result of the event at `position` for every member. The queue is written
+        out once the group's task lets the loop run: results rendered meanwhile (events that
+        came in one batch) go out together, one write per member for all of them."""
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append((position, payload))
+
+    def flush(self) -> None:
+        """Writes the queued results to every member that has not had them yet."""
+        results, self.pending = self.pending, []
+        if not results or not self.members:
+            return
         now = time.time()
-        # By frame key: most members of a group share one message, and its bytes on the wire
-        # (a frame key is of one transport, which encodes its frames alike for every connection).
-        messages: dict[Hashable, Message] = {}
-        wires: dict[Hashable, bytes] = {}
+        first, last = results[0][0], results[-1][0]
+        # By frame key and first result to send (most members get them all): the messages,
+        # and their bytes on the wire (a frame key is of one transport, which encodes its
+        # frames alike for every connection).
+        messages: dict[tuple[Hashable, int], list[Message]] = {}
+        wires: dict[tuple[Hashable, int], bytes] = {}
         sent: dict[str, int] = {}  # by transport
         for member in tuple(self.members):
-            if position <= member.position:
-                continue  # it had read this one from the log before it parked
+            if last <= member.position:
+                continue  # it had read these from the log before it parked
             if member.expires_at is not None and now >= member.expires_at:
                 self.drop(member)
                 continue
-            message = messages.get(member.frame_key)
-            if message is None:
-                message = messages[member.frame_key] = member.frame(position, payload)
+            start = 0 if member.position < first else next(
+                n for n, (position, _) in enumerate(results) if position > member.position)
+            key = (member.frame_key, start)
+            framed = messages.get(key)
+            if framed is None:
+                framed = messages[key] = [member.frame(position, payload) for position, payload in results[start:]]
             writer = member.writer
             if writer is None:
-                written = member.send_now(message)
+                count = self._send_each(member, results[start:], framed)
             else:
-                wire = wires.get(member.frame_key)
+                wire = wires.get(key)
                 if wire is None:
-                    wire = wires[member.frame_key] = writer.encode(message)
-                written = writer.write(wire)
-            if not written:
+                    wire = wires[key] = b"".join(map(writer.encode, framed))
+                count = len(framed) if writer.write(wire) else 0
+                if count:
+                    member.position = last
+            if count:
+                sent[member.transport] = sent.get(member.transport, 0) + count
+            if member.position < last:
                 self.drop(member)
-                continue
-            member.position = position
-            sent[member.transport] = sent.get(member.transport, 0) + 1
         self.multiplexer.delivered(sent)
+
+    @staticmethod
+    def _send_each(member: Member, results: list[tuple[int, str]], framed: list[Message]) -> int:
+        """Sends the messages one by one through the ASGI send, as far as the socket takes them."""
+        count = 0
+        for (position, _), message in zip(results, framed, strict=True):
+            if not member.send_now(message):
+                break
+            member.position = position
+            count += 1
+        return count
 
     def drop(self, member: Member, alone: bool = False) -> None:
         """Hands `member` back to the hub, to read the log from the last event it was sent."""
