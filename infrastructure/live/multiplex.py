@@ -180,7 +180,8 @@ class Group:
         except Exception:
             log.exception("a shared subscription failed; its members go on alone")
         finally:
-            self.flush()  # what was rendered goes out before the members are handed back
+            # What was rendered goes out before the members are handed back.
+            failed = not self.flushed() or failed
             if results is not None:
                 await results.aclose()
             self.multiplexer.disband(self, alone=failed)
@@ -190,8 +191,21 @@ class Group:
         out once the group's task lets the loop run: results rendered meanwhile (events that
         came in one batch) go out together, one write per member for all of them."""
         if not self.pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_soon(self._flush_queued)
         self.pending.append((position, payload))
+
+    def _flush_queued(self) -> None:
+        if not self.flushed() and self.task is not None:
+            self.task.cancel()  # its members go on alone (see run)
+
+    def flushed(self) -> bool:
+        """Flushes; False if that failed, and the group with it."""
+        try:
+            self.flush()
+        except Exception:
+            log.exception("a shared subscription failed; its members go on alone")
+            return False
+        return True
 
     def flush(self) -> None:
         """Writes the queued results to every member that has not had them yet."""
