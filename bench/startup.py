@@ -6,8 +6,10 @@ much memory it holds idle.
 rebuild leaves. The projected store is made with the project's own code (bench/rebuild.py's
 shop history written into the log in bulk, then `Projector.rebuild` into read.db) and kept
 under bench/results/startup-<events>/ for the next runs: projecting a million events takes
-minutes, starting on them is what is measured. It is made again when the migrations'
-newest revisions differ from those it was made with.
+minutes, starting on them is what is measured. Its history ends weeks before the run, and
+the orders left unpaid at its end are cancelled before it is kept, so that no start has
+payment deadlines to act on. It is made again when the migrations' newest revisions differ
+from those it was made with.
 
 Each round starts a fresh `serve` (SQLite, the projector in its child process, as by
 default) and polls `/readyz` every 10 ms from the moment the process is started; ready is
@@ -31,7 +33,7 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ NAME = "startup"
 ROUNDS = 3
 IDLE_S = 3
 GOAL_S = 2.0
+HISTORY_ENDS_BEFORE = timedelta(days=60)
 IMPORT_CPU = ("import resource; import orderstream.cli; usage = resource.getrusage(resource.RUSAGE_SELF); "
               "print(usage.ru_utime + usage.ru_stime)")
 
@@ -77,7 +80,8 @@ async def projected_store(results_dir: Path, events: int) -> Path:
     from orderstream.infrastructure.persistence import migrations
 
     folder = results_dir / f"startup-{events}"
-    stamp = {"events": events, "revisions": {tree: migrations.head(tree) for tree in migrations.TREES}}
+    stamp = {"events": events, "history": "past, deadlines kept",
+             "revisions": {tree: migrations.head(tree) for tree in migrations.TREES}}
     if (folder / "projected.json").exists() and json.loads((folder / "projected.json").read_text()) == stamp:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -86,17 +90,24 @@ async def projected_store(results_dir: Path, events: int) -> Path:
     making.mkdir()
     log = making / "events.db"
     seed_head = await seed_with_commands(log)
-    fill_log(log, ShopHistory(random.Random(20261127), start=datetime.now(UTC)), events - seed_head, {})
+    # A history that ended before today, as a store's does; a million events span about a month.
+    shop = ShopHistory(random.Random(20261127), start=datetime.now(UTC) - HISTORY_ENDS_BEFORE)
+    fill_log(log, shop, events - seed_head, {})
     service = Service(settings_for(log, making / "read.db"))
     await service.open()
     try:
         with Progress(f"{NAME}: projecting the log once, kept for later runs", events) as progress:
             position = await service.projector.rebuild([p.name for p in service.projector.projections],
                                                        lambda done, _head: progress.update(done))
+        if position != events:
+            raise BenchmarkError(f"the projected store stops at position {position}, not {events}")
+        # The orders left unpaid at the history's end are overdue: cancelled, as a server
+        # running all along would have, so that no start has them to cancel.
+        while await service.deadlines.cancel_due():
+            await service.projector.catch_up()
+        await service.projector.catch_up()
     finally:
         await service.close()
-    if position != events:
-        raise BenchmarkError(f"the projected store stops at position {position}, not {events}")
     (making / "projected.json").write_text(json.dumps(stamp) + "\n")
     making.rename(folder)
     return folder
