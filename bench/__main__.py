@@ -22,6 +22,7 @@ from bench import (
     replicas,
     scale_out,
     soak,
+    startup,
     subscriptions,
 )
 
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "http": http_load.run,
     "commands": commands.run,
     "rebuild": rebuild.run,
+    "startup": startup.run,
     "read_latency": read_latency.run,
     "fx_report": fx_report.run,
     "subscriptions": subscriptions.run,

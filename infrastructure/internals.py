@@ -24,6 +24,9 @@ Reached on instances and classes, beyond the imports:
   `handle_start`, each with its `connection_acknowledged` and `send_message` (live.multiplex);
 - starlette's `WebSocket._send`, the ASGI send beneath `WebSocket.send`, which a group
   writes its frames with (live.multiplex);
+- uvicorn's httptools request cycle and websockets-sansio protocol behind the server's
+  send, whose transport a group writes its frames to (live.direct, checked by
+  tests/test_direct_writes.py);
 - strawberry's ASGI view hooks `parse_http_body`, `execute_single`, `process_result`,
   `render_graphql_ide`, `should_render_graphql_ide`, `decode_json` and `graphql_ide_html`
   (web.graphql_http).

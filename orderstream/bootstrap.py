@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -22,6 +23,7 @@ from orderstream import events
 from orderstream.commands.dispatcher import Dispatcher
 from orderstream.commands.handlers import command_handlers
 from orderstream.events import EVENT_TYPES
+from orderstream.infrastructure.live.direct import StarletteNotingSend
 from orderstream.infrastructure.live.event_hub import EventHub
 from orderstream.infrastructure.metrics import Metrics
 from orderstream.infrastructure.persistence.event_store import EVENTS_CHANNEL, EventStore, RecordedEvent, Upcast
@@ -30,7 +32,6 @@ from orderstream.infrastructure.persistence.read_store import ReadStore
 from orderstream.infrastructure.persistence.replicas import Replica, ReplicaReads
 from orderstream.infrastructure.projection.process import ProjectorProcess
 from orderstream.infrastructure.projection.projector import Projection, Projector
-from orderstream.infrastructure.relay.relay import RELAY_LOCK, Destination, Relay
 from orderstream.infrastructure.security.auth import TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.tracing import Tracing, exporting_provider
@@ -46,6 +47,9 @@ from orderstream.processes.payment_deadlines import DEADLINES_LOCK, PaymentDeadl
 from orderstream.queries import customers, exchange_rates, orders, products, sales
 from orderstream.queries.event_feed import OrderOwners
 from orderstream.schema.app import GraphQLApp, build_schema
+
+if TYPE_CHECKING:
+    from orderstream.infrastructure.relay.relay import Relay
 
 log = logging.getLogger("orderstream")
 
@@ -71,11 +75,14 @@ def upcaster(payment_timeout: timedelta | None) -> Upcast:
     return upcast
 
 
-def relay(store: EventStore, settings: Settings) -> Relay | None:
+def relay(store: EventStore, settings: Settings) -> "Relay | None":
     """The relay to NATS JetStream, if ORDERSTREAM_RELAY_URL names a server; every event's
     personal fields stay behind."""
     if settings.relay_url is None:
         return None
+    # Imported here: NATS's client is a good share of start-up, and most servers do not relay.
+    from orderstream.infrastructure.relay.relay import Destination, Relay
+
     personal = {name: cls.PERSONAL for name, cls in EVENT_TYPES.items() if cls.PERSONAL}
     return Relay(store, Destination(settings.relay_url, settings.relay_stream, settings.relay_subject_prefix),
                  personal)
@@ -133,6 +140,8 @@ class Service:
                 self.deadlines_leadership = Leadership(settings.event_store_url, DEADLINES_LOCK,
                                                        what="payment deadlines")
             if self.relay is not None:
+                from orderstream.infrastructure.relay.relay import RELAY_LOCK
+
                 # One relay per deployment: the process holding this lock.
                 self.relay_leadership = Leadership(settings.event_store_url, RELAY_LOCK, what="relay")
         if is_postgres(settings.read_store_url):
@@ -362,7 +371,8 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
     health = Health(service.store, service.read, at_work, settings.ready_max_lag, replicas=replicas)
     metrics_page = MetricsPage(metrics, health, production=settings.environment == "production",
                                token=settings.metrics_token, relayed=service.relayed)
-    app = Starlette(
+    # Notes the server's send, which shared subscriptions write their frames past (live.direct).
+    app = StarletteNotingSend(
         routes=[
             Route("/healthz", health.healthz),
             Route("/readyz", health.readyz),

@@ -13,28 +13,30 @@ import sys
 from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from sqlalchemy.engine import make_url
 
-from orderstream import demo
 from orderstream.bootstrap import PROJECTOR_MODES, Service, build_app
 from orderstream.infrastructure import logs
 from orderstream.infrastructure.errors import SettingsError
-from orderstream.infrastructure.persistence.backup import copy_database, sqlite_path
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.postgres import is_postgres
 from orderstream.infrastructure.projection.process import project_as_child
-from orderstream.infrastructure.relay.relay import Destination, stream_status
 from orderstream.infrastructure.security.auth import ROLES, TokenVerifier
 from orderstream.infrastructure.settings import Settings
 from orderstream.infrastructure.web.connections import default_max_connections, limited
 from orderstream.queries.projection_status import projection_status
 from orderstream.schema.app import build_schema
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 log = logging.getLogger("orderstream")
+
+# What only some commands use (progress bars, the demo shop, backups, the relay's NATS
+# client) is imported by those commands: every module imported here delays `serve`'s
+# start-up, which is mostly importing.
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -75,8 +77,9 @@ def _settle_heap() -> None:
     uvicorn's and starlette's request objects) that only the collector frees. With the
     default young threshold, those of the requests still in flight are carried into the
     older generations, whose collections then hold up every request in flight; a higher
-    one lets most of them die young, and the collector pauses less often and less long."""
-    gc.collect()
+    one lets most of them die young, and the collector pauses less often and less long.
+    No full collection first: at this point it finds next to nothing to free, and walking
+    the whole heap once is a noticeable share of start-up."""
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
 
@@ -151,6 +154,8 @@ def _relay_run(args: argparse.Namespace) -> None:
 
 
 def _relay_status(args: argparse.Namespace) -> None:
+    from orderstream.infrastructure.relay.relay import Destination, stream_status
+
     settings = _relay_settings(args)
 
     async def status(service: Service) -> None:
@@ -168,15 +173,26 @@ def _relay_status(args: argparse.Namespace) -> None:
     asyncio.run(_with_service(args, status))
 
 
-class _EventsPerSecond(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} events/s")
-
-
-def _rebuild_progress() -> Progress:
+def _rebuild_progress() -> "Progress":
     """A bar on stderr: events done of the log's, events per second, time left."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class EventsPerSecond(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} events/s")
+
     return Progress(TextColumn("rebuilding"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
-                    _EventsPerSecond(), TimeRemainingColumn(), console=Console(stderr=True))
+                    EventsPerSecond(), TimeRemainingColumn(), console=Console(stderr=True))
 
 
 async def _migrate(args: argparse.Namespace) -> None:
@@ -209,6 +225,11 @@ def _projections_rebuild(names: list[str]):
 
 
 async def _seed_demo(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from orderstream import demo
+
     clock = demo.starting_clock()
     service = Service(Settings.load(args.data_dir), clock=clock)
     await service.open()
@@ -232,6 +253,11 @@ async def _seed_demo(args: argparse.Namespace) -> None:
 
 
 def _backup(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from orderstream.infrastructure.persistence.backup import copy_database, sqlite_path
+
     settings = Settings.load(args.data_dir)
     # The read models first: copied before the log, their checkpoints can only be behind
     # the copied log's head, and a server started on the copy projects the difference.

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from starlette.types import Message, Receive, Scope, Send
 from strawberry.types import ExecutionResult
 
+from orderstream.infrastructure.live.direct import direct_writer
 from orderstream.infrastructure.live.multiplex import Member, payload
 from orderstream.infrastructure.web import multipart, sse
 
@@ -94,6 +95,7 @@ class StreamResponse:
                         "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers]})
             if self.member is not None:
                 self.member.send = send
+                self.member.writer = direct_writer(scope)
             ending = await self._stream(receive, send)
             if ending is not None:
                 await send(body(ending, more=False))
