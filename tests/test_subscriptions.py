@@ -238,9 +238,11 @@ async def test_a_reader_that_stops_reading_falls_back_to_the_log_and_misses_noth
     head = server.head()
     await wait_until(lambda: server.hub.position == head)
     await stop(watching)
-    # Detached: while it reads nothing it cannot catch up, so it stays off the hub.
+    # Detached: while it reads nothing it cannot catch up, so it stays off the hub. Its
+    # queue never held more than the bound (a sample may or may not catch it filling: the
+    # detachment says it filled).
     assert server.hub.subscribers == 0
-    assert 0 < max(queued) <= server.hub.queue_size
+    assert max(queued) <= server.hub.queue_size
 
     # Reading again, with room to read at speed (a window this small is slow to reopen).
     ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
