@@ -76,8 +76,10 @@ def request_scope(request_id: str) -> Iterator[None]:
 class TurnBuffered(logging.StreamHandler):
     """Writes the lines logged in one turn of the event loop together, at the end of the
     turn: a request logs two lines, and a write to the log for each was a system call per
-    line on the server's busiest thread. Lines logged where no loop runs (start-up, other
-    threads) are written at once, and `flush` (at exit too) writes what is held."""
+    line on the server's busiest thread. Warnings and errors, and lines logged where no
+    loop runs (start-up, other threads), are written at once, with what is held before
+    them; `flush` writes what is held (logging calls it at exit; a process that ends by
+    a signal's default action, as uvicorn's server does, calls `flush_held` first)."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
@@ -92,6 +94,8 @@ class TurnBuffered(logging.StreamHandler):
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None
+        if loop is None or record.levelno >= logging.WARNING:
             self._write([*self.held, line])
             self.held.clear()
             return
@@ -113,6 +117,13 @@ class TurnBuffered(logging.StreamHandler):
             self.stream.flush()
         except Exception:  # a closed or full stream: logging reports it and goes on
             self.handleError(logging.makeLogRecord({"msg": "".join(lines)}))
+
+
+def flush_held() -> None:
+    """Write what the root logger's handlers hold: before a process ends without Python's
+    exit (uvicorn re-raises the signal that stopped it), which would leave it unwritten."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 class LineFormatter(logging.Formatter):

@@ -10,7 +10,8 @@ import logging
 import shutil
 import signal
 import sys
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,12 +55,22 @@ def _serve(args: argparse.Namespace) -> None:
     class Server(uvicorn.Server):
         """Ends the streams over HTTP (Server-Sent Events, multipart) as soon as it is told to
         stop: it waits for every response in flight before stopping, and a stream does not end
-        by itself."""
+        by itself. And writes the log lines it holds before it exits."""
 
         def handle_exit(self, sig: int, frame: object) -> None:
             with suppress(RuntimeError):  # no loop running yet: no stream either
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.end_streams)
             super().handle_exit(sig, frame)
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():  # which, as it ends, raises the signal that stopped the server
+                try:
+                    yield
+                finally:
+                    # Its last lines are held to the end of a turn the loop will not finish, and
+                    # the signal's default action ends the process without Python's exit.
+                    logs.flush_held()
 
     max_connections = settings.max_connections or default_max_connections()
     log.info("accepting up to %d connections", max_connections)

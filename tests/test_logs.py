@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -205,3 +206,16 @@ async def test_a_websocket_handshake_and_an_event_stream_carry_the_request_id(tm
                                                **STAFF}) as stream:
             assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
             assert stream.headers["x-request-id"] == "stream-1"
+
+
+async def test_serve_stopped_by_sigterm_writes_its_last_lines(tmp_path: Path):
+    # The last lines are logged in the event loop's last turns; uvicorn then ends the process
+    # by the signal that stopped it, without Python's exit, which would write them.
+    server = ServeProcess(tmp_path / "data", {"ORDERSTREAM_LOG_FORMAT": "json"})
+    try:
+        async with httpx.AsyncClient() as http:
+            await server.until_healthy(http)
+    finally:
+        server.stop(signal.SIGTERM)
+    events = [line["event"] for line in lines_of(server.log_path.read_text())]
+    assert events[-2:] == ["Application shutdown complete.", f"Finished server process [{server.pid}]"]

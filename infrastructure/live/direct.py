@@ -34,7 +34,12 @@ class StarletteNotingSend(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
-        await super().__call__(scope, receive, send)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # The send is the request cycle's own method, and the cycle holds the scope: left
+            # here, every request would end in a reference cycle for the collector to find.
+            del scope[SERVER_SEND]
 
 
 class DirectWriter:
