@@ -1,6 +1,6 @@
-"""One write per turn of the event loop (infrastructure.web.coalescing), on real sockets:
-what is written in a turn reaches the peer at the end of that turn, whole and in order;
-closing writes what is held first; aborting drops it; a peer that went away costs no error.
+"""A response's head and body in one write (infrastructure.web.coalescing), on real sockets:
+a head waits for the next write or the end of the turn, anything else is written at once;
+closing writes a held head first; aborting drops it; a peer that went away costs no error.
 And `orderstream serve`'s protocol over a raw connection: responses whole, closed or kept alive."""
 
 import asyncio
@@ -9,7 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from orderstream.infrastructure.web.coalescing import FLUSH_AT, CoalescingTransport
+from orderstream.infrastructure.web.coalescing import CoalescingTransport
 from tests.support.server import real_server
 
 
@@ -38,58 +38,54 @@ async def pair() -> AsyncIterator[tuple[CoalescingTransport, asyncio.StreamReade
         await server.wait_closed()
 
 
-async def nothing_arrives(reader: asyncio.StreamReader) -> bool:
-    try:
-        await asyncio.wait_for(reader.read(1), 0.05)
-    except TimeoutError:
-        return True
-    return False
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
 
 
-async def test_what_a_turn_writes_leaves_at_its_end_in_order():
+async def test_a_head_waits_for_the_body_and_leaves_with_it():
     async with pair() as (transport, reader, _):
-        for chunk in (b"HTTP/1.1 200 OK\r\n", b"content-length: 5\r\n\r\n", b"hello"):
-            transport.write(chunk)
-        assert transport.get_write_buffer_size() == 43  # held, not yet on the socket
-        assert transport.held
+        transport.write(HEAD)
+        assert transport.head == HEAD and transport.get_write_buffer_size() == len(HEAD)
+        assert transport.transport.get_write_buffer_size() == 0  # nothing reached the socket yet
+        transport.write(b"hello")
+        assert transport.head is None
+        assert await reader.readexactly(len(HEAD) + 5) == HEAD + b"hello"
+
+
+async def test_a_head_without_a_body_leaves_at_the_end_of_the_turn():
+    async with pair() as (transport, reader, _):
+        transport.write(HEAD)
         await asyncio.sleep(0)  # the turn ends
-        assert not transport.held
-        assert await reader.readexactly(43) == b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
-        transport.write(b"next")
-        transport.writelines([b" one", b" two"])
-        assert await reader.readexactly(12) == b"next one two"
-        assert await nothing_arrives(reader)
+        assert transport.head is None
+        assert await reader.readexactly(len(HEAD)) == HEAD
 
 
-async def test_a_turn_that_writes_much_writes_as_it_goes():
-    """Past FLUSH_AT bytes the transport gets what is held, so that its flow control sees it."""
+async def test_anything_but_a_head_is_written_at_once():
     async with pair() as (transport, reader, _):
-        chunk = b"x" * (FLUSH_AT // 4)
-        for _ in range(4):
+        for chunk in (b"5\r\nhello\r\n", b"\x81\x05hello"):  # a chunk of a stream, a WebSocket frame
             transport.write(chunk)
-        assert not transport.held  # handed to the transport within the turn
-        transport.write(b"tail")
-        assert transport.held == [b"tail"]
-        assert await reader.readexactly(FLUSH_AT + 4) == chunk * 4 + b"tail"
+            assert transport.head is None and transport.get_write_buffer_size() == 0
+            assert await reader.readexactly(len(chunk)) == chunk
+        transport.writelines([b"one ", b"two"])
+        assert await reader.readexactly(7) == b"one two"
 
 
-async def test_close_writes_what_is_held_then_ends_the_stream():
+async def test_close_writes_a_held_head_then_ends_the_stream():
     async with pair() as (transport, reader, _):
-        transport.write(b"last words")
+        transport.write(HEAD)
         transport.close()
-        assert await reader.read() == b"last words"  # then end of file
+        assert await reader.read() == HEAD  # then end of file
 
 
-async def test_write_eof_writes_what_is_held_first():
+async def test_write_eof_writes_a_held_head_first():
     async with pair() as (transport, reader, _):
-        transport.write(b"before eof")
+        transport.write(HEAD)
         transport.write_eof()
-        assert await reader.read() == b"before eof"
+        assert await reader.read() == HEAD
 
 
-async def test_abort_drops_what_is_held():
+async def test_abort_drops_a_held_head():
     async with pair() as (transport, reader, _):
-        transport.write(b"never sent")
+        transport.write(HEAD)
         transport.abort()
         try:
             received = await reader.read()
@@ -104,10 +100,10 @@ async def test_a_turn_whose_peer_went_away_raises_nothing():
     loop.set_exception_handler(lambda _, context: errors.append(context))
     try:
         async with pair() as (transport, _, writer):
-            transport.write(b"to nobody")
+            transport.write(HEAD)
             transport.transport.close()  # the connection ends within the turn
             await asyncio.sleep(0.01)
-            assert not transport.held
+            assert transport.head is None
     finally:
         loop.set_exception_handler(None)
     assert errors == []

@@ -8,10 +8,7 @@ own execution, exactly as an unshared one (catch-up). Once it has caught up, the
 offers it to the multiplexer, which parks it in its group (infrastructure.live.event_hub). A
 group runs the document once per event through the schema, with its rights but nobody's
 token, serializes the payload once and writes the same frame (only the operation id, or
-the transport's framing, differs) straight to every member's socket or response: encoded
-once, its bytes written to each connection's transport where the server allows
-(infrastructure.live.direct). Results that come together (events of one batch) go to each
-member in one write.
+the transport's framing, differs) straight to every member's socket or response.
 
 A group never waits for a socket. A frame the socket cannot take at once (the client reads
 too slowly and the transport's buffer is full) is not written: the member is dropped back
@@ -148,8 +145,6 @@ class Group:
     position: int = 0  # the position of the event behind the result being delivered
     executions: int = 0
     task: asyncio.Task | None = None
-    # Results rendered and not yet written: (position, payload), in order.
-    pending: list[tuple[int, str]] = field(default_factory=list)
 
     def subscribe(self, after: int | None, wants: Filter) -> AsyncIterator[RecordedEvent]:
         """The group's events: from where the hub stood when it formed, whatever `after` says,
@@ -183,84 +178,40 @@ class Group:
         except Exception:
             log.exception("a shared subscription failed; its members go on alone")
         finally:
-            # What was rendered goes out before the members are handed back.
-            failed = not self.flushed() or failed
             if results is not None:
                 await results.aclose()
             self.multiplexer.disband(self, alone=failed)
 
     def deliver(self, position: int, payload: str) -> None:
-        """Queues the result of the event at `position` for every member. The queue is written
-        out once the group's task lets the loop run: results rendered meanwhile (events that
-        came in one batch) go out together, one write per member for all of them."""
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self._flush_queued)
-        self.pending.append((position, payload))
-
-    def _flush_queued(self) -> None:
-        if not self.flushed() and self.task is not None:
-            self.task.cancel()  # its members go on alone (see run)
-
-    def flushed(self) -> bool:
-        """Flushes; False if that failed, and the group with it."""
-        try:
-            self.flush()
-        except Exception:
-            log.exception("a shared subscription failed; its members go on alone")
-            return False
-        return True
-
-    def flush(self) -> None:
-        """Writes the queued results to every member that has not had them yet."""
-        results, self.pending = self.pending, []
-        if not results or not self.members:
-            return
         now = time.time()
-        first, last = results[0][0], results[-1][0]
-        # By frame key and first result to send (most members get them all): the messages,
-        # and their bytes on the wire (a frame key is of one transport, which encodes its
-        # frames alike for every connection).
-        messages: dict[tuple[Hashable, int], list[Message]] = {}
-        wires: dict[tuple[Hashable, int], bytes] = {}
+        # By frame key: most members of a group share one message, and its bytes on the wire
+        # (a frame key is of one transport, which encodes its frames alike for every connection).
+        messages: dict[Hashable, Message] = {}
+        wires: dict[Hashable, bytes] = {}
         sent: dict[str, int] = {}  # by transport
         for member in tuple(self.members):
-            if last <= member.position:
-                continue  # it had read these from the log before it parked
+            if position <= member.position:
+                continue  # it had read this one from the log before it parked
             if member.expires_at is not None and now >= member.expires_at:
                 self.drop(member)
                 continue
-            start = 0 if member.position < first else next(
-                n for n, (position, _) in enumerate(results) if position > member.position)
-            key = (member.frame_key, start)
-            framed = messages.get(key)
-            if framed is None:
-                framed = messages[key] = [member.frame(position, payload) for position, payload in results[start:]]
+            message = messages.get(member.frame_key)
+            if message is None:
+                message = messages[member.frame_key] = member.frame(position, payload)
             writer = member.writer
             if writer is None:
-                count = self._send_each(member, results[start:], framed)
+                written = member.send_now(message)
             else:
-                wire = wires.get(key)
+                wire = wires.get(member.frame_key)
                 if wire is None:
-                    wire = wires[key] = b"".join(map(writer.encode, framed))
-                count = len(framed) if writer.write(wire) else 0
-                if count:
-                    member.position = last
-            if count:
-                sent[member.transport] = sent.get(member.transport, 0) + count
-            if member.position < last:
+                    wire = wires[member.frame_key] = writer.encode(message)
+                written = writer.write(wire)
+            if not written:
                 self.drop(member)
-        self.multiplexer.delivered(sent)
-
-    @staticmethod
-    def _send_each(member: Member, results: list[tuple[int, str]], framed: list[Message]) -> int:
-        """Sends the messages one by one through the ASGI send, as far as the socket takes them."""
-        count = 0
-        for (position, _), message in zip(results, framed, strict=True):
-            if not member.send_now(message):
-                break
+                continue
             member.position = position
-            count += 1
-        return count
+            sent[member.transport] = sent.get(member.transport, 0) + 1
+        self.multiplexer.delivered(sent)
 
     def drop(self, member: Member, alone: bool = False) -> None:
         """Hands `member` back to the hub, to read the log from the last event it was sent."""

@@ -1,13 +1,14 @@
-"""One socket write per turn of the event loop, instead of one per ASGI message.
+"""A response's head and its first part of the body in one socket write.
 
 uvicorn writes a response's status line and headers when the application sends
 `http.response.start`, and its body when it sends `http.response.body`: two system calls
 for every small response, and on a local network each one a packet and a wake-up of the
-client. Under load those writes are the largest single cost of a GraphQL request. Held
-together until the end of the event loop's turn, the head and the body of a response go
-out in one write; so do the frames a WebSocket gets in one turn (the events of a commit,
-shared by a group of subscribers). Nothing waits longer than the turn in which it was
-written: a stream's chunk still leaves as soon as the code that wrote it yields.
+client. Under load those writes are the largest single cost of a GraphQL request. The
+head is held until the next write, which takes it along; if none comes within the turn
+of the event loop (a response without a body), it goes out alone at the turn's end.
+Nothing else is held: a stream's chunks and a WebSocket's frames are written as they come,
+so the transport's flow control (which pauses a writer whose client reads too slowly)
+sees every byte as it would without this wrapper.
 
 `CoalescingTransport` wraps the transport uvicorn's protocol is given; everything but
 writing and closing goes to the transport itself.
@@ -16,46 +17,42 @@ writing and closing goes to the transport itself.
 import asyncio
 from typing import Any
 
-# Held past this many bytes, what a turn wrote goes out at once: the transport's own flow
-# control (which pauses a writer whose client reads too slowly) sees only what reaches it.
-FLUSH_AT = 64 * 1024
+# How uvicorn's HTTP/1.1 protocols begin a response's head, and how every head ends.
+HEAD_STARTS, HEAD_ENDS = b"HTTP/1.", b"\r\n\r\n"
 
 
 class CoalescingTransport:
-    """Holds what is written in one turn of the loop and writes it at the end of the turn.
-    Closing (or ending the write side) writes what is held first; aborting drops it, as
-    aborting a transport does."""
+    """Holds a response's head until the next write (or the end of the turn) and writes
+    the two at once. Closing (or ending the write side) writes a held head first; aborting
+    drops it, as aborting a transport does."""
 
-    __slots__ = ("transport", "loop", "held", "size")
+    __slots__ = ("transport", "loop", "head")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport, self.loop = transport, loop
-        self.held: list[bytes] = []
-        self.size = 0
+        self.head: bytes | None = None
 
     def write(self, data: bytes) -> None:
-        if not self.held:
+        if self.head is not None:
+            data, self.head = self.head + data, None
+        elif data.startswith(HEAD_STARTS) and data.endswith(HEAD_ENDS):
+            self.head = data
             self.loop.call_soon(self.flush)
-        self.held.append(data)
-        self.size += len(data)
-        if self.size >= FLUSH_AT:
-            self.flush()
+            return
+        self.transport.write(data)
 
     def writelines(self, lines: Any) -> None:
-        for data in lines:
-            self.write(data)
+        self.write(b"".join(lines))
 
     def flush(self) -> None:
-        if not self.held:
+        if self.head is None:
             return
-        data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
-        self.held.clear()
-        self.size = 0
+        head, self.head = self.head, None
         if not self.transport.is_closing():  # the peer went away within the turn: nobody to write to
-            self.transport.write(data)
+            self.transport.write(head)
 
     def get_write_buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size() + self.size
+        return self.transport.get_write_buffer_size() + (len(self.head) if self.head is not None else 0)
 
     def write_eof(self) -> None:
         self.flush()
@@ -66,8 +63,7 @@ class CoalescingTransport:
         self.transport.close()
 
     def abort(self) -> None:
-        self.held.clear()
-        self.size = 0
+        self.head = None
         self.transport.abort()
 
     def __getattr__(self, name: str) -> Any:
