@@ -8,7 +8,9 @@ own execution, exactly as an unshared one (catch-up). Once it has caught up, the
 offers it to the multiplexer, which parks it in its group (infrastructure.live.event_hub). A
 group runs the document once per event through the schema, with its rights but nobody's
 token, serializes the payload once and writes the same frame (only the operation id, or
-the transport's framing, differs) straight to every member's socket or response.
+the transport's framing, differs) straight to every member's socket or response: encoded
+once, its bytes written to each connection's transport where the server allows
+(infrastructure.live.direct).
 
 A group never waits for a socket. A frame the socket cannot take at once (the client reads
 too slowly and the transport's buffer is full) is not written: the member is dropped back
