@@ -283,10 +283,7 @@ class Database:
                     error = None
                 except BaseException as failure:
                     error = fault_of(failure) or failure
-                batches.finish(item, error)
-                loop.call_soon_threadsafe(batches.settle, item, error)
-                if error is not None and not isinstance(error, Exception):
-                    raise error
+                _finished(batches, item, error, loop)
 
         await loop.run_in_executor(self._threads.writer, run)
 
@@ -305,10 +302,7 @@ class Database:
                     error = None
                 except BaseException as failure:
                     error = fault_of(failure) or failure
-                batches.finish(item, error)
-                loop.call_soon_threadsafe(batches.settle, item, error)
-                if error is not None and not isinstance(error, Exception):
-                    raise error
+                _finished(batches, item, error, loop)
 
         await self._postgres_writer.run(run)
 
@@ -346,6 +340,16 @@ class Database:
             threads.shutdown(wait=True)
         self._writer.dispose()
         self._reader.dispose()
+
+
+def _finished(batches: "Batches[Item]", item: Item, error: BaseException | None,
+              loop: asyncio.AbstractEventLoop) -> None:
+    """A batch written (or failed) off the event loop: finished where it ran, settled in the
+    loop; an error that is no Exception (a cancellation, an exit) goes on up."""
+    batches.finish(item, error)
+    loop.call_soon_threadsafe(batches.settle, item, error)
+    if error is not None and not isinstance(error, Exception):
+        raise error
 
 
 def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
