@@ -34,7 +34,7 @@ from orderstream.infrastructure.tracing import Tracing
 from orderstream.infrastructure.web.documents import Documents, refusal_error
 from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.infrastructure.web.graphql_errors import ErrorCodes
-from orderstream.infrastructure.web.graphql_execution import PerEventMemo, prepare_inputs
+from orderstream.infrastructure.web.graphql_execution import PerEventMemo, Schema, prepare_inputs
 from orderstream.infrastructure.web.graphql_http import GraphQLOverHTTP, IdePage, Refusal, SubscriptionOverHTTP
 from orderstream.infrastructure.web.limits import QueryBounds, QueryLimits
 from orderstream.infrastructure.web.multipart import MultipartSubscription
@@ -64,7 +64,7 @@ def build_schema(bounds: QueryBounds | None = None, metrics: Metrics | None = No
     bounds = bounds or QueryBounds(QueryLimits())
     tracing = tracing or Tracing()
     watched = [observed(metrics, tracing)] if metrics or tracing.on else []
-    schema = strawberry.Schema(
+    schema = Schema(
         query=Query, mutation=Mutation, subscription=Subscription,
         # On exit in reverse: Observed's last, once ErrorCodes has given every error its code,
         # and ErrorCodes' after the bounds have amended the errors.

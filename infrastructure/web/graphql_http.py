@@ -27,6 +27,7 @@ to `stream` instead; a subscription without one is refused with 400, naming the 
 
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
@@ -85,6 +86,7 @@ class SubscriptionOverHTTP(Refusal):
         super().__init__(400, SUBSCRIPTION_TRANSPORTS)
 
 
+@lru_cache(maxsize=256)  # clients send one Accept header or a few, request after request
 def accepted_media_type(accept: str | None) -> str:
     """GRAPHQL_RESPONSE if the client accepts it at least as much as JSON, else JSON."""
     weights: dict[str, float] = {}
@@ -135,7 +137,7 @@ class GraphQLOverHTTP(GraphQL):
         accepted = request.state.accepted = accepted_media_type(request.headers.get("accept"))
         framing = streaming_framing(request.headers.get("accept"))
         try:
-            response = await (self.run(request) if framing is None else self.stream(request, framing))
+            response = await (self.respond(request) if framing is None else self.stream(request, framing))
         except HTTPException as refusal:
             response = self.refusal(refusal, accepted)
         else:
@@ -149,6 +151,23 @@ class GraphQLOverHTTP(GraphQL):
                 response.status_code = 503
                 response.headers["Retry-After"] = str(retry_after)
         await response(scope, receive, send)
+
+    async def respond(self, request: Request) -> Response:
+        """The answer to a GraphQL request over HTTP, or the IDE page. strawberry's `run`, for
+        HTTP alone: the caller's context (and rate limit) before the body, as there, without
+        the parts for batches, uploads, incremental delivery and sub-responses that this
+        endpoint has none of, which a small request would pay for all the same."""
+        adapter = self.request_adapter_class(request)
+        if request.method not in ("GET", "POST"):
+            raise HTTPException(405, "GraphQL only supports GET and POST requests.")
+        context = await self.get_context(request, None)
+        if self.should_render_graphql_ide(adapter):
+            if self.ide_page is None:
+                raise HTTPException(404, "Not Found")
+            return await self.ide_page(request)
+        data = await self.parse_http_body(adapter)
+        result = await self.execute_single(request, adapter, None, context, None, data)
+        return Response(self.encode_json(await self.process_result(request, result)), media_type=JSON)
 
     async def stream(self, request: Request, framing: Framing) -> ASGIApp:
         """The response to a request that asked for a stream (infrastructure.web.streams)."""
@@ -175,9 +194,6 @@ class GraphQLOverHTTP(GraphQL):
         # A GET that names a persisted document by its hash is a request, not a visit.
         params = request.query_params
         return super().should_render_graphql_ide(request) and "documentId" not in params and "extensions" not in params
-
-    async def render_graphql_ide(self, request: Request) -> Response:
-        return await self.ide_page(request)
 
     def decode_json(self, data: str | bytes) -> object:
         try:

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from functools import lru_cache
 from typing import Any, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
@@ -172,6 +173,7 @@ class Refused:
         await send(body(self.framing.opening + self.framing.error(self.errors) + self.framing.end(), more=False))
 
 
+@lru_cache(maxsize=256)  # a client sends one Accept header or a few; the framings keep no state
 def streaming_framing(accept: str | None) -> Framing | None:
     """The streaming transport an Accept header asks for: Server-Sent Events for
     `text/event-stream`, multipart subscriptions for `multipart/mixed;subscriptionSpec="1.0"`
