@@ -28,8 +28,8 @@ Reached on instances and classes, beyond the imports:
   send, whose transport a group writes its frames to (live.direct, checked by
   tests/test_direct_writes.py);
 - strawberry's ASGI view hooks `parse_http_body`, `execute_single`, `process_result`,
-  `render_graphql_ide`, `should_render_graphql_ide`, `decode_json` and `graphql_ide_html`
-  (web.graphql_http).
+  `should_render_graphql_ide` and `decode_json`, which web.graphql_http's `respond` calls
+  for an HTTP request in place of strawberry's `run`.
 """
 
 from graphql.validation.rules.max_introspection_depth_rule import MaxIntrospectionDepthRule

@@ -106,14 +106,12 @@ def test_starlette_websockets_keep_the_asgi_send_beneath_their_checks():
 
 
 def test_the_http_view_hooks_we_override_are_still_called_by_that_name():
-    for hook in ("parse_http_body", "execute_single", "process_result", "render_graphql_ide", "decode_json",
+    for hook in ("parse_http_body", "execute_single", "process_result", "decode_json",
                  "should_render_graphql_ide"):
         assert hook in vars(GraphQLOverHTTP), hook
         ours = inspect.signature(getattr(GraphQLOverHTTP, hook)).parameters
         theirs = inspect.signature(getattr(GraphQL, hook)).parameters
         assert list(ours) == list(theirs), f"strawberry view hook {hook}{tuple(theirs)} changed its parameters"
-    assert isinstance(inspect.getattr_static(GraphQL, "graphql_ide_html"), property), \
-        "strawberry view graphql_ide_html is no longer a property"
 
 
 def test_websocket_handlers_take_each_operation_through_the_methods_we_wrap():

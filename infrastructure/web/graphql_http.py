@@ -116,7 +116,8 @@ IdePage = Callable[[Request], Awaitable[Response]]
 
 
 class GraphQLOverHTTP(GraphQL):
-    """strawberry's ASGI GraphQL view, held to the GraphQL-over-HTTP spec (see the module).
+    """strawberry's ASGI GraphQL view, held to the GraphQL-over-HTTP spec (see the module):
+    its WebSocket handling as it is, HTTP requests answered by `respond`, on its hooks.
     Batching is off: a JSON array is refused. `graphiql`: the IDE page served on GET to
     browsers instead of strawberry's (whose scripts come from a CDN); None: no IDE (404).
     `documents`: persisted and trusted documents (web.documents); None: only `query` runs.
@@ -124,8 +125,7 @@ class GraphQLOverHTTP(GraphQL):
 
     def __init__(self, schema, *, graphiql: IdePage | None = None, websocket_origins: Sequence[str] = (),
                  documents: "Documents | None" = None, require_preflight: bool = False, **options: object) -> None:
-        super().__init__(schema, graphql_ide="graphiql" if graphiql else None, allowed_origins=websocket_origins,
-                         **options)
+        super().__init__(schema, graphql_ide=None, allowed_origins=websocket_origins, **options)
         self.ide_page = graphiql
         self.documents = documents
         self.require_preflight = require_preflight
