@@ -377,7 +377,7 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
             Route("/healthz", health.healthz),
             Route("/readyz", health.readyz),
             Route("/metrics", metrics_page.page),
-            Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/graphql", graphql),  # every method: a wrong one gets a GraphQL error (405)
             WebSocketRoute("/graphql", graphql),
             *pages.routes(),
         ],

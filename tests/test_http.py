@@ -202,6 +202,18 @@ async def test_a_mutation_over_get_is_refused_with_405_and_appends_nothing(api, 
 
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+async def test_other_methods_are_refused_with_405_naming_get_and_post(api, method):
+    response = await api.http.request(method, "/graphql", json={"query": ADD_PRODUCT, "variables": {"input": INPUT}},
+                                      headers=STAFF)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+    if method != "HEAD":  # a HEAD response has no body
+        assert code_of(response) == "METHOD_NOT_ALLOWED"
+        assert method in response.json()["errors"][0]["message"]
+    assert log_head(api) == 0
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 @pytest.mark.parametrize("accept", [None, "application/json", GRAPHQL_RESPONSE])
 async def test_a_subscription_over_http_without_a_stream_is_refused_naming_the_transports(api, method, accept, caplog):

@@ -159,7 +159,8 @@ class GraphQLOverHTTP(GraphQL):
         endpoint has none of, which a small request would pay for all the same."""
         adapter = self.request_adapter_class(request)
         if request.method not in ("GET", "POST"):
-            raise HTTPException(405, "GraphQL only supports GET and POST requests.")
+            raise Refusal(405, f"GraphQL over HTTP takes GET and POST, not {request.method}",
+                          headers={"Allow": "GET, POST"})
         context = await self.get_context(request, None)
         if self.should_render_graphql_ide(adapter):
             if self.ide_page is None:
