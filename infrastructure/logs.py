@@ -18,6 +18,7 @@ strings, no headers (tokens), no addresses; events are logged by position, never
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -56,6 +57,11 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
     the root logger's handlers; uvicorn, given `log_config=None`, logs through them too."""
     handler = TurnBuffered(stream or sys.stderr)
     handler.setFormatter(LineFormatter(json_lines=format == "json"))
+    # What no line shows is not gathered for every record (logging's documented switches):
+    # the caller's file and line (a walk up the stack), the thread's and the process's
+    # names and the process id (a system call).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -136,33 +142,52 @@ class LineFormatter(logging.Formatter):
     def __init__(self, json_lines: bool) -> None:
         super().__init__()
         self.json_lines = json_lines
+        # The last whole second formatted and its text, as one pair: threads log through here too.
+        self.second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {"timestamp": datetime.fromtimestamp(record.created, UTC).isoformat()[:-6] + "Z",
-                                  "level": record.levelname.lower(), "logger": record.name}
+        # The fields after `event`, in the order a JSON line has them.
+        extra: dict[str, Any]
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
-            fields.update(_access_fields(*record.args))
+            extra = _access_fields(*record.args)
+            event = extra.pop("event")
         else:
-            fields["event"] = record.getMessage()
+            extra, event = {}, record.getMessage()
         if (request_id := _request_id.get()) is not None:
-            fields["request_id"] = request_id
+            extra["request_id"] = request_id
+        given = record.__dict__
         for name in EXTRA_FIELDS:
-            if name in record.__dict__:
-                fields[name] = record.__dict__[name]
+            if name in given:
+                extra[name] = given[name]
         if trace is not None:
             context = trace.get_current_span().get_span_context()
             if context.is_valid:
-                fields["trace_id"] = format(context.trace_id, "032x")
-        if record.exc_info:
-            fields["exception"] = self.formatException(record.exc_info)
+                extra["trace_id"] = format(context.trace_id, "032x")
+        timestamp, level = self.timestamp(record.created), record.levelname.lower()
+        exception = self.formatException(record.exc_info) if record.exc_info else None
         if self.json_lines:
+            fields = {"timestamp": timestamp, "level": level, "logger": record.name, "event": event, **extra}
+            if exception is not None:
+                fields["exception"] = exception
             return json.dumps(fields, default=str)
-        exception = fields.pop("exception", None)
-        timestamp, level, event, logger = (fields.pop(name) for name in ("timestamp", "level", "event", "logger"))
-        line = f"{timestamp} [{level:<9}] {event:<30} [{logger}]"
-        if fields:
-            line += " " + " ".join(f"{name}={value}" for name, value in sorted(fields.items()))
+        line = f"{timestamp} [{level:<9}] {event:<30} [{record.name}]"
+        if extra:
+            line += " " + " ".join([f"{name}={extra[name]}" for name in sorted(extra)])
         return line if exception is None else f"{line}\n{exception}"
+
+    def timestamp(self, created: float) -> str:
+        """`created` in UTC as ISO 8601, as `datetime.fromtimestamp(created, UTC).isoformat()`
+        writes it (microseconds rounded half to even, none written when they are 0) with `Z`
+        for its offset; the date and time of day are formatted once a second."""
+        fraction, whole = math.modf(created)
+        second, micro = int(whole), round(fraction * 1e6)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        cached, text = self.second
+        if second != cached:
+            text = datetime.fromtimestamp(second, UTC).isoformat()[:-6]
+            self.second = (second, text)
+        return f"{text}.{micro:06d}Z" if micro else f"{text}Z"
 
 
 def _access_fields(_client: object, method: object, full_path: object, http_version: object,
