@@ -69,3 +69,17 @@ def test_timestamps_are_written_as_datetime_writes_them(created):
     for before in (created - 1, created):  # the second's text formatted anew and taken from before
         formatter.timestamp(before)
     assert formatter.timestamp(created) == datetime.fromtimestamp(created, UTC).isoformat()[:-6] + "Z"
+
+
+def test_a_request_scope_ends_with_its_block_however_it_ends():
+    formatter = logs.LineFormatter(json_lines=True)
+
+    def request_id() -> str | None:
+        return json.loads(formatter.format(record("orderstream", "line", (), 1765000000.0))).get("request_id")
+
+    with logs.request_scope("outer"):
+        with pytest.raises(ValueError), logs.request_scope("inner"):
+            assert request_id() == "inner"
+            raise ValueError
+        assert request_id() == "outer"
+    assert request_id() is None
