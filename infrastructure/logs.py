@@ -147,6 +147,8 @@ class LineFormatter(logging.Formatter):
     def __init__(self, json_lines: bool) -> None:
         super().__init__()
         self.json_lines = json_lines
+        # json.dumps given `default` builds an encoder for every call; this one is built once.
+        self.encode = json.JSONEncoder(default=str).encode
         # The last whole second formatted and its text, as one pair: threads log through here too.
         self.second: tuple[int, str] = (-1, "")
 
@@ -174,7 +176,7 @@ class LineFormatter(logging.Formatter):
             fields = {"timestamp": timestamp, "level": level, "logger": record.name, "event": event, **extra}
             if exception is not None:
                 fields["exception"] = exception
-            return json.dumps(fields, default=str)
+            return self.encode(fields)
         line = f"{timestamp} [{level:<9}] {event:<30} [{record.name}]"
         if extra:
             line += " " + " ".join([f"{name}={extra[name]}" for name in sorted(extra)])

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 
@@ -83,3 +84,9 @@ def test_a_request_scope_ends_with_its_block_however_it_ends():
             raise ValueError
         assert request_id() == "outer"
     assert request_id() is None
+
+
+def test_a_value_json_has_no_type_for_is_written_as_its_text():
+    line = logs.LineFormatter(json_lines=True).format(
+        record("orderstream.commands", "placed", (), 1765000000.0, position=Decimal("7.50"), outcome=object))
+    assert json.loads(line)["position"] == "7.50" and json.loads(line)["outcome"] == "<class 'object'>"
