@@ -4,7 +4,7 @@ rendered as one JSON object per line or as lines readable in a terminal.
 Modules log with the standard `logging.getLogger(...)`; nothing here is needed for that.
 Each line carries `timestamp` (UTC, ISO 8601), `level`, `logger` and `event` (the message),
 and, where they apply:
-- `request_id`: the HTTP request or WebSocket it belongs to (web.http.RequestId binds it
+- `request_id`: the HTTP request or WebSocket it belongs to (web.http.Edge binds it
   with `request_scope` for as long as the request runs);
 - `trace_id`: the active OpenTelemetry span's trace, when there is one;
 - `command`, `outcome`, `position`: passed as `extra=` by the command dispatcher;
