@@ -4,7 +4,7 @@ rendered as one JSON object per line or as lines readable in a terminal.
 Modules log with the standard `logging.getLogger(...)`; nothing here is needed for that.
 Each line carries `timestamp` (UTC, ISO 8601), `level`, `logger` and `event` (the message),
 and, where they apply:
-- `request_id`: the HTTP request or WebSocket it belongs to (web.http.RequestId binds it
+- `request_id`: the HTTP request or WebSocket it belongs to (web.http.Edge binds it
   with `request_scope` for as long as the request runs);
 - `trace_id`: the active OpenTelemetry span's trace, when there is one;
 - `command`, `outcome`, `position`: passed as `extra=` by the command dispatcher;
@@ -18,10 +18,10 @@ strings, no headers (tokens), no addresses; events are logged by position, never
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +56,11 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
     the root logger's handlers; uvicorn, given `log_config=None`, logs through them too."""
     handler = TurnBuffered(stream or sys.stderr)
     handler.setFormatter(LineFormatter(json_lines=format == "json"))
+    # What no line shows is not gathered for every record (logging's documented switches):
+    # the caller's file and line (a walk up the stack), the thread's and the process's
+    # names and the process id (a system call).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -63,14 +68,20 @@ def configure(format: str, level: int = logging.INFO, stream: Any = None) -> Non
     root.setLevel(level)
 
 
-@contextmanager
-def request_scope(request_id: str) -> Iterator[None]:
-    """Every line logged in this block (in this task and the tasks it starts) carries `request_id`."""
-    token = _request_id.set(request_id)
-    try:
-        yield
-    finally:
-        _request_id.reset(token)
+class request_scope:  # lower case: used as the function it was, `with request_scope(id):`
+    """Every line logged in this block (in this task and the tasks it starts) carries
+    `request_id`. A class, not a generator: every request enters one."""
+
+    __slots__ = ("request_id", "token")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def __enter__(self) -> None:
+        self.token = _request_id.set(self.request_id)
+
+    def __exit__(self, *exception: object) -> None:
+        _request_id.reset(self.token)
 
 
 class TurnBuffered(logging.StreamHandler):
@@ -136,33 +147,54 @@ class LineFormatter(logging.Formatter):
     def __init__(self, json_lines: bool) -> None:
         super().__init__()
         self.json_lines = json_lines
+        # json.dumps given `default` builds an encoder for every call; this one is built once.
+        self.encode = json.JSONEncoder(default=str).encode
+        # The last whole second formatted and its text, as one pair: threads log through here too.
+        self.second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {"timestamp": datetime.fromtimestamp(record.created, UTC).isoformat()[:-6] + "Z",
-                                  "level": record.levelname.lower(), "logger": record.name}
+        # The fields after `event`, in the order a JSON line has them.
+        extra: dict[str, Any]
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
-            fields.update(_access_fields(*record.args))
+            extra = _access_fields(*record.args)
+            event = extra.pop("event")
         else:
-            fields["event"] = record.getMessage()
+            extra, event = {}, record.getMessage()
         if (request_id := _request_id.get()) is not None:
-            fields["request_id"] = request_id
+            extra["request_id"] = request_id
+        given = record.__dict__
         for name in EXTRA_FIELDS:
-            if name in record.__dict__:
-                fields[name] = record.__dict__[name]
+            if name in given:
+                extra[name] = given[name]
         if trace is not None:
             context = trace.get_current_span().get_span_context()
             if context.is_valid:
-                fields["trace_id"] = format(context.trace_id, "032x")
-        if record.exc_info:
-            fields["exception"] = self.formatException(record.exc_info)
+                extra["trace_id"] = format(context.trace_id, "032x")
+        timestamp, level = self.timestamp(record.created), record.levelname.lower()
+        exception = self.formatException(record.exc_info) if record.exc_info else None
         if self.json_lines:
-            return json.dumps(fields, default=str)
-        exception = fields.pop("exception", None)
-        timestamp, level, event, logger = (fields.pop(name) for name in ("timestamp", "level", "event", "logger"))
-        line = f"{timestamp} [{level:<9}] {event:<30} [{logger}]"
-        if fields:
-            line += " " + " ".join(f"{name}={value}" for name, value in sorted(fields.items()))
+            fields = {"timestamp": timestamp, "level": level, "logger": record.name, "event": event, **extra}
+            if exception is not None:
+                fields["exception"] = exception
+            return self.encode(fields)
+        line = f"{timestamp} [{level:<9}] {event:<30} [{record.name}]"
+        if extra:
+            line += " " + " ".join([f"{name}={extra[name]}" for name in sorted(extra)])
         return line if exception is None else f"{line}\n{exception}"
+
+    def timestamp(self, created: float) -> str:
+        """`created` in UTC as ISO 8601, as `datetime.fromtimestamp(created, UTC).isoformat()`
+        writes it (microseconds rounded half to even, none written when they are 0) with `Z`
+        for its offset; the date and time of day are formatted once a second."""
+        fraction, whole = math.modf(created)
+        second, micro = int(whole), round(fraction * 1e6)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        cached, text = self.second
+        if second != cached:
+            text = datetime.fromtimestamp(second, UTC).isoformat()[:-6]
+            self.second = (second, text)
+        return f"{text}.{micro:06d}Z" if micro else f"{text}Z"
 
 
 def _access_fields(_client: object, method: object, full_path: object, http_version: object,

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from orderstream import events
@@ -38,7 +37,7 @@ from orderstream.infrastructure.tracing import Tracing, exporting_provider
 from orderstream.infrastructure.web.documents import Documents, Manifest
 from orderstream.infrastructure.web.freshness import Freshness
 from orderstream.infrastructure.web.health import Health, MetricsPage
-from orderstream.infrastructure.web.http import BodyLimit, RequestId, SecurityHeaders
+from orderstream.infrastructure.web.http import Edge
 from orderstream.infrastructure.web.limits import QueryBounds
 from orderstream.infrastructure.web.rate_limit import RateLimit
 from orderstream.pages import Pages
@@ -373,27 +372,25 @@ def build_app(settings: Settings, projector: str = "thread", traces: Tracing | N
                                token=settings.metrics_token, relayed=service.relayed)
     # Notes the server's send, which shared subscriptions write their frames past (live.direct).
     app = StarletteNotingSend(
+        # /graphql first: nearly every request is for it, and the router tries the routes in turn.
         routes=[
+            Route("/graphql", graphql),  # every method: a wrong one gets a GraphQL error (405)
+            WebSocketRoute("/graphql", graphql),
             Route("/healthz", health.healthz),
             Route("/readyz", health.readyz),
             Route("/metrics", metrics_page.page),
-            Route("/graphql", graphql),  # every method: a wrong one gets a GraphQL error (405)
-            WebSocketRoute("/graphql", graphql),
             *pages.routes(),
         ],
-        # Outermost first: every response gets its request id and the security headers, a 413
-        # the CORS headers (so that a page can read it); bodies are counted before anything reads them.
+        # One middleware for what every response gets: its request id, the security headers,
+        # CORS (a 413 carries its headers, so that a page can read it) and the body limit.
         middleware=[
-            Middleware(RequestId),
-            Middleware(SecurityHeaders),
-            Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                       # Accept with the quotes of multipart's subscriptionSpec is not safelisted;
-                       # Last-Event-ID resumes a stream of Server-Sent Events.
-                       allow_headers=["Accept", "Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID",
-                                      "GraphQL-Require-Preflight", "X-Apollo-Operation-Name",
-                                      "Apollo-Require-Preflight"],
-                       expose_headers=["Retry-After", "X-Request-ID"], max_age=600),
-            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+            Middleware(Edge, max_bytes=settings.max_body_bytes, cors=dict(
+                allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                # Accept with the quotes of multipart's subscriptionSpec is not safelisted;
+                # Last-Event-ID resumes a stream of Server-Sent Events.
+                allow_headers=["Accept", "Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID",
+                               "GraphQL-Require-Preflight", "X-Apollo-Operation-Name", "Apollo-Require-Preflight"],
+                expose_headers=["Retry-After", "X-Request-ID"], max_age=600)),
         ],
         lifespan=lifespan,
     )

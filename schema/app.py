@@ -158,7 +158,7 @@ class GraphQLApp(GraphQLOverHTTP):
                 timer.cancel()
 
     async def get_context(self, request: HTTPConnection, response) -> Context:
-        # The request's id (infrastructure.web.http.RequestId): one id from the request to
+        # The request's id (infrastructure.web.http.Edge): one id from the request to
         # its events, their projection and their deliveries.
         correlation_id = request.scope.get("state", {}).get("request_id") or str(uuid.uuid4())
         try:

@@ -1,4 +1,4 @@
-"""Structured logs (infrastructure.logs) and request ids (infrastructure.web.http.RequestId).
+"""Structured logs (infrastructure.logs) and request ids (infrastructure.web.http.Edge).
 
 The main test runs `orderstream serve` with ORDERSTREAM_LOG_FORMAT=json as an operator
 would, sends it real requests carrying personal data, and reads what it wrote.

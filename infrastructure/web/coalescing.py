@@ -51,6 +51,11 @@ class CoalescingTransport:
         if not self.transport.is_closing():  # the peer went away within the turn: nobody to write to
             self.transport.write(head)
 
+    def is_closing(self) -> bool:
+        # Asked after every response and before every frame written directly (live.direct):
+        # a method of its own, not a failed lookup and then __getattr__.
+        return self.transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() + (len(self.head) if self.head is not None else 0)
 

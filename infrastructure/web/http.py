@@ -1,14 +1,15 @@
-"""Plain ASGI middleware for every HTTP response: a request id, a request body limit and
-security headers.
+"""Plain ASGI middleware around every HTTP response and WebSocket handshake: a request id,
+security headers, CORS and a request body limit (`Edge`).
 
-All are passed explicitly to `Starlette(middleware=[...])` by the composition root.
+Passed explicitly to `Starlette(middleware=[...])` by the composition root.
 """
 
+import os
 import re
-import uuid
 from collections.abc import Mapping
+from typing import Any
 
-from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,54 +28,149 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
 }
 
+# The messages that carry a response's head (a WebSocket's handshake answer among them).
+STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
+# Random bytes read at a time for new request ids: reading 16 for each was a system call per request.
+RANDOM_BATCH = 4096
+
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"errors": [{"message": message, "extensions": {"code": code}}]}, status_code=status)
-
-
-class RequestId:
-    """Gives every HTTP request and WebSocket an id: the client's `X-Request-ID` if it is
-    sane (SANE_REQUEST_ID), else a new UUID. The id is sent back as `X-Request-ID` on the
-    response (on a WebSocket, on its handshake's), kept in `scope["state"]["request_id"]`
-    (`request.state.request_id`: the commands' correlation id) and carried by every log
-    line of the request (infrastructure.logs)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        given = Headers(scope=scope).get("x-request-id", "")
-        request_id = given if SANE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
-        scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode("latin-1"))
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
-                headers = [(name, value) for name, value in message.get("headers", ()) if name.lower() != header[0]]
-                message = {**message, "headers": [*headers, header]}
-            await send(message)
-
-        with request_scope(request_id):
-            await self.app(scope, receive, send_with_id)
 
 
 class _TooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """Answers 413 to a request body over `max_bytes`: at once when Content-Length says so,
-    else (a chunked body) as soon as the bytes received pass the limit, without reading on."""
+class Edge:
+    """What every request gets on its way in and out, in one wrapper of the app and its send:
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    - a request id: the client's `X-Request-ID` if it is sane (SANE_REQUEST_ID), else a new
+      UUID; sent back as `X-Request-ID` on the response (on a WebSocket, on its handshake's),
+      kept in `scope["state"]["request_id"]` (`request.state.request_id`: the commands'
+      correlation id) and carried by every log line of the request (infrastructure.logs);
+    - `security_headers` (SECURITY_HEADERS by default) on every HTTP response that lacks them;
+    - CORS as starlette's CORSMiddleware given `cors` (its keyword arguments) answers it:
+      preflights, the allowed origins, exposed headers, `Vary`. It runs only for a request
+      with an `Origin`; without one all it did was add `Origin` to `Vary`, done here;
+    - a body limit: 413 to a request body over `max_bytes`, at once when Content-Length says
+      so, else (a chunked body) as soon as the bytes received pass it, without reading on.
+
+    The order is that of the separate middleware this replaces, outermost first: request id,
+    security headers, CORS, body limit. So a 413 carries the CORS headers (a page can read
+    it) and a preflight is answered before the body limit looks at the request."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, cors: Mapping[str, Any],
+                 security_headers: Mapping[str, str] = SECURITY_HEADERS) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.cors = CORSMiddleware(self._limited, **cors)
+        # As ASGI carries them, built once: every response goes through here.
+        self.security = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                         for name, value in security_headers.items()]
+        self.random, self.used = b"", RANDOM_BATCH
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length")
+        # One pass over the request's headers (ASGI servers give their names in lower case);
+        # the first of a repeated header counts, as starlette's Headers.get has it.
+        given = origin = declared = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if given is None:
+                    given = value.decode("latin-1")
+            elif name == b"origin":
+                if origin is None:
+                    origin = value
+            elif name == b"content-length" and declared is None:
+                declared = value.decode("latin-1")
+        request_id = given if given is not None and SANE_REQUEST_ID.fullmatch(given) else self.new_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        http = kind == "http"
+        if http:
+            send = self._sending(send, request_id.encode("latin-1"), vary=origin is None)
+        else:
+            send = self._sending_id(send, request_id.encode("latin-1"))
+        with request_scope(request_id):
+            if not http:
+                await self.app(scope, receive, send)
+            elif origin is not None:
+                await self.cors(scope, receive, send)
+            else:
+                await self._limit(scope, receive, send, declared)
+
+    def new_id(self) -> str:
+        """A random (version 4) UUID, from random bytes read in batches."""
+        if self.used >= RANDOM_BATCH:
+            self.random, self.used = os.urandom(RANDOM_BATCH), 0
+        raw = bytearray(self.random[self.used:self.used + 16])
+        self.used += 16
+        raw[6] = raw[6] & 0x0F | 0x40  # the version, 4
+        raw[8] = raw[8] & 0x3F | 0x80  # the variant, RFC 4122's
+        text = raw.hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+    def _sending(self, send: Send, request_id: bytes, vary: bool) -> Send:
+        """`send` with the response's head completed: `Origin` added to `Vary` (if `vary`:
+        what CORS does for a request without an Origin), the security headers it lacks, and
+        the request id in place of any the app set."""
+        security = self.security
+
+        async def send_completed(message: Message) -> None:
+            if message["type"] != "http.response.start":
+                return await send(message)
+            headers = []
+            present = set()
+            varies: list[bytes] = []
+            at = -1
+            for item in message.get("headers", ()):
+                name = item[0]
+                lower = name.lower()
+                if lower == b"x-request-id":
+                    continue
+                present.add(lower)
+                if vary and name == b"vary":  # starlette's MutableHeaders: all joined into the first
+                    varies.append(item[1])
+                    if at >= 0:
+                        continue
+                    at = len(headers)
+                headers.append(item)
+            if vary:
+                varies.append(b"Origin")
+                if at >= 0:
+                    headers[at] = (b"vary", b", ".join(varies))
+                else:
+                    headers.append((b"vary", b"Origin"))
+            for item in security:
+                if item[0] not in present:
+                    headers.append(item)
+            headers.append((b"x-request-id", request_id))
+            await send({**message, "headers": headers})
+
+        return send_completed
+
+    @staticmethod
+    def _sending_id(send: Send, request_id: bytes) -> Send:
+        """`send` with the request id on a WebSocket's handshake answer, in place of any the app set."""
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in STARTS:
+                headers = [item for item in message.get("headers", ()) if item[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        return send_with_id
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The body limit and the app, behind CORS."""
+        declared = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                declared = value.decode("latin-1")
+                break
+        await self._limit(scope, receive, send, declared)
+
+    async def _limit(self, scope: Scope, receive: Receive, send: Send, declared: str | None) -> None:
         if declared is not None:
             if not declared.isdigit():
                 return await _error(400, "Content-Length must be a number of bytes", "BAD_REQUEST")(
@@ -111,25 +207,3 @@ class BodyLimit:
     def _too_large(self) -> JSONResponse:
         return _error(413, f"the request body is larger than {self.max_bytes:,} bytes, the limit", "PAYLOAD_TOO_LARGE")
 
-
-class SecurityHeaders:
-    """Adds `headers` (SECURITY_HEADERS by default) to every HTTP response that lacks them."""
-
-    def __init__(self, app: ASGIApp, headers: Mapping[str, str] = SECURITY_HEADERS) -> None:
-        self.app = app
-        # As ASGI carries them, built once: every response goes through here.
-        self.raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                present = {name.lower() for name, _ in headers}
-                headers += [(name, value) for name, value in self.raw if name not in present]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
