@@ -6,14 +6,13 @@ trip through its greenlet bridge, the statement's cache look-up and its result
 processing: several times the CPU the same statement costs on asyncpg itself, which
 keeps each statement prepared on its connection. Rows are decoded here as the column
 types of `infrastructure.persistence.log` would (JSON text to objects; timestamps come
-aware, in UTC). A failure of the machine's is raised as the PublicError `fault_of` names,
-as through the engine.
+aware, in UTC). A failure of the machine's (an unreachable server, a full disk) is raised as the
+PublicError `fault_of` names, as through the engine; any other as the driver's error.
 """
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -78,10 +77,19 @@ class PostgresReads:
                 pool.terminate()
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        with _faults_named():
+        try:
             pool = self._pool or await self._open()
             async with pool.acquire() as conn:
                 return await work(conn)
+        except Exception as error:
+            fault = fault_of(error)
+            if fault is None:
+                raise
+            if self._pool is not None:
+                # As the engine does on a lost connection: the others, opened as long ago,
+                # are likely lost too (a restarted server); each is replaced at its next use.
+                await self._pool.expire_connections()
+            raise fault from error
 
     async def _open(self) -> asyncpg.Pool:
         if self._opening is None:
@@ -103,15 +111,3 @@ def _event(row: asyncpg.Record) -> RecordedEvent:
     return RecordedEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]),
                          row[8], row[9], row[10], row[11], row[12], row[13])
 
-
-@contextmanager
-def _faults_named() -> Iterator[None]:
-    """A failure of the machine's (an unreachable server, a full disk) raised as the
-    PublicError `fault_of` names, its cause kept; any other failure as it is."""
-    try:
-        yield
-    except Exception as error:
-        fault = fault_of(error)
-        if fault is None:
-            raise
-        raise fault from error
