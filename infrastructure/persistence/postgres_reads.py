@@ -98,8 +98,15 @@ class PostgresReads:
             if self._pool is None:
                 # No connection opened up front: with the server down, the first read fails
                 # as Unavailable, as through the engine, and the next one tries again.
-                self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._size)
+                # No reset when a connection goes back to the pool: asyncpg's default is one
+                # more round trip per read, and these reads leave nothing to reset.
+                self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._size,
+                                                       reset=_nothing_to_reset)
             return self._pool
+
+
+async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
+    """Reads of one statement outside transactions leave no state on their connection."""
 
 
 def loads(text: str | None) -> Any:
