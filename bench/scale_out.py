@@ -42,7 +42,9 @@ Every figure is the median over the rounds; the order of the points alternates b
 rounds; every ratio is taken against the SQLite process of the same run.
 
 Override the server with ORDERSTREAM_BENCH_POSTGRES_URL (a database on it to connect to
-first; default postgresql+asyncpg://postgres@127.0.0.1:5432/test).
+first; default postgresql+asyncpg://postgres@127.0.0.1:5432/test). With
+ORDERSTREAM_BENCH_PROFILE set to a folder, py-spy samples each PostgreSQL point's server
+processes into raw profiles there (see `profiled`); such a run's figures carry py-spy's cost.
 """
 
 import asyncio

@@ -6,8 +6,9 @@ trip through its greenlet bridge, the statement's cache look-up and its result
 processing: several times the CPU the same statement costs on asyncpg itself, which
 keeps each statement prepared on its connection. Rows are decoded here as the column
 types of `infrastructure.persistence.log` would (JSON text to objects; timestamps come
-aware, in UTC). A failure of the machine's (an unreachable server, a full disk) is raised as the
-PublicError `fault_of` names, as through the engine; any other as the driver's error.
+aware, in UTC). A failure of the machine's (an unreachable server, a full disk) is
+raised as the PublicError `fault_of` names, as through the engine; any other as the
+driver's error.
 """
 
 import asyncio
