@@ -14,6 +14,7 @@ driver's error.
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
 import asyncpg
@@ -81,9 +82,19 @@ class PostgresReads:
         try:
             pool = self._pool or await self._open()
             async with pool.acquire() as conn:
-                return await work(conn)
+                try:
+                    return await work(conn)
+                except Exception:
+                    # Its statement failed: the connection may still be taking in the rest
+                    # of the server's answer (a server shutting down sends its error, then
+                    # closes), and the next read given it would fail on that. asyncpg's
+                    # reset query on release, left out here (see `_open`), would have
+                    # found it out; a new connection costs less than that query each time.
+                    with suppress(asyncpg.InterfaceError):  # already closed and given back
+                        conn.terminate()
+                    raise
         except Exception as error:
-            fault = fault_of(error)
+            fault = fault_of(_lost(error) if isinstance(error, asyncpg.InternalClientError) else error)
             if fault is None:
                 raise
             if self._pool is not None:
@@ -104,6 +115,15 @@ class PostgresReads:
                 self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._size,
                                                        reset=_nothing_to_reset)
             return self._pool
+
+
+def _lost(error: asyncpg.InternalClientError) -> ConnectionError:
+    """asyncpg found its connection in the middle of another answer: the server's closing
+    words to a connection idle in the pool (it shut down) had not all been taken in. The
+    read never reached a server; it is a lost connection."""
+    lost = ConnectionResetError("the connection was lost")
+    lost.__cause__ = error
+    return lost
 
 
 async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
