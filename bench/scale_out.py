@@ -42,7 +42,9 @@ Every figure is the median over the rounds; the order of the points alternates b
 rounds; every ratio is taken against the SQLite process of the same run.
 
 Override the server with ORDERSTREAM_BENCH_POSTGRES_URL (a database on it to connect to
-first; default postgresql+asyncpg://postgres@127.0.0.1:5432/test).
+first; default postgresql+asyncpg://postgres@127.0.0.1:5432/test). With
+ORDERSTREAM_BENCH_PROFILE set to a folder, py-spy samples each PostgreSQL point's server
+processes into raw profiles there (see `profiled`); such a run's figures carry py-spy's cost.
 """
 
 import asyncio
@@ -67,6 +69,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from bench import profile_parts
 from bench.commands import (
     ADD_PRODUCT,
     ADDRESS,
@@ -375,10 +378,13 @@ async def measure_point(point: Point, folder: Path, server: str, secret: str, to
                 spec = {"urls": servers.urls, "token": token, "server_pids": servers.pids,
                         "databases": [make_url(url).database for url in urls],
                         "clients": sizes.clients, "warmup_s": sizes.warmup_s, "window_s": sizes.window_s, **shop}
+                recorders = profiled(point, servers.pids, int(sizes.warmup_s + sizes.window_s))
                 client = await asyncio.create_subprocess_exec(
                     sys.executable, "-c", CLIENT, cwd=ROOT,
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 out, err = await client.communicate(json.dumps(spec).encode())
+                for recorder in recorders:
+                    await asyncio.to_thread(recorder.wait)
                 if client.returncode != 0:
                     raise BenchmarkError(f"the client of {point.key} failed:\n{err.decode()[-3000:]}")
                 states_after = await servers.states(http)
@@ -412,6 +418,19 @@ async def measure_point(point: Point, folder: Path, server: str, secret: str, to
     if point.backend == "postgresql" and states_after.count("leading") != 1:
         raise BenchmarkError(f"{point.key}: after the window the processes report {states_after}")
     return figures
+
+
+def profiled(point: Point, pids: list[int], seconds: int) -> list[subprocess.Popen]:
+    """With ORDERSTREAM_BENCH_PROFILE set to a folder, py-spy samples every server process of
+    a PostgreSQL point through the warm-up and the window, each into a raw profile of its own
+    there (`<point>-<process>.txt`); the sampling costs the servers CPU, so the point's
+    figures are not to be compared with an unprofiled run's."""
+    folder = os.environ.get("ORDERSTREAM_BENCH_PROFILE")
+    if not folder or point.backend != "postgresql" or not profile_parts.available():
+        return []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return [profile_parts.record(pid, seconds, Path(folder) / f"{point.backend}-x{point.processes}-{number}.txt")
+            for number, pid in enumerate(pids)]
 
 
 STATUS = "{ projectionStatus { name lag } }"

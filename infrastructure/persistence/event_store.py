@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, bindparam, func, insert, select
 from sqlalchemy.engine import make_url
 
-from orderstream.infrastructure.persistence import personal_data
+from orderstream.infrastructure.persistence import personal_data, postgres_reads
 from orderstream.infrastructure.persistence.database import Database
 from orderstream.infrastructure.persistence.group_commit import GroupCommit, PendingAppend
 from orderstream.infrastructure.persistence.log import (
@@ -36,6 +36,7 @@ from orderstream.infrastructure.persistence.log import (
     personal_keys,
     snapshots,
 )
+from orderstream.infrastructure.persistence.postgres_reads import PostgresReads, loads
 from orderstream.infrastructure.persistence.recent_events import RecentEvents
 
 __all__ = [
@@ -74,6 +75,9 @@ class EventStore:
         # sealed fields) may see a key destroyed since the first: what a reader then gets
         # stays sealed, as it would be an instant later. No snapshot is kept around them.
         self._db = Database(url, inline=inline, snapshot_reads=False)
+        # PostgreSQL: the reads of every command and tailer on asyncpg directly
+        # (infrastructure.persistence.postgres_reads); SQLite reads through `_db`.
+        self._pg = PostgresReads(url) if self._db.dialect == "postgresql" else None
         # The latest events this process committed, or was given (`remember`): `read`
         # serves the projector and the event hub from here, right after a commit, without
         # a trip to the database.
@@ -90,6 +94,8 @@ class EventStore:
         await self._db.migrate("events")
 
     async def close(self) -> None:
+        if self._pg is not None:
+            await self._pg.close()
         await self._db.dispose()
 
     @property
@@ -167,6 +173,9 @@ class EventStore:
         """The stream's events after `after_version`, oldest first (up to `until`, at most `limit`)."""
         params = {"stream_id": stream_id, "after_version": after_version}
         if until is None and limit is not None:
+            if self._pg is not None:
+                found, keys = await self._pg.events(postgres_reads.STREAM_PAGE, stream_id, after_version, limit)
+                return _opened(found, keys, self._upcast)
             # The loads of every command: a statement built once, as building one costs
             # more than running it.
             return await self._db.read(partial(_fetch, _STREAM_PAGE, {**params, "limit": limit}, self._upcast))
@@ -187,6 +196,9 @@ class EventStore:
         kept = self._recent.after(after, limit)
         if kept is not None:
             return kept
+        if self._pg is not None:
+            found, keys = await self._pg.events(postgres_reads.LOG_PAGE, after, limit)
+            return _opened(found, keys, self._upcast)
         return await self._db.scan(partial(_fetch, _LOG_PAGE, {"after": after, "limit": limit}, self._upcast))
 
     def recent(self, after: int, limit: int) -> list[RecordedEvent] | None:
@@ -202,13 +214,20 @@ class EventStore:
 
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
+        if self._pg is not None:
+            return await self._pg.value(postgres_reads.HEAD) or 0
         return await self._db.read(lambda conn: conn.execute(HEAD).scalar() or 0)
 
     async def stream_version(self, stream_id: str) -> int:
+        if self._pg is not None:
+            return await self._pg.value(postgres_reads.STREAM_VERSION, stream_id) or 0
         query = select(func.max(events.c.version)).where(events.c.stream_id == stream_id)
         return await self._db.read(lambda conn: conn.execute(query).scalar() or 0)
 
     async def find_idempotent(self, scope: str, key: str) -> IdempotencyRecord | None:
+        if self._pg is not None:
+            row = await self._pg.row(postgres_reads.IDEMPOTENCY, scope, key)
+            return None if row is None else IdempotencyRecord(scope, key, row[0], loads(row[1]), row[2])
         query = select(idempotency).where(idempotency.c.scope == scope, idempotency.c.key == key)
         row = await self._db.read(lambda conn: conn.execute(query).first())
         if row is None:
@@ -236,6 +255,9 @@ class EventStore:
 
     async def load_snapshot(self, stream_id: str, schema: str) -> Snapshot | None:
         """The stream's snapshot in `schema`, if there is one."""
+        if self._pg is not None:
+            row = await self._pg.row(postgres_reads.SNAPSHOT, stream_id, schema)
+            return Snapshot(row[0], loads(row[1])) if row else None
         query = select(snapshots.c.version, snapshots.c.state).where(
             snapshots.c.stream_id == stream_id, snapshots.c.schema == schema)
         row = await self._db.read(lambda conn: conn.execute(query).first())
@@ -243,15 +265,19 @@ class EventStore:
 
 
 def _fetch(query, params: dict[str, Any], upcast: Upcast | None, conn: Connection) -> list[RecordedEvent]:
-    """The events `query` selects, their sealed fields opened where the key still exists,
+    """The events `query` selects, opened and upcast (see `_opened`)."""
+    # By position, not by name: the events table's columns are RecordedEvent's fields in
+    # order, and a mapping per row cost the projector more than reading the row.
+    found = [RecordedEvent(*row) for row in conn.execute(query, params).all()]
+    return _opened(found, keys_of(conn, {personal_data.sealed_subject(event.data) for event in found} - {None}),
+                   upcast)
+
+
+def _opened(found: list[RecordedEvent], keys: dict[str, bytes], upcast: Upcast | None) -> list[RecordedEvent]:
+    """The events with their sealed fields opened where `keys` holds the subject's key,
     upcast if `upcast` is given."""
-    rows = conn.execute(query, params).all()
-    keys = keys_of(conn, {personal_data.sealed_subject(row.data) for row in rows} - {None})
     recorded = []
-    for row in rows:
-        # By position, not by name: the events table's columns are RecordedEvent's fields
-        # in order, and a mapping per row cost the projector more than reading the row.
-        event = RecordedEvent(*row)
+    for event in found:
         subject = personal_data.sealed_subject(event.data)
         if subject is not None:
             event = replace(event, data=personal_data.unseal(event.data, keys.get(subject), event.event_id))
