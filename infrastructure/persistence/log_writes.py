@@ -114,26 +114,27 @@ def _write_together(conn: Connection, batch: list["PendingAppend"], state: Batch
     Statements, not rows, are what a transaction here costs: in the writer thread each
     one gives up Python's lock and waits to take it back.
     """
-    keys = _keys_of(conn, {subject for request in batch for subject in _subjects(request)})
+    subjects = [_subjects(request) for request in batch]
+    keys = _keys_of(conn, set().union(*subjects))
     fresh: dict[str, bytes] = {}
     shredded: set[str] = set()
     outcomes: list[Outcome] = []
     rows: list[tuple] = []
     records: list[tuple] = []
-    for request in batch:
+    for request, sealed_by in zip(batch, subjects, strict=True):
         try:
             _check(request, state)
         except (WrongExpectedVersion, IdempotencyKeyTaken) as refused:
             outcomes.append(refused)
             continue
-        for subject in _subjects(request) - keys.keys():
+        for subject in sealed_by - keys.keys():
             keys[subject] = fresh[subject] = personal_data.new_key()
         mine, recorded = _rows(request, keys, state.position)
         rows += mine
         last = recorded[-1].position
         if request.idempotent:
             records.append(_record(request, last))
-        shredded |= {new.shreds for write in request.writes for new in write.events} - {None}
+        shredded.update(new.shreds for write in request.writes for new in write.events if new.shreds)
         state.accept(request, last)
         request.written = True
         outcomes.append(recorded)
