@@ -120,3 +120,17 @@ async def test_personal_keys_are_found_and_made_for_any_number_of_subjects_in_a_
     assert read[2].data["name"] == BOB_REGISTERED.name
     assert [e.data["customer_id"] for e in read[3:]] == others
 
+
+
+async def test_the_batches_after_a_refused_one_commit_on_the_same_connection(log):
+    db, appends = log
+    await db.write(lambda conn: conn.exec_driver_sql(REFUSE))
+
+    refused = appends.submit([write("refused", 0, 1)], Metadata(), None, datetime.now(UTC), ())
+    await asyncio.sleep(0)  # the writer has taken it: what follows is another batch
+    rest = [appends.submit([write(stream, 0, 2)], Metadata(), None, datetime.now(UTC), ()) for stream in "ab"]
+    results = await asyncio.gather(refused, *rest, return_exceptions=True)
+
+    assert isinstance(results[0], IntegrityError)
+    assert [[e.position for e in result] for result in results[1:]] == [[1], [2]]
+    assert await positions(db) == [(1, "a"), (2, "b")]
