@@ -187,16 +187,16 @@ def _savepoint(conn: Connection) -> Iterator[None]:
         with conn.begin_nested():
             yield
         return
-    driver.execute("SAVEPOINT request")
+    driver.execute("SAVEPOINT appends")
     try:
         yield
     except BaseException:
         # A failure that ended the whole transaction (a full disk, say) left no savepoint.
         if driver.in_transaction:
-            driver.execute("ROLLBACK TO request")
-            driver.execute("RELEASE request")
+            driver.execute("ROLLBACK TO appends")
+            driver.execute("RELEASE appends")
         raise
-    driver.execute("RELEASE request")
+    driver.execute("RELEASE appends")
 
 
 def _check(request: "PendingAppend", state: BatchState) -> None:
