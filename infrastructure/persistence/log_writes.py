@@ -7,9 +7,11 @@ takes only its own request with it (savepoints).
 
 import functools
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, bindparam, func, insert, select, tuple_
 
@@ -22,10 +24,9 @@ from orderstream.infrastructure.persistence.log import (
     WrongExpectedVersion,
     events,
     idempotency,
-    keys_of,
     personal_keys,
 )
-from orderstream.infrastructure.persistence.statements import Statement
+from orderstream.infrastructure.persistence.statements import Statement, sqlite_driver
 
 if TYPE_CHECKING:
     from orderstream.infrastructure.persistence.group_commit import PendingAppend
@@ -53,8 +54,7 @@ class BatchState:
         # for each count of streams a batch happens to hold cost more than the batch's
         # inserts; this way a handful are compiled, once.
         size = 1 << (len(streams) - 1).bit_length()
-        *found, head = conn.execute(_versions(size), {f"s{n}": streams[n] if n < len(streams) else ""
-                                                      for n in range(size)}).one()
+        [(*found, head)] = _versions(size).rows(conn, events, streams + [""] * (size - len(streams)))
         versions = {stream: version for stream, version in zip(streams, found[:len(streams)], strict=True)
                     if version}
         head = head or 0
@@ -114,36 +114,35 @@ def _write_together(conn: Connection, batch: list["PendingAppend"], state: Batch
     Statements, not rows, are what a transaction here costs: in the writer thread each
     one gives up Python's lock and waits to take it back.
     """
-    keys = keys_of(conn, {subject for request in batch for subject in _subjects(request)})
+    subjects = [_subjects(request) for request in batch]
+    keys = _keys_of(conn, set().union(*subjects))
     fresh: dict[str, bytes] = {}
     shredded: set[str] = set()
     outcomes: list[Outcome] = []
-    rows: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
-    for request in batch:
+    rows: list[tuple] = []
+    records: list[tuple] = []
+    for request, sealed_by in zip(batch, subjects, strict=True):
         try:
             _check(request, state)
         except (WrongExpectedVersion, IdempotencyKeyTaken) as refused:
             outcomes.append(refused)
             continue
-        for subject in _subjects(request) - keys.keys():
+        for subject in sealed_by - keys.keys():
             keys[subject] = fresh[subject] = personal_data.new_key()
-        mine = _rows(request, keys, state.position)
+        mine, recorded = _rows(request, keys, state.position)
         rows += mine
+        last = recorded[-1].position
         if request.idempotent:
-            records.append(_record(request, mine[-1]["position"]))
-        shredded |= {new.shreds for write in request.writes for new in write.events} - {None}
-        state.accept(request, mine[-1]["position"])
+            records.append(_record(request, last))
+        shredded.update(new.shreds for write in request.writes for new in write.events if new.shreds)
+        state.accept(request, last)
         request.written = True
-        outcomes.append(_recorded(request, mine))
+        outcomes.append(recorded)
     if fresh:
         now = datetime.now(UTC)
-        conn.execute(insert(personal_keys), [{"subject_id": s, "key": k, "created_at": now}
-                                             for s, k in fresh.items()])
-    if rows:
-        _INSERT_EVENT.run_many(conn, events, [tuple(row.values()) for row in rows])
-    if records:
-        _INSERT_IDEMPOTENCY.run_many(conn, idempotency, [tuple(record.values()) for record in records])
+        _INSERT_KEY.run_many(conn, personal_keys, [(subject, key, now) for subject, key in fresh.items()])
+    _INSERT_EVENT.run_many(conn, events, rows)
+    _INSERT_IDEMPOTENCY.run_many(conn, idempotency, records)
     if shredded:
         conn.execute(personal_keys.delete().where(personal_keys.c.subject_id.in_(shredded)))
     return outcomes
@@ -171,12 +170,33 @@ def _in_savepoint(conn: Connection, requests: list["PendingAppend"],
     after them. If a statement fails, it raises, and nothing of the requests is left."""
     trial = state.copy()
     try:
-        with conn.begin_nested():
+        with _savepoint(conn):
             return _write_together(conn, requests, trial), trial
     except Exception:
         for request in requests:
             request.written = False
         raise
+
+
+@contextmanager
+def _savepoint(conn: Connection) -> Iterator[None]:
+    """What runs inside is undone if it raises, and the transaction goes on. On SQLite
+    straight on sqlite3's connection (see `Statement`'s driver)."""
+    driver = sqlite_driver(conn)
+    if driver is None:
+        with conn.begin_nested():
+            yield
+        return
+    driver.execute("SAVEPOINT appends")
+    try:
+        yield
+    except BaseException:
+        # A failure that ended the whole transaction (a full disk, say) left no savepoint.
+        if driver.in_transaction:
+            driver.execute("ROLLBACK TO appends")
+            driver.execute("RELEASE appends")
+        raise
+    driver.execute("RELEASE appends")
 
 
 def _check(request: "PendingAppend", state: BatchState) -> None:
@@ -198,52 +218,70 @@ def _subjects(request: "PendingAppend") -> set[str]:
     return {new.subject for write in request.writes for new in write.events if new.personal}
 
 
-def _rows(request: "PendingAppend", keys: dict[str, bytes], after: int) -> list[dict[str, Any]]:
-    """The request's rows, numbered on from position `after`."""
-    meta, rows = request.meta, []
+def _rows(request: "PendingAppend", keys: dict[str, bytes],
+          after: int) -> tuple[list[tuple], list[RecordedEvent]]:
+    """The request's rows, numbered on from position `after`, in the columns' order (that
+    of RecordedEvent's fields), and its events as recorded: with their data unsealed."""
+    meta, now, rows, recorded = request.meta, request.now, [], []
+    position = after
     for write in request.writes:
-        for offset, new in enumerate(write.events, start=1):
+        stream_id, stream_type, version = write.stream_id, write.stream_type, write.expected_version
+        for new in write.events:
+            position += 1
+            version += 1
             event_id = str(uuid.uuid4())
             data = new.data
             if new.personal:
                 data = personal_data.seal(data, new.personal, new.subject, keys[new.subject], event_id)
-            rows.append({
-                "position": after + len(rows) + 1,
-                "event_id": event_id, "stream_id": write.stream_id,
-                "stream_type": write.stream_type,
-                "version": write.expected_version + offset, "type": new.type,
-                "schema_version": new.schema_version, "data": data,
-                "correlation_id": meta.correlation_id, "causation_id": meta.causation_id,
-                "actor": meta.actor, "idempotency_key": meta.idempotency_key,
-                "recorded_at": request.now, "traceparent": meta.traceparent,
-            })
-    return rows
+            row = (position, event_id, stream_id, stream_type, version, new.type, new.schema_version, data,
+                   meta.correlation_id, meta.causation_id, meta.actor, meta.idempotency_key, now, meta.traceparent)
+            rows.append(row)
+            recorded.append(RecordedEvent(*row) if data is new.data else
+                            RecordedEvent(*row[:7], new.data, *row[8:]))
+    return rows, recorded
 
 
-def _record(request: "PendingAppend", position: int) -> dict[str, Any]:
+def _record(request: "PendingAppend", position: int) -> tuple:
     idempotent = request.idempotent
-    return {"scope": idempotent.scope, "key": idempotent.key, "request_hash": idempotent.request_hash,
-            "result": idempotent.result, "position": position, "recorded_at": request.now}
+    return (idempotent.scope, idempotent.key, idempotent.request_hash, idempotent.result, position, request.now)
 
 
-def _recorded(request: "PendingAppend", rows: list[dict[str, Any]]) -> list[RecordedEvent]:
-    plain = (new.data for write in request.writes for new in write.events)
-    return [RecordedEvent(**{**row, "data": data}) for row, data in zip(rows, plain, strict=True)]
+def _keys_of(conn: Connection, subjects: set[str]) -> dict[str, bytes]:
+    """The personal keys of those `subjects` whose keys exist (`log.keys_of`, on the driver)."""
+    if not subjects:
+        return {}
+    wanted = list(subjects)
+    size = 1 << (len(wanted) - 1).bit_length()
+    return dict(_keys(size).rows(conn, personal_keys, wanted + [""] * (size - len(wanted))))
 
 
 @functools.cache
-def _versions(streams: int):
+def _versions(streams: int) -> Statement:
     """The current versions of `streams` streams, bound as s0, s1, ..., and then the log's
     head: one max() per stream, each a single index probe (`stream_id IN (...) GROUP BY`
     would read every version of a long stream instead)."""
-    return select(*(select(func.max(events.c.version)).where(events.c.stream_id == bindparam(f"s{n}"))
-                    .scalar_subquery() for n in range(streams)), HEAD.scalar_subquery())
+    def build(table):
+        return select(*(select(func.max(table.c.version)).where(table.c.stream_id == bindparam(f"s{n}"))
+                        .scalar_subquery() for n in range(streams)), HEAD.scalar_subquery())
+
+    return Statement(build, [f"s{n}" for n in range(streams)], driver=True)
+
+
+@functools.cache
+def _keys(subjects: int) -> Statement:
+    """The keys of `subjects` data subjects, bound as k0, k1, ...: padded as `_versions`."""
+    return Statement(lambda table: select(table.c.subject_id, table.c.key).where(
+        table.c.subject_id.in_([bindparam(f"k{n}") for n in range(subjects)])),
+        [f"k{n}" for n in range(subjects)], driver=True)
 
 
 # The columns in the order `_rows` and `_record` name them. Compiled once and run on the
-# driver (persistence.statements): in the writer thread SQLAlchemy's handling of each row
-# held Python's lock longer than the database held the rows.
+# driver (persistence.statements), on SQLite on sqlite3's connection itself: in the writer
+# thread SQLAlchemy's handling of each row and statement held Python's lock longer than
+# the database held the rows.
 _INSERT_EVENT = Statement(insert, ("position", "event_id", "stream_id", "stream_type", "version", "type",
                                    "schema_version", "data", "correlation_id", "causation_id", "actor",
-                                   "idempotency_key", "recorded_at", "traceparent"))
-_INSERT_IDEMPOTENCY = Statement(insert, ("scope", "key", "request_hash", "result", "position", "recorded_at"))
+                                   "idempotency_key", "recorded_at", "traceparent"), driver=True)
+_INSERT_IDEMPOTENCY = Statement(insert, ("scope", "key", "request_hash", "result", "position", "recorded_at"),
+                                driver=True)
+_INSERT_KEY = Statement(insert, ("subject_id", "key", "created_at"), driver=True)

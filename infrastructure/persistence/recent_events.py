@@ -25,7 +25,14 @@ class RecentEvents:
         # the log's own (perhaps not all of it: another process may have appended since;
         # the caller reads on from the last one).
         start = after + 1 - kept[0].position
-        return list(itertools.islice(kept, start, start + limit))
+        stop = min(start + limit, len(kept))
+        if start <= len(kept) - start:
+            return list(itertools.islice(kept, start, stop))
+        # Readers mostly ask for the newest few of thousands kept: walked to from the
+        # right, not past every older one from the left.
+        found = list(itertools.islice(reversed(kept), len(kept) - stop, len(kept) - start))
+        found.reverse()
+        return found
 
     def remember(self, events: Sequence[RecordedEvent]) -> None:
         """Keep committed events, consecutive in the log. Events that do not follow the

@@ -9,16 +9,21 @@ database's own work. `Statement` does the lookup and the planning once, and each
 single `exec_driver_sql` (executemany for many rows) of tuples, whose values the columns'
 types still convert (an aware datetime to SQLite's text, say), as `execute` would. Errors
 come wrapped as from `execute`, parameters hidden as the engines are told to.
+
+A statement made with `driver=True` runs on sqlite3's own connection when the database is
+SQLite: no SQLAlchemy execution context, result object or events around it, for the log's
+writer thread, where every microsecond of Python is taken from the event loop's.
 """
 
 import functools
+import sqlite3
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Table
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import Executable
 
 Convert = Callable[[Sequence[Any]], tuple]
@@ -28,9 +33,12 @@ class Statement:
     """A statement made by `build(table)`, whose parameters are given as tuples in the order
     of `parameters` (the names of its bind parameters, or of the columns an insert fills)."""
 
-    def __init__(self, build: Callable[[Table], Executable], parameters: Sequence[str]) -> None:
+    def __init__(self, build: Callable[[Table], Executable], parameters: Sequence[str],
+                 driver: bool = False) -> None:
+        """`driver`: on SQLite, run on sqlite3's connection itself (see the module's docstring)."""
         self.build = build
         self.parameters = tuple(parameters)
+        self.driver = driver
         # Per table and database: the live tables, and a rebuild's shadows while they last
         # (bounded: every rebuild makes new shadow tables, which must not be kept alive here).
         self._compiled = functools.lru_cache(maxsize=8)(self._compile)
@@ -40,12 +48,24 @@ class Statement:
         sql, convert = self._compiled(table, conn.dialect)
         return conn.exec_driver_sql(sql, _converted(sql, convert, [row])[0])
 
+    def rows(self, conn: Connection, table: Table, row: Sequence[Any]) -> list[tuple]:
+        """Run it once, with one row of parameters: the rows it returns, as tuples."""
+        sql, convert = self._compiled(table, conn.dialect)
+        driver = self.driver and sqlite_driver(conn)
+        if not driver:
+            return [tuple(found) for found in conn.exec_driver_sql(sql, _converted(sql, convert, [row])[0])]
+        return _on_driver(conn, driver.execute, sql, _converted(sql, convert, [row])[0]).fetchall()
+
     def run_many(self, conn: Connection, table: Table, rows: Sequence[Sequence[Any]]) -> None:
         """Run it for each row, in one call to the driver (executemany); nothing for no rows."""
         if not rows:
             return
         sql, convert = self._compiled(table, conn.dialect)
-        conn.exec_driver_sql(sql, _converted(sql, convert, rows))
+        driver = self.driver and sqlite_driver(conn)
+        if not driver:
+            conn.exec_driver_sql(sql, _converted(sql, convert, rows))
+            return
+        _on_driver(conn, driver.executemany, sql, _converted(sql, convert, rows))
 
     def _compile(self, table: Table, dialect: Dialect) -> tuple[str, Convert]:
         compiled = self.build(table).compile(dialect=dialect)
@@ -60,6 +80,22 @@ class Statement:
                       if (processor := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                       is not None]
         return compiled.string, _converter(tuple(self.parameters.index(name) for name in taken), processors)
+
+
+def sqlite_driver(conn: Connection) -> sqlite3.Connection | None:
+    """sqlite3's own connection under `conn`; None on any other driver."""
+    return conn.connection.driver_connection if conn.dialect.driver == "pysqlite" else None
+
+
+def _on_driver(conn: Connection, run: Callable[[str, Any], sqlite3.Cursor], sql: str,
+               parameters: Any) -> sqlite3.Cursor:
+    """`run(sql, parameters)` on sqlite3, its error wrapped as SQLAlchemy wraps it (an
+    IntegrityError stays one), parameters hidden."""
+    try:
+        return run(sql, parameters)
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(sql, None, error, sqlite3.Error, hide_parameters=True,
+                                  dialect=conn.dialect) from error
 
 
 def _converted(sql: str, convert: Convert, rows: Sequence[Sequence[Any]]) -> list[tuple]:
