@@ -17,7 +17,7 @@ Workloads (a Lua script each, in bench/wrk/; the request bodies made here, one a
 Each point is a fresh server on a fresh copy of one prepared shop, alone on the machine
 but for wrk (`-t1 -c32`): a 2 s run to warm up, then the measured run. The server's CPU
 (its projector child included) is read from /proc before and after, wrk's from its
-rusage. The points take turns, three rounds in one run, the order reversed every other
+rusage. The points take turns, five rounds in one run, the order reversed every other
 round; figures are medians over the rounds and ratios are taken between them.
 """
 
@@ -75,7 +75,7 @@ class Sizes:
     window_s: int
 
 
-FULL = Sizes(rounds=3, warmup_s=2, window_s=10)
+FULL = Sizes(rounds=5, warmup_s=2, window_s=10)
 QUICK = Sizes(rounds=1, warmup_s=1, window_s=3)
 
 
