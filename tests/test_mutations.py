@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 
@@ -522,18 +523,27 @@ def case_id(case) -> str:
 @in_shared_shop
 async def test_bad_input_is_refused_with_a_code_and_appends_nothing(shared_shop, name, role, build, expected):
     shop = shared_shop
+    head = log_head(shop.api)
+    response = await send_bad_input(shop, role, build)
+    assert log_head(shop.api) == head
+    assert_refused(response, expected)
+
+
+async def send_bad_input(shop: Shop, role: str, build) -> httpx.Response:
+    """The request of a BAD_INPUT case: raw bytes as the body, or a document and variables."""
     api, headers = shop.api, shop.headers[role]
-    head = log_head(api)
     request = build(shop)
     if isinstance(request, bytes):
-        response = await api.http.post("/graphql", content=request,
-                                       headers={**headers, "Content-Type": "application/json"})
-    else:
-        query, variables = request
-        response = await api.post(query, variables, headers)
+        return await api.http.post("/graphql", content=request,
+                                   headers={**headers, "Content-Type": "application/json"})
+    query, variables = request
+    return await api.post(query, variables, headers)
 
-    assert not any(leak in response.text for leak in LEAKS), response.text
-    assert log_head(api) == head
+
+def assert_refused(response: httpx.Response, expected: int | str, leaks: tuple[str, ...] = LEAKS) -> None:
+    """Refused as a BAD_INPUT case expects: that HTTP status, or every error (or the result)
+    with that code; nothing of the server's internals in the answer."""
+    assert not any(leak in response.text for leak in leaks), response.text
     if isinstance(expected, int):
         assert response.status_code == expected
         return

@@ -28,7 +28,17 @@ from tests.support.api import asgi_api
 from tests.support.clusters import PostgresClusters, free_port
 from tests.support.databases import Databases, Postgres, run_aside
 from tests.support.event_log import write
-from tests.test_mutations import BAD_INPUT, ERROR_CASES, LEAKS, Shop, case_id, open_shop, run
+from tests.test_mutations import (
+    BAD_INPUT,
+    ERROR_CASES,
+    LEAKS,
+    Shop,
+    assert_refused,
+    case_id,
+    open_shop,
+    run,
+    send_bad_input,
+)
 
 WHEN = datetime(2026, 3, 7, 9, 30, 0, 123456, tzinfo=UTC)
 
@@ -242,26 +252,7 @@ async def test_domain_errors_are_typed_and_append_nothing(pg_shop, pg_databases,
 @in_pg_shop
 async def test_bad_input_is_refused_with_a_code_and_appends_nothing(pg_shop, pg_databases, name, role, build,
                                                                     expected):
-    shop = pg_shop
-    api, headers = shop.api, shop.headers[role]
     head = log_head(pg_databases)
-    request = build(shop)
-    if isinstance(request, bytes):
-        response = await api.http.post("/graphql", content=request,
-                                       headers={**headers, "Content-Type": "application/json"})
-    else:
-        query, variables = request
-        response = await api.post(query, variables, headers)
-
-    assert not any(leak in response.text for leak in (*LEAKS, "asyncpg")), response.text
+    response = await send_bad_input(pg_shop, role, build)
     assert log_head(pg_databases) == head
-    if isinstance(expected, int):
-        assert response.status_code == expected
-        return
-    assert response.status_code == 200, response.text
-    body = response.json()
-    if "errors" in body:
-        codes = [error["extensions"]["code"] for error in body["errors"]]
-        assert codes == [expected] * len(codes), body
-    else:
-        assert body["data"]["result"]["code"] == expected, body
+    assert_refused(response, expected, (*LEAKS, "asyncpg"))
