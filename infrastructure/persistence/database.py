@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orderstream.infrastructure.errors import PublicError, StorageFull, Unavailable
@@ -207,6 +208,8 @@ class Database:
         self._inline = inline
         self._threads = None
         self._postgres_writer: _PostgresWriter | None = None  # started by the first `write_each`
+        # SQLite: the reader `read` keeps, and the thread it reads in (see `_read_here`).
+        self._held: tuple[int, Connection] | None = None
         if self.dialect == "sqlite":
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
             self._writer = _configured(create_engine(
@@ -325,7 +328,29 @@ class Database:
             if self._threads is None:
                 async with self._reader.connect() as conn:
                     return await conn.run_sync(work)
+            return self._read_here(work)
+
+    def _read_here(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in a transaction of its own on the reader this database keeps for the
+        thread that reads here (the event loop's): taking a connection from the pool and
+        giving it back, which rolls it back, cost as much as a read by primary key. Between
+        reads it holds no transaction, so it pins no snapshot. A database error discards it
+        (the next read starts on a new connection), in case the connection is what failed;
+        another thread reading here meanwhile takes one from the pool."""
+        held = self._held
+        if held is None:
+            held = self._held = (threading.get_ident(), self._reader.connect())
+        elif held[0] != threading.get_ident():
             return _in_transaction(self._reader, work)
+        conn = held[1]
+        try:
+            with conn.begin():
+                return work(conn)
+        except SQLAlchemyError:
+            self._held = None
+            conn.invalidate()
+            conn.close()
+            raise
 
     async def scan(self, work: Callable[[Connection], T]) -> T:
         """`read` for reads of many rows: on SQLite in a reader thread (unless `inline`), so
@@ -344,6 +369,9 @@ class Database:
             return
         for threads in self._threads:
             threads.shutdown(wait=True)
+        if self._held is not None:
+            self._held[1].close()
+            self._held = None
         self._writer.dispose()
         self._reader.dispose()
 
