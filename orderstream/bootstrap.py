@@ -110,7 +110,7 @@ class Service:
                                 upcast=upcaster(settings.payment_timeout))
         self.read = ReadStore(settings.read_store_url, settings.consistency_timeout, inline=inline,
                               waited=metrics.consistency_wait.observe if metrics else None,
-                              log_head=self.store.head)
+                              log_head=self.store.head_at_least)
         self.dispatcher = Dispatcher(self.store, command_handlers(settings.payment_timeout), metrics=metrics,
                                      tracing=self.tracing)
         self.projector = Projector(self.store, self.read, projections(), tracing=self.tracing)

@@ -175,6 +175,20 @@ async def test_reads_see_the_appends_of_another_process_in_between(store):
         await other.close()
 
 
+async def test_head_at_least_reads_the_log_past_what_this_process_knows(store):
+    other = EventStore(store.url)
+    try:
+        [mine] = await store.append([write("a", 0, 1)])
+        [theirs] = await other.append([write("b", 0, 2)])
+        # Its own commit is known without a read; another process's is read from the log.
+        assert await store.head_at_least(mine.position) == mine.position
+        assert await store.head_at_least(theirs.position) == theirs.position
+        # Past the log's end: the head, short of the position asked for.
+        assert await store.head_at_least(theirs.position + 1) == theirs.position
+    finally:
+        await other.close()
+
+
 async def test_an_append_that_destroys_a_key_leaves_nothing_readable_in_memory(store):
     await append_personal_events(store)
     forgotten = NewEvent("CustomerForgotten", {"customer_id": ANN}, shreds=ANN)

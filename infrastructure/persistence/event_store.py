@@ -83,6 +83,10 @@ class EventStore:
         # a trip to the database.
         self._recent = RecentEvents(RECENT_EVENTS)
         self._appends = GroupCommit(self._db, self._recent)
+        # A position the log holds, known without a read: this process's latest commit, or
+        # the newest head it read (see `head_at_least`).
+        self._known_head = 0
+        self._appends.on_append(self._committed)
 
     @property
     def system(self) -> str:
@@ -215,8 +219,22 @@ class EventStore:
     async def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
         if self._pg is not None:
-            return await self._pg.value(postgres_reads.HEAD) or 0
-        return await self._db.read(lambda conn: conn.execute(HEAD).scalar() or 0)
+            head = await self._pg.value(postgres_reads.HEAD) or 0
+        else:
+            head = await self._db.read(lambda conn: conn.execute(HEAD).scalar() or 0)
+        self._known_head = max(self._known_head, head)
+        return head
+
+    async def head_at_least(self, position: int) -> int:
+        """A position the log holds at or past `position` if this process knows one without
+        a read (its own commits, heads it read before), else the log's head, read. Enough
+        to tell whether `position` is in the log, which a query with `consistentWith` asks
+        right after the command of this process that returned it."""
+        known = self._known_head
+        return known if known >= position else await self.head()
+
+    def _committed(self, position: int) -> None:
+        self._known_head = max(self._known_head, position)
 
     async def stream_version(self, stream_id: str) -> int:
         if self._pg is not None:

@@ -92,9 +92,10 @@ class ReadStore:
 
     def __init__(self, url: str, consistency_timeout: float = 5.0, poll_interval: float = 0.1,
                  inline: bool = False, waited: Callable[[float], None] | None = None,
-                 log_head: Callable[[], Awaitable[int]] | None = None) -> None:
+                 log_head: Callable[[int], Awaitable[int]] | None = None) -> None:
         """`inline`: see `Database`. `waited(seconds)` after each wait for a position, however
-        it ended (the metrics' consistency waits). `log_head()`: the log's newest position, to
+        it ended (the metrics' consistency waits). `log_head(position)`: the log's newest
+        position, or one it holds at or past `position` (EventStore.head_at_least), to
         refuse at once a wait for a position the log does not hold (else it times out)."""
         self.url = url
         self.log_head = log_head
@@ -210,7 +211,7 @@ class ReadStore:
         """Raise BadUserInput if `position` is past the log's end: a client's typo or a guess,
         which no projection will ever reach (waiting for it would hold the request until the
         timeout for nothing)."""
-        if self.log_head is not None and position > (head := await self.log_head()):
+        if self.log_head is not None and position > (head := await self.log_head(position)):
             raise BadUserInput(f"position {position} is not in the log, which ends at {head};"
                                " pass the position a mutation returned")
 
