@@ -24,6 +24,7 @@ from orderstream.infrastructure.persistence.log import (
     WrongExpectedVersion,
     events,
     idempotency,
+    keys_of,
     personal_keys,
 )
 from orderstream.infrastructure.persistence.statements import Statement, sqlite_driver
@@ -115,7 +116,7 @@ def _write_together(conn: Connection, batch: list["PendingAppend"], state: Batch
     one gives up Python's lock and waits to take it back.
     """
     subjects = [_subjects(request) for request in batch]
-    keys = _keys_of(conn, set().union(*subjects))
+    keys = keys_of(conn, set().union(*subjects))
     fresh: dict[str, bytes] = {}
     shredded: set[str] = set()
     outcomes: list[Outcome] = []
@@ -246,15 +247,6 @@ def _record(request: "PendingAppend", position: int) -> tuple:
     return (idempotent.scope, idempotent.key, idempotent.request_hash, idempotent.result, position, request.now)
 
 
-def _keys_of(conn: Connection, subjects: set[str]) -> dict[str, bytes]:
-    """The personal keys of those `subjects` whose keys exist (`log.keys_of`, on the driver)."""
-    if not subjects:
-        return {}
-    wanted = list(subjects)
-    size = 1 << (len(wanted) - 1).bit_length()
-    return dict(_keys(size).rows(conn, personal_keys, wanted + [""] * (size - len(wanted))))
-
-
 @functools.cache
 def _versions(streams: int) -> Statement:
     """The current versions of `streams` streams, bound as s0, s1, ..., and then the log's
@@ -265,14 +257,6 @@ def _versions(streams: int) -> Statement:
                         .scalar_subquery() for n in range(streams)), HEAD.scalar_subquery())
 
     return Statement(build, [f"s{n}" for n in range(streams)], driver=True)
-
-
-@functools.cache
-def _keys(subjects: int) -> Statement:
-    """The keys of `subjects` data subjects, bound as k0, k1, ...: padded as `_versions`."""
-    return Statement(lambda table: select(table.c.subject_id, table.c.key).where(
-        table.c.subject_id.in_([bindparam(f"k{n}") for n in range(subjects)])),
-        [f"k{n}" for n in range(subjects)], driver=True)
 
 
 # The columns in the order `_rows` and `_record` name them. Compiled once and run on the
