@@ -83,8 +83,7 @@ class EventStore:
         # a trip to the database.
         self._recent = RecentEvents(RECENT_EVENTS)
         self._appends = GroupCommit(self._db, self._recent)
-        # A position the log holds, known without a read: this process's latest commit, or
-        # the newest head it read (see `head_at_least`).
+        # See `known_head`.
         self._known_head = 0
         self._appends.on_append(self._committed)
 
@@ -224,6 +223,12 @@ class EventStore:
             head = await self._db.read(lambda conn: conn.execute(HEAD).scalar() or 0)
         self._known_head = max(self._known_head, head)
         return head
+
+    @property
+    def known_head(self) -> int:
+        """A position the log holds, known without a read: this process's latest commit, or
+        the newest head it read (0 before either)."""
+        return self._known_head
 
     async def head_at_least(self, position: int) -> int:
         """A position the log holds at or past `position` if this process knows one without

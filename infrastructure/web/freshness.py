@@ -41,17 +41,12 @@ class Freshness:
 
     def __init__(self, store: EventStore, read: ReadStore, hub: EventHub,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.read, self.hub, self.clock = read, hub, clock
-        self._committed = 0  # this process's last commit
+        self.store, self.read, self.hub, self.clock = store, read, hub, clock
         # (head, when first seen) for every rise of the head not yet applied by every read
         # model, oldest first: the first entry past the read models' position dates the
         # oldest event they lack. Emptied as they catch up.
         self._rises: deque[tuple[int, float]] = deque()
-        store.on_append(self._appended)
-
-    def _appended(self, position: int) -> None:
-        self._committed = max(self._committed, position)
-        self._seen(position)
+        store.on_append(self._seen)
 
     def _seen(self, head: int) -> None:
         # Bounded: a projector stopped for good would otherwise add one for every commit.
@@ -67,7 +62,7 @@ class Freshness:
         """`{"position", "head", "lagSeconds"}` as of now; `reflected`: the position to report,
         if not the read models' current one."""
         position = self.position()
-        head = max(self._committed, self.hub.position, position)
+        head = max(self.store.known_head, self.hub.position, position)
         self._seen(head)
         rises = self._rises
         while rises and rises[0][0] <= position:
